@@ -1,0 +1,3 @@
+from dlqd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,246 @@
+"""The ``dlqd`` command line (DESIGN section 6).
+
+Every error is one line on stderr with the contract's exit code: 1 runtime
+error, 2 usage, 69 database unreachable, 78 invalid configuration. ``--debug``
+adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import traceback
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+
+from dlqd import __version__
+from dlqd.config import Settings, load_settings
+from dlqd.errors import DlqdError, NotFound
+from dlqd.output import print_json, print_table
+
+Handler = Callable[[argparse.Namespace, Settings], Awaitable[int]]
+_HANDLERS: dict[str, Handler] = {}
+
+
+def command(name: str) -> Callable[[Handler], Handler]:
+    def register(handler: Handler) -> Handler:
+        _HANDLERS[name] = handler
+        return handler
+
+    return register
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dlqd", description="Dead-letter-queue daemon for Postgres-backed job systems."
+    )
+    parser.add_argument("--version", action="version", version=f"dlqd {__version__}")
+    # --config and --debug work before or after the command name.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="TOML config file (default $DLQD_CONFIG)",
+    )
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="print tracebacks"
+    )
+    parser.add_argument("--config", metavar="FILE", help="TOML config file (default $DLQD_CONFIG)")
+    parser.add_argument("--debug", action="store_true", help="print tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add = functools.partial(sub.add_parser, parents=[common])
+
+    add("run", help="run the daemon")
+    add("migrate", help="apply sql/ migrations; idempotent")
+    add("check", help="validate config and policies, and reach the database")
+
+    status = add("status", help="pending, parked and oldest age by group")
+    status.add_argument("--json", action="store_true")
+
+    list_ = add("list", help="pending rows, keyset-paginated")
+    _add_filters(list_)
+    list_.add_argument("--limit", type=_positive_int, default=50)
+    list_.add_argument("--cursor", help="next_cursor printed by the previous page")
+    list_.add_argument("--json", action="store_true")
+
+    show = add("show", help="one row with its replay history")
+    show.add_argument("id")
+    show.add_argument("--json", action="store_true")
+
+    replay = add("replay", help="manual replay, parked rows included")
+    replay.add_argument("ids", nargs="*", metavar="ID")
+    _add_filters(replay)
+    replay.add_argument("--all", action="store_true", help="every pending row")
+    replay.add_argument("--dry-run", action="store_true")
+    replay.add_argument("--rate", type=_positive_float, help="at most N rows a second")
+    replay.add_argument("--json", action="store_true")
+
+    purge = add("purge", help="one purge pass now")
+    purge.add_argument("--dry-run", action="store_true")
+    purge.add_argument("--json", action="store_true")
+
+    explain = add("explain", help="which policy matches a row, and when it is due")
+    explain.add_argument("id")
+    return parser
+
+
+def _add_filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--app-id")
+    parser.add_argument("--type")
+    parser.add_argument("--error-reason")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be greater than 0")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = _HANDLERS.get(args.command)
+    if handler is None:
+        # Registered in the parser but shipped by a later release of this module.
+        print(f"dlqd: error: '{args.command}' is not available in this build", file=sys.stderr)
+        return 2
+    try:
+        settings = load_settings(args.config)
+        return anyio.run(handler, args, settings)
+    except DlqdError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"dlqd: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+        if args.debug:
+            traceback.print_exc()
+        print(
+            f"dlqd: error: unexpected {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''} (rerun with --debug for details)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@command("migrate")
+async def _migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from dlqd.db import connection
+    from dlqd.migrations import migrate
+
+    async with connection(settings.dsn, autocommit=True, application_name="dlqd migrate") as conn:
+        applied = await migrate(conn)
+    if applied:
+        for migration in applied:
+            print(f"applied {migration.version:03d}_{migration.name}")
+    else:
+        print("database is up to date")
+    return 0
+
+
+@command("check")
+async def _check(args: argparse.Namespace, settings: Settings) -> int:
+    from dlqd.db import connection, describe_dsn
+    from dlqd.queries import q
+
+    targets = {settings.dsn, settings.listen_dsn}
+    for dsn in sorted(targets):
+        async with connection(dsn, application_name="dlqd check") as conn:
+            cur = await conn.execute(q("ping"))
+            row = await cur.fetchone()
+            version = row["server_version_num"] if row else "?"
+            print(f"database {describe_dsn(dsn)}: reachable (server_version_num {version})")
+    print(f"config: ok ({len(settings.policies)} policies)")
+    return 0
+
+
+def _filter(args: argparse.Namespace) -> Any:
+    from dlqd.repository import PendingFilter
+
+    return PendingFilter(app_id=args.app_id, type=args.type, error_reason=args.error_reason)
+
+
+@command("list")
+async def _list(args: argparse.Namespace, settings: Settings) -> int:
+    from dlqd.db import connection
+    from dlqd.repository import Repository
+
+    async with connection(settings.dsn, application_name="dlqd list") as conn:
+        page = await Repository(conn).list_pending(args.limit, args.cursor, _filter(args))
+    if args.json:
+        print_json(
+            {"entries": [e.to_json() for e in page.entries], "next_cursor": page.next_cursor}
+        )
+        return 0
+    print_table(
+        ["id", "dlq_at", "app_id", "type", "error_reason", "attempts", "original_job_id"],
+        [
+            [e.id, e.dlq_at, e.app_id, e.type, e.error_reason, e.attempts, e.original_job_id]
+            for e in page.entries
+        ],
+    )
+    if page.next_cursor:
+        print(f"next cursor: {page.next_cursor}")
+    return 0
+
+
+@command("show")
+async def _show(args: argparse.Namespace, settings: Settings) -> int:
+    from dlqd.db import connection
+    from dlqd.queries import q
+    from dlqd.repository import Repository, parse_entry_id
+
+    entry_id = parse_entry_id(args.id)
+    async with connection(settings.dsn, application_name="dlqd show") as conn:
+        entry = await Repository(conn).get(entry_id)
+        if entry is None:
+            raise NotFound(f"no job_dlq row with id {entry_id}")
+        cur = await conn.execute(q("replay_history"), {"id": entry_id})
+        history = await cur.fetchall()
+    replays = [
+        {"at": h["at"], "policy": h["policy"], "outcome": h["outcome"], "error": h["error"]}
+        for h in history
+    ]
+    if args.json:
+        print_json({**entry.to_json(), "replays": replays})
+        return 0
+    document = entry.to_json()
+    width = max(len(k) for k in document)
+    for key, value in document.items():
+        shown = value if not isinstance(value, dict | list) else _compact_json(value)
+        print(f"{key.ljust(width)}  {'-' if shown is None else shown}")
+    print()
+    if replays:
+        print_table(["at", "policy", "outcome", "error"], [list(r.values()) for r in replays])
+    else:
+        print("no replays yet")
+    return 0
+
+
+def _compact_json(value: object) -> str:
+    import json
+
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)

@@ -1,0 +1,389 @@
+"""Configuration: defaults < TOML file < environment (``DLQD_`` prefix, ``__`` nesting).
+
+Every key and default here is part of the contract in DESIGN section 5.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from dlqd.errors import ConfigError
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: object) -> timedelta:
+    """Parse ``500ms``, ``30s``, ``5m``, ``1h``, ``7d`` (or a number of seconds)."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 500ms, 30s, 5m, 1h or 7d")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration must not be negative")
+        return timedelta(seconds=value)
+    if isinstance(value, str):
+        match = _DURATION_RE.match(value)
+        if match:
+            return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    raise ValueError("expected a duration like 500ms, 30s, 5m, 1h or 7d")
+
+
+def format_duration(value: timedelta) -> str:
+    seconds = value.total_seconds()
+    for unit in ("d", "h", "m", "s"):
+        size = _UNIT_SECONDS[unit]
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{round(seconds * 1000)}ms"
+
+
+Duration = Annotated[
+    timedelta,
+    BeforeValidator(parse_duration),
+    PlainSerializer(format_duration, return_type=str),
+]
+
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m)\s*$")
+
+
+class RateLimit(BaseModel):
+    """A token-bucket rate: ``per_second`` tokens a second."""
+
+    model_config = ConfigDict(frozen=True)
+
+    per_second: float
+
+    @property
+    def burst(self) -> float:
+        """The bucket holds one second of tokens, at least one."""
+        return max(1.0, self.per_second)
+
+
+def parse_rate(value: object) -> object:
+    if isinstance(value, str):
+        match = _RATE_RE.match(value)
+        if not match:
+            raise ValueError("expected a rate like 50/s or 600/m")
+        amount = float(match.group(1))
+        if amount <= 0:
+            raise ValueError("a rate must be positive")
+        per_second = amount if match.group(2) == "s" else amount / 60.0
+        return RateLimit(per_second=per_second)
+    return value
+
+
+def _as_list(value: object) -> object:
+    return [value] if isinstance(value, str) else value
+
+
+GlobList = Annotated[list[str], BeforeValidator(_as_list)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Match(_Frozen):
+    """Which rows a policy applies to: AND across fields, OR within a list."""
+
+    app_id: GlobList | None = None
+    type: GlobList | None = None
+    error_reason: GlobList | None = None
+    min_attempts: int | None = Field(default=None, ge=0)
+    max_attempts: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _attempts_range(self) -> Match:
+        if (
+            self.min_attempts is not None
+            and self.max_attempts is not None
+            and self.min_attempts > self.max_attempts
+        ):
+            raise ValueError("min_attempts is greater than max_attempts")
+        return self
+
+
+class SqlTarget(_Frozen):
+    kind: Literal["sql"]
+    statement: str = Field(min_length=1)
+
+
+class NotifyTarget(_Frozen):
+    kind: Literal["notify"]
+    channel: str = Field(min_length=1, max_length=63)
+
+
+class HttpTarget(_Frozen):
+    kind: Literal["http"]
+    url: str = Field(pattern=r"^https?://")
+    timeout: Duration = timedelta(seconds=10)
+    headers: dict[str, str] = Field(default_factory=dict)
+
+
+Target = Annotated[SqlTarget | NotifyTarget | HttpTarget, Field(discriminator="kind")]
+
+
+class CircuitBreaker(_Frozen):
+    failures: int = Field(default=20, ge=1)
+    cool_down: Duration = timedelta(seconds=30)
+
+
+class Policy(_Frozen):
+    """One ordered policy; the first whose ``match`` fits a row decides."""
+
+    name: str = Field(min_length=1)
+    match: Match = Field(default_factory=Match)
+    action: Literal["replay", "park"] = "replay"
+    delay: Duration = timedelta(0)
+    backoff: Literal["fixed", "exponential"] = "exponential"
+    factor: float = Field(default=2.0, ge=1.0)
+    max_delay: Duration = timedelta(hours=1)
+    jitter: float = Field(default=0.0, ge=0.0, lt=1.0)
+    retry_delay: Duration = timedelta(seconds=1)
+    max_replays: int | None = Field(default=None, ge=0)
+    rate_limit: Annotated[RateLimit | None, BeforeValidator(parse_rate)] = None
+    rate_limit_per: Literal["policy", "app_id"] = "policy"
+    circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker)
+    dry_run: bool = False
+    target: Target | None = None
+
+
+class ListenSettings(_Frozen):
+    enabled: bool = True
+    poll_interval: Duration = timedelta(seconds=30)
+    probe_interval: Duration = timedelta(seconds=10)
+
+    @field_validator("poll_interval", "probe_interval")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("must be greater than 0")
+        return value
+
+
+class ReplaySettings(_Frozen):
+    batch_size: int = Field(default=500, ge=1, le=10000)
+    concurrency: int = Field(default=1, ge=1, le=64)
+    default_target: Target | None = None
+
+
+def _validate_schedule(value: object) -> object:
+    if isinstance(value, str):
+        try:
+            if parse_duration(value) <= timedelta(0):
+                raise ValueError("a purge interval must be greater than 0")
+            return value
+        except ValueError as exc:
+            if len(value.split()) == 5:
+                return value.strip()
+            if "greater than 0" in str(exc):
+                raise
+        raise ValueError("expected an interval like 1h or a 5-field cron expression")
+    return value
+
+
+class PurgeSettings(_Frozen):
+    schedule: Annotated[str, BeforeValidator(_validate_schedule)] = "1h"
+    replayed_retention: Duration = timedelta(days=7)
+    pending_retention: Duration | None = None
+    batch_size: int = Field(default=10000, ge=1)
+    lock_timeout: Duration = timedelta(seconds=2)
+
+
+class MetricsSettings(_Frozen):
+    refresh_interval: Duration = timedelta(seconds=5)
+    max_series: int = Field(default=500, ge=1)
+    tenant_label: bool = True
+
+
+def _default_log_format() -> Literal["json", "console"]:
+    return "console" if sys.stderr.isatty() else "json"
+
+
+class Settings(BaseSettings):
+    """dlqd's whole configuration. Read with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DLQD_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    database_url: SecretStr
+    listen_database_url: SecretStr | None = None
+    metrics_host: str = "0.0.0.0"  # noqa: S104 - the metrics endpoint is meant to be scraped
+    metrics_port: int = Field(default=9464, ge=0, le=65535)
+    log_format: Literal["json", "console"] = Field(default_factory=_default_log_format)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    shutdown_timeout: Duration = timedelta(seconds=30)
+    dry_run: bool = False
+    listen: ListenSettings = Field(default_factory=ListenSettings)
+    replay: ReplaySettings = Field(default_factory=ReplaySettings)
+    purge: PurgeSettings = Field(default_factory=PurgeSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    policies: list[Policy] = Field(default_factory=list)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("database_url", "listen_database_url")
+    @classmethod
+    def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        text = value.get_secret_value()
+        if not text.strip():
+            raise ValueError("must not be empty")
+        if "://" in text and not text.startswith(("postgres://", "postgresql://")):
+            raise ValueError("expected a postgresql:// URL or a libpq connection string")
+        return value
+
+    @model_validator(mode="after")
+    def _policies_consistent(self) -> Settings:
+        seen: set[str] = set()
+        for index, policy in enumerate(self.policies):
+            if policy.name in seen:
+                raise ValueError(f"policies[{index}].name: duplicate policy name {policy.name!r}")
+            seen.add(policy.name)
+            if (
+                policy.action == "replay"
+                and policy.target is None
+                and self.replay.default_target is None
+            ):
+                raise ValueError(
+                    f"policies[{index}].target: policy {policy.name!r} replays but has "
+                    "no target and replay.default_target is not set"
+                )
+        return self
+
+    @property
+    def listen_dsn(self) -> str:
+        return (self.listen_database_url or self.database_url).get_secret_value()
+
+    @property
+    def dsn(self) -> str:
+        return self.database_url.get_secret_value()
+
+    def target_for(self, policy: Policy) -> SqlTarget | NotifyTarget | HttpTarget | None:
+        return policy.target or self.replay.default_target
+
+    def policies_fingerprint(self) -> str:
+        """A hash of everything that decides a row's schedule.
+
+        Stored beside each computed due time so that a config change (or a
+        replica running another config) re-evaluates the rows.
+        """
+        document = {
+            "policies": [p.model_dump(mode="json") for p in self.policies],
+            "default_target": (
+                self.replay.default_target.model_dump(mode="json")
+                if self.replay.default_target
+                else None
+            ),
+        }
+        canonical = json.dumps(document, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = _CONFIG_FILE.get("path")
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+
+# load_settings() hands the chosen TOML path to settings_customise_sources here,
+# because pydantic-settings builds sources from the class, not the instance.
+_CONFIG_FILE: dict[str, Path | None] = {}
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item in ("sql", "notify", "http", "function-after[_validate_schedule(), str]"):
+            continue  # discriminator tags and validator names are noise to an operator
+        else:
+            parts.append(("." if parts else "") + item)
+    return "".join(parts) or "config"
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line naming the field(s) and reason(s), never echoing input values."""
+    messages: list[str] = []
+    for item in error.errors(include_input=False, include_url=False):
+        message = str(item["msg"]).removeprefix("Value error, ")
+        if item["type"] == "missing":
+            message = "is required"
+        elif item["type"] == "extra_forbidden":
+            message = "is not a known setting"
+        loc = tuple(item["loc"])
+        if not loc and ": " in message:
+            messages.append(message)  # model-level errors name their own field
+        else:
+            messages.append(f"{_field_path(loc)}: {message}")
+    return "; ".join(messages)
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Read the configuration, raising :class:`ConfigError` with a one-line reason."""
+    path_text = str(config_file) if config_file is not None else os.environ.get("DLQD_CONFIG")
+    path = Path(path_text) if path_text else None
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"config file {path}: not found")
+        try:
+            import tomllib
+
+            with path.open("rb") as handle:
+                tomllib.load(handle)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: invalid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: {exc.strerror}") from None
+    _CONFIG_FILE["path"] = path
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {describe_validation_error(exc)}") from None
+    finally:
+        _CONFIG_FILE.pop("path", None)

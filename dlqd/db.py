@@ -1,0 +1,88 @@
+"""The connection boundary: every psycopg connect goes through here.
+
+Connection failures become :class:`DatabaseUnavailable` with one line that
+names the server but never the password.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import dict_row
+
+from dlqd.errors import ConfigError, DatabaseUnavailable
+
+CONNECT_TIMEOUT_SECONDS = 5
+
+
+def describe_dsn(dsn: str) -> str:
+    """``host:port/dbname`` for messages; never the user's password."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "<invalid connection string>"
+    host = str(params.get("host") or "localhost")
+    port = str(params.get("port") or "5432")
+    dbname = str(params.get("dbname") or params.get("user") or "")
+    return f"{host}:{port}/{dbname}"
+
+
+def scrub(message: str, dsn: str) -> str:
+    """Remove the DSN and its password from ``message``, wherever they appear."""
+    try:
+        password = conninfo_to_dict(dsn).get("password")
+    except psycopg.ProgrammingError:
+        password = None
+    message = message.replace(dsn, describe_dsn(dsn))
+    if password:
+        message = message.replace(str(password), "***")
+    return message
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    # libpq repeats "connection to server ... failed:" per address; the last
+    # line carries the reason.
+    return lines[-1] if lines else exc.__class__.__name__
+
+
+def check_dsn(dsn: str) -> None:
+    try:
+        conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        raise ConfigError("database_url: is not a valid PostgreSQL connection string") from None
+
+
+async def connect(
+    dsn: str, *, autocommit: bool = False, application_name: str = "dlqd"
+) -> psycopg.AsyncConnection[dict[str, object]]:
+    """Open a connection returning rows as dicts; raise DatabaseUnavailable on failure."""
+    check_dsn(dsn)
+    try:
+        return await psycopg.AsyncConnection.connect(
+            dsn,
+            autocommit=autocommit,
+            row_factory=dict_row,
+            connect_timeout=CONNECT_TIMEOUT_SECONDS,
+            application_name=application_name,
+        )
+    except psycopg.OperationalError as exc:
+        reason = scrub(_first_line(exc), dsn)
+        raise DatabaseUnavailable(
+            f"database unreachable at {describe_dsn(dsn)}: {reason}"
+        ) from None
+
+
+@asynccontextmanager
+async def connection(
+    dsn: str, *, autocommit: bool = False, application_name: str = "dlqd"
+) -> AsyncIterator[psycopg.AsyncConnection[dict[str, object]]]:
+    conn = await connect(dsn, autocommit=autocommit, application_name=application_name)
+    try:
+        yield conn
+    finally:
+        await conn.close()

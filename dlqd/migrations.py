@@ -1,0 +1,88 @@
+"""``dlqd migrate``: apply ``sql/NNN_name.sql`` in order, once, under an advisory lock."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from dlqd.errors import MigrationError
+from dlqd.queries import q, sql_dir
+
+_FILE_RE = re.compile(r"^(\d{3})_(\w+)\.sql$")
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def available_migrations(directory: Path | None = None) -> list[Migration]:
+    directory = directory or sql_dir()
+    found: list[Migration] = []
+    for path in sorted(directory.glob("*.sql")):
+        match = _FILE_RE.match(path.name)
+        if match:
+            found.append(
+                Migration(int(match.group(1)), match.group(2), path.read_text(encoding="utf-8"))
+            )
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise MigrationError(f"{directory}: two migrations share a version number")
+    return found
+
+
+async def migrate(conn: psycopg.AsyncConnection[dict[str, Any]]) -> list[Migration]:
+    """Apply what is missing; return the migrations applied now (empty: a no-op).
+
+    A session-level advisory lock serialises replicas that start at once; the
+    second one waits, then finds everything applied.
+    """
+    if conn.autocommit is False:
+        await conn.set_autocommit(True)
+    await conn.execute(q("migrations_lock"))
+    try:
+        await conn.execute(q("migrations_create_table"))
+        cur = await conn.execute(q("migrations_applied"))
+        applied = {row["version"]: row for row in await cur.fetchall()}
+        done: list[Migration] = []
+        for migration in available_migrations():
+            record = applied.get(migration.version)
+            if record is not None:
+                if record["checksum"] != migration.checksum:
+                    raise MigrationError(
+                        f"migration {migration.version:03d}_{migration.name} changed after it "
+                        "was applied; restore the original file and add a new migration instead"
+                    )
+                continue
+            try:
+                async with conn.transaction():
+                    await conn.execute(migration.sql.encode())
+                    await conn.execute(
+                        q("migrations_record"),
+                        {
+                            "version": migration.version,
+                            "name": migration.name,
+                            "checksum": migration.checksum,
+                        },
+                    )
+            except psycopg.Error as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise MigrationError(
+                    f"migration {migration.version:03d}_{migration.name} failed: {first}"
+                ) from None
+            done.append(migration)
+        return done
+    finally:
+        if not conn.closed:
+            await conn.execute(q("migrations_unlock"))

@@ -1,0 +1,55 @@
+"""Rendering for the CLI: one JSON document, or a readable table."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, TextIO
+from uuid import UUID
+
+
+def _default(value: object) -> object:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, UUID):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def print_json(document: object, out: TextIO | None = None) -> None:
+    out = out or sys.stdout
+    json.dump(document, out, default=_default, ensure_ascii=False)
+    out.write("\n")
+
+
+def _cell(value: Any, width: int) -> str:
+    if value is None:
+        text = "-"
+    elif isinstance(value, datetime):
+        text = value.strftime("%Y-%m-%d %H:%M:%S%z")
+    elif isinstance(value, float):
+        text = f"{value:.1f}"
+    else:
+        text = str(value)
+    text = text.replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def print_table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    out: TextIO | None = None,
+    max_width: int = 40,
+) -> None:
+    out = out or sys.stdout
+    cells = [[_cell(v, max_width) for v in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        for i, text in enumerate(row):
+            widths[i] = max(widths[i], len(text))
+    line = "  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True))
+    out.write(line.rstrip() + "\n")
+    for row in cells:
+        out.write("  ".join(t.ljust(w) for t, w in zip(row, widths, strict=True)).rstrip() + "\n")

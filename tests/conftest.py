@@ -1,0 +1,175 @@
+"""Real-Postgres test harness.
+
+The server: ``$DLQD_TEST_DATABASE_URL``, else 127.0.0.1:5432 (started with
+``pg_ctlcluster`` when installed but down), else a throwaway cluster from
+:mod:`dlqd.pgcluster`. Each test gets its own database cloned from a template
+that ``dlqd migrate`` prepared once per session, so tests never see each
+other's rows or notifications.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import dict_row
+
+from dlqd.db import connect
+from dlqd.migrations import migrate
+from dlqd.pgcluster import Cluster
+from dlqd.queries import sql_dir
+
+DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _reachable(url: str) -> bool:
+    try:
+        with psycopg.connect(url, connect_timeout=3):
+            return True
+    except psycopg.OperationalError:
+        return False
+
+
+def _start_local_server() -> bool:
+    """Start the machine's own cluster(s) when installed but down."""
+    ctl = shutil.which("pg_ctlcluster")
+    if ctl is None or not Path("/etc/postgresql").is_dir():
+        return False
+    for version in sorted(os.listdir("/etc/postgresql")):
+        subprocess.run(
+            [ctl, "--skip-systemctl-redirect", version, "main", "start"],
+            check=False,
+            capture_output=True,
+        )
+    return _reachable(DEFAULT_URL)
+
+
+@pytest.fixture(scope="session")
+def admin_url() -> Iterator[str]:
+    """A superuser URL on the server the tests use."""
+    if url := os.environ.get("DLQD_TEST_DATABASE_URL"):
+        yield url
+        return
+    if _reachable(DEFAULT_URL) or _start_local_server():
+        yield DEFAULT_URL
+        return
+    with Cluster.create() as cluster:
+        yield cluster.url()
+
+
+def with_dbname(url: str, dbname: str) -> str:
+    return make_conninfo(url, dbname=dbname)
+
+
+def _admin_execute(url: str, statement: sql.Composable) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(statement)
+
+
+@pytest.fixture(scope="session")
+def template_db(admin_url: str) -> Iterator[str]:
+    """A database with every migration and sql/roles.sql applied; cloned per test."""
+    name = f"dlqd_tmpl_{uuid.uuid4().hex[:10]}"
+    _admin_execute(admin_url, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = with_dbname(admin_url, name)
+
+    async def prepare() -> None:
+        conn = await connect(url, autocommit=True)
+        try:
+            await migrate(conn)
+            roles = (sql_dir() / "roles.sql").read_text()
+            await conn.execute(roles.encode())
+        finally:
+            await conn.close()
+
+    try:
+        anyio.run(prepare)
+        yield name
+    finally:
+        _admin_execute(
+            admin_url,
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)),
+        )
+
+
+@pytest.fixture
+def db_url(admin_url: str, template_db: str) -> Iterator[str]:
+    """A fresh, migrated database of this test's own."""
+    name = f"dlqd_test_{uuid.uuid4().hex[:12]}"
+    _admin_execute(
+        admin_url,
+        sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+            sql.Identifier(name), sql.Identifier(template_db)
+        ),
+    )
+    try:
+        yield with_dbname(admin_url, name)
+    finally:
+        _admin_execute(
+            admin_url,
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)),
+        )
+
+
+@pytest.fixture
+def empty_db_url(admin_url: str) -> Iterator[str]:
+    """A fresh database with no migrations applied."""
+    name = f"dlqd_empty_{uuid.uuid4().hex[:12]}"
+    _admin_execute(admin_url, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield with_dbname(admin_url, name)
+    finally:
+        _admin_execute(
+            admin_url,
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)),
+        )
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def conn(db_url: str) -> AsyncIterator[psycopg.AsyncConnection[dict[str, Any]]]:
+    """An autocommit connection to this test's database."""
+    connection = await psycopg.AsyncConnection.connect(
+        db_url, autocommit=True, row_factory=dict_row
+    )
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+def dlqd_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m dlqd`` as an operator would, in a clean environment."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DLQD_")}
+    return subprocess.run(
+        [sys.executable, "-m", "dlqd", *args],
+        env={**base, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=ROOT,
+    )
+
+
+def dsn_password(url: str) -> str | None:
+    value = conninfo_to_dict(url).get("password")
+    return str(value) if value is not None else None

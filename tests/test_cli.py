@@ -1,0 +1,140 @@
+"""The operator's CLI, run as a subprocess: JSON shapes, paging, exit codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from dlqd.pgcluster import free_port
+from tests.conftest import dlqd_cli
+from tests.factories import INSERT_MANY, row_json
+
+SECRET = "s3cret-pass-word"
+COLUMNS = {
+    "id", "original_job_id", "app_id", "type", "payload", "error_reason", "attempts",
+    "error_history", "dlq_at", "replayed_at", "request_id", "user_id",
+}  # fmt: skip
+
+
+def test_migrate_twice_on_an_empty_database(empty_db_url: str) -> None:
+    first = dlqd_cli("migrate", env={"DLQD_DATABASE_URL": empty_db_url})
+    assert first.returncode == 0, first.stderr
+    assert "applied 001_job_dlq" in first.stdout
+    second = dlqd_cli("migrate", env={"DLQD_DATABASE_URL": empty_db_url})
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.strip() == "database is up to date"
+
+
+def test_list_json_pages_through_every_pending_row(db_url: str) -> None:
+    rows = [row_json(original_job_id=f"j{i}", app_id=f"app-{i % 2}") for i in range(25)]
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(INSERT_MANY, {"rows": Jsonb(rows)})
+        conn.execute("UPDATE job_dlq SET replayed_at = now() WHERE original_job_id = 'j0'")
+    env = {"DLQD_DATABASE_URL": db_url}
+    seen: list[str] = []
+    cursor: str | None = None
+    while True:
+        args = ["list", "--limit", "10", "--json"] + (["--cursor", cursor] if cursor else [])
+        result = dlqd_cli(*args, env=env)
+        assert result.returncode == 0, result.stderr
+        document = json.loads(result.stdout)
+        assert set(document) == {"entries", "next_cursor"}
+        for entry in document["entries"]:
+            assert set(entry) == COLUMNS
+            assert entry["replayed_at"] is None
+            seen.append(entry["original_job_id"])
+        cursor = document["next_cursor"]
+        if cursor is None:
+            break
+    assert sorted(seen) == sorted(f"j{i}" for i in range(1, 25))
+    assert len(seen) == len(set(seen))
+
+    filtered = dlqd_cli("list", "--app-id", "app-1", "--json", env=env)
+    assert {e["app_id"] for e in json.loads(filtered.stdout)["entries"]} == {"app-1"}
+
+    table = dlqd_cli("list", "--limit", "3", env=env)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[:3] == ["ID", "DLQ_AT", "APP_ID"]
+    assert len(lines) == 5
+    assert lines[-1].startswith("next cursor: ")
+
+
+def test_show_json_and_table(db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(INSERT_MANY, {"rows": Jsonb([row_json(original_job_id="only")])})
+        row = conn.execute("SELECT id FROM job_dlq").fetchone()
+        assert row is not None
+        entry_id = str(row[0])
+        conn.execute(
+            """INSERT INTO dlqd_replay_log (dlq_id, original_job_id, app_id, policy, outcome, error)
+               VALUES (%s, 'only', 'app-a', 'transient', 'failed', 'boom')""",
+            [entry_id],
+        )
+    env = {"DLQD_DATABASE_URL": db_url}
+    result = dlqd_cli("show", entry_id, "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert set(document) == COLUMNS | {"replays"}
+    assert document["id"] == entry_id
+    assert document["payload"] == {"job": "only"}
+    [replay] = document["replays"]
+    assert set(replay) == {"at", "policy", "outcome", "error"}
+    assert (replay["policy"], replay["outcome"], replay["error"]) == ("transient", "failed", "boom")
+
+    table = dlqd_cli("show", entry_id, env=env)
+    assert "original_job_id  only" in table.stdout
+    assert "transient" in table.stdout
+
+    missing = dlqd_cli("show", "00000000-0000-0000-0000-000000000000", env=env)
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == (
+        "dlqd: error: no job_dlq row with id 00000000-0000-0000-0000-000000000000"
+    )
+    bad = dlqd_cli("show", "nope", env=env)
+    assert bad.returncode == 2
+    assert "invalid id 'nope'" in bad.stderr
+
+
+def test_check_ok(db_url: str) -> None:
+    result = dlqd_cli("check", env={"DLQD_DATABASE_URL": db_url})
+    assert result.returncode == 0, result.stderr
+    assert "reachable" in result.stdout
+    assert "config: ok (0 policies)" in result.stdout
+
+
+def test_invalid_config_exits_78_naming_the_field(tmp_path: Path) -> None:
+    config = tmp_path / "dlqd.toml"
+    config.write_text('database_url = "postgresql://x/y"\n[listen]\npoll_interval = "often"\n')
+    result = dlqd_cli("check", "--config", str(config))
+    assert result.returncode == 78
+    assert result.stderr.count("\n") == 1
+    assert "listen.poll_interval" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    missing = dlqd_cli("check")
+    assert missing.returncode == 78
+    assert "database_url: is required" in missing.stderr
+
+
+def test_unreachable_database_exits_69_in_one_line_without_password() -> None:
+    url = f"postgresql://dlqd:{SECRET}@127.0.0.1:{free_port()}/dlq"
+    for args in (["check"], ["list"], ["migrate"]):
+        result = dlqd_cli(*args, env={"DLQD_DATABASE_URL": url})
+        assert result.returncode == 69, (args, result.stderr)
+        assert result.stderr.count("\n") == 1
+        assert result.stderr.startswith("dlqd: error: database unreachable at 127.0.0.1:")
+        assert SECRET not in result.stderr + result.stdout
+        assert "Traceback" not in result.stderr
+
+
+def test_usage_errors_exit_2(db_url: str) -> None:
+    env = {"DLQD_DATABASE_URL": db_url}
+    assert dlqd_cli("list", "--limit", "0", env=env).returncode == 2
+    bad_cursor = dlqd_cli("list", "--cursor", "garbage", env=env)
+    assert bad_cursor.returncode == 2
+    assert "invalid cursor" in bad_cursor.stderr
+    assert dlqd_cli("frobnicate", env=env).returncode == 2

@@ -1,0 +1,199 @@
+"""Migrations yield exactly the schema of DESIGN section 1, and apply once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+
+from dlqd.db import connect
+from dlqd.errors import MigrationError
+from dlqd.migrations import available_migrations, migrate
+
+pytestmark = pytest.mark.anyio
+
+Conn = psycopg.AsyncConnection[dict[str, Any]]
+
+
+async def _rows(conn: Conn, query: str, **params: Any) -> list[dict[str, Any]]:
+    cur = await conn.execute(query.encode(), params or None)
+    return await cur.fetchall()
+
+
+async def test_job_dlq_columns(conn: Conn) -> None:
+    rows = await _rows(
+        conn,
+        """SELECT column_name, data_type, is_nullable, column_default
+             FROM information_schema.columns
+            WHERE table_name = 'job_dlq' ORDER BY ordinal_position""",
+    )
+    columns = [tuple(r.values()) for r in rows]
+    assert columns == [
+        ("id", "uuid", "NO", "gen_random_uuid()"),
+        ("original_job_id", "text", "NO", None),
+        ("app_id", "text", "NO", None),
+        ("type", "text", "NO", None),
+        ("payload", "jsonb", "NO", None),
+        ("error_reason", "text", "NO", None),
+        ("attempts", "integer", "NO", None),
+        ("error_history", "jsonb", "NO", "'[]'::jsonb"),
+        ("dlq_at", "timestamp with time zone", "NO", "now()"),
+        ("replayed_at", "timestamp with time zone", "YES", None),
+        ("request_id", "text", "YES", None),
+        ("user_id", "text", "YES", None),
+    ]
+
+
+async def test_job_dlq_constraints_and_indexes(conn: Conn) -> None:
+    constraints = await _rows(
+        conn,
+        """SELECT conname, pg_get_constraintdef(oid) AS def FROM pg_constraint
+            WHERE conrelid = 'job_dlq'::regclass ORDER BY conname""",
+    )
+    assert {(c["conname"], c["def"]) for c in constraints} == {
+        ("job_dlq_pkey", "PRIMARY KEY (id)"),
+        ("job_dlq_attempts_check", "CHECK ((attempts >= 0))"),
+        ("job_dlq_error_history_check", "CHECK ((jsonb_typeof(error_history) = 'array'::text))"),
+    }
+    indexes = await _rows(
+        conn,
+        "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'job_dlq'",
+    )
+    defs = {i["indexname"]: i["indexdef"].split(" USING ", 1)[1] for i in indexes}
+    assert defs == {
+        "job_dlq_pkey": "btree (id)",
+        "job_dlq_pending_dlq_at_id_idx": "btree (dlq_at, id) WHERE (replayed_at IS NULL)",
+        "job_dlq_pending_group_idx": (
+            "btree (app_id, type, error_reason, dlq_at) WHERE (replayed_at IS NULL)"
+        ),
+        "job_dlq_original_job_id_idx": "btree (original_job_id)",
+        "job_dlq_replayed_at_idx": "btree (replayed_at) WHERE (replayed_at IS NOT NULL)",
+    }
+
+
+async def test_rls_enabled_forced_with_tenant_policy(conn: Conn) -> None:
+    [table] = await _rows(
+        conn,
+        "SELECT relrowsecurity, relforcerowsecurity FROM pg_class WHERE oid = 'job_dlq'::regclass",
+    )
+    assert table == {"relrowsecurity": True, "relforcerowsecurity": True}
+    policies = await _rows(
+        conn,
+        """SELECT policyname, permissive, cmd, qual, with_check FROM pg_policies
+            WHERE tablename = 'job_dlq' AND policyname = 'tenant_isolation'""",
+    )
+    assert policies == [
+        {
+            "policyname": "tenant_isolation",
+            "permissive": "PERMISSIVE",
+            "cmd": "ALL",
+            "qual": "(app_id = current_setting('app.current_app_id'::text, true))",
+            "with_check": "(app_id = current_setting('app.current_app_id'::text, true))",
+        }
+    ]
+
+
+async def test_purge_function_and_trigger_exist(conn: Conn) -> None:
+    [fn] = await _rows(
+        conn,
+        """SELECT pg_get_function_arguments(p.oid) AS args,
+                  pg_get_function_result(p.oid) AS result
+             FROM pg_proc p WHERE p.proname = 'job_dlq_purge'""",
+    )
+    assert fn == {
+        "args": (
+            "replayed_before interval, pending_before interval DEFAULT NULL::interval, "
+            "batch_size integer DEFAULT 10000"
+        ),
+        "result": "bigint",
+    }
+    [trigger] = await _rows(
+        conn,
+        """SELECT tgname, pg_get_triggerdef(oid) AS def FROM pg_trigger
+            WHERE tgrelid = 'job_dlq'::regclass AND NOT tgisinternal""",
+    )
+    assert trigger["tgname"] == "job_dlq_notify_insert"
+    assert "AFTER INSERT ON public.job_dlq REFERENCING NEW TABLE AS new_rows" in trigger["def"]
+    assert "FOR EACH STATEMENT" in trigger["def"]
+
+
+async def test_migrations_recorded_in_order(conn: Conn) -> None:
+    rows = await _rows(conn, "SELECT version, name FROM dlqd_schema_migrations ORDER BY version")
+    assert [(r["version"], r["name"]) for r in rows] == [
+        (m.version, m.name) for m in available_migrations()
+    ]
+
+
+async def test_migrate_twice_is_a_noop(empty_db_url: str) -> None:
+    conn = await connect(empty_db_url, autocommit=True)
+    try:
+        first = await migrate(conn)
+        second = await migrate(conn)
+    finally:
+        await conn.close()
+    assert [m.version for m in first] == [m.version for m in available_migrations()]
+    assert second == []
+
+
+async def test_replicas_migrating_at_once_apply_each_migration_once(empty_db_url: str) -> None:
+    applied: list[list[int]] = []
+
+    async def one_replica() -> None:
+        conn = await connect(empty_db_url, autocommit=True)
+        try:
+            applied.append([m.version for m in await migrate(conn)])
+        finally:
+            await conn.close()
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(4):
+            tg.start_soon(one_replica)
+    everything = [m.version for m in available_migrations()]
+    assert sorted(applied, key=len) == [[], [], [], everything]
+
+
+async def test_changed_migration_is_refused(conn: Conn) -> None:
+    await conn.execute("UPDATE dlqd_schema_migrations SET checksum = 'edited' WHERE version = 1")
+    with pytest.raises(MigrationError, match="001_job_dlq changed after it was applied"):
+        await migrate(conn)
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "constraint"),
+    [
+        ("attempts", -1, "job_dlq_attempts_check"),
+        ("error_history", Jsonb({"not": "an array"}), "job_dlq_error_history_check"),
+    ],
+)
+async def test_check_constraints_refuse_bad_rows(
+    conn: Conn, column: str, value: object, constraint: str
+) -> None:
+    params: dict[str, object] = {"attempts": 1, "error_history": Jsonb([])}
+    params[column] = value
+    with pytest.raises(psycopg.errors.CheckViolation, match=constraint):
+        await conn.execute(
+            """INSERT INTO job_dlq (original_job_id, app_id, type, payload, error_reason,
+                                    attempts, error_history)
+               VALUES ('j', 'a', 't', '{}', 'timeout', %(attempts)s, %(error_history)s)""",
+            params,
+        )
+
+
+async def test_grouped_status_is_an_index_only_scan(conn: Conn) -> None:
+    await conn.execute(
+        """INSERT INTO job_dlq (original_job_id, app_id, type, payload, error_reason, attempts)
+           SELECT 'j' || g, 'app-' || (g % 5), 't' || (g % 3), '{}', 'timeout', 1
+             FROM generate_series(1, 2000) g"""
+    )
+    await conn.execute("VACUUM ANALYZE job_dlq")
+    await conn.execute("SET enable_seqscan = off")
+    rows = await _rows(
+        conn,
+        """EXPLAIN SELECT app_id, type, error_reason, count(*), min(dlq_at)
+             FROM job_dlq WHERE replayed_at IS NULL GROUP BY 1, 2, 3""",
+    )
+    plan = "\n".join(r["QUERY PLAN"] for r in rows)
+    assert "Index Only Scan using job_dlq_pending_group_idx" in plan
