@@ -19,6 +19,7 @@ import anyio
 from dlqd import __version__
 from dlqd.config import Settings, load_settings
 from dlqd.errors import DlqdError, NotFound
+from dlqd.logs import configure_logging
 from dlqd.output import print_json, print_table
 
 Handler = Callable[[argparse.Namespace, Settings], Awaitable[int]]
@@ -117,13 +118,11 @@ def _positive_float(text: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = _HANDLERS.get(args.command)
-    if handler is None:
-        # Registered in the parser but shipped by a later release of this module.
-        print(f"dlqd: error: '{args.command}' is not available in this build", file=sys.stderr)
-        return 2
+    handler = _HANDLERS[args.command]
     try:
         settings = load_settings(args.config)
+        # logs go to stderr, so --json output on stdout stays one document
+        configure_logging(settings.log_format, settings.log_level)
         return anyio.run(handler, args, settings)
     except DlqdError as exc:
         if args.debug:
@@ -244,3 +243,110 @@ def _compact_json(value: object) -> str:
     import json
 
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+@command("run")
+async def _run(args: argparse.Namespace, settings: Settings) -> int:
+    from dlqd.daemon import run_daemon
+
+    return await run_daemon(settings, args.config)
+
+
+@command("status")
+async def _status(args: argparse.Namespace, settings: Settings) -> int:
+    from dlqd.db import connection
+    from dlqd.status import collect_status
+
+    async with connection(settings.dsn, autocommit=True, application_name="dlqd status") as conn:
+        status = await collect_status(conn, settings.policies)
+    if args.json:
+        print_json(status.to_json())
+        return 0
+    oldest = status.oldest_pending_age_seconds
+    print(
+        f"pending {status.pending}  parked {status.parked}  unmatched {status.unmatched}  "
+        f"oldest {'-' if oldest is None else _age(oldest)}"
+    )
+    if status.groups:
+        print()
+        print_table(
+            ["app_id", "type", "error_reason", "pending", "parked", "oldest"],
+            [
+                [
+                    g.app_id,
+                    g.type,
+                    g.error_reason,
+                    g.pending,
+                    g.parked,
+                    _age(g.oldest_pending_age_seconds),
+                ]
+                for g in status.groups
+            ],
+        )
+    return 0
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.1f}s"
+
+
+@command("explain")
+async def _explain(args: argparse.Namespace, settings: Settings) -> int:
+    from dlqd.db import connection
+    from dlqd.operations import explain
+    from dlqd.repository import Repository, parse_entry_id
+
+    entry_id = parse_entry_id(args.id)
+    async with connection(settings.dsn, autocommit=True, application_name="dlqd explain") as conn:
+        entry = await Repository(conn).get(entry_id)
+        if entry is None:
+            raise NotFound(f"no job_dlq row with id {entry_id}")
+        lines = await explain(conn, settings, entry)
+    print("\n".join(lines))
+    return 0
+
+
+@command("replay")
+async def _replay(args: argparse.Namespace, settings: Settings) -> int:
+    from dlqd.db import connection
+    from dlqd.errors import UsageError
+    from dlqd.operations import manual_replay
+    from dlqd.replayer import check_supported_targets
+    from dlqd.repository import PendingFilter, parse_entry_id
+
+    filters = args.app_id is not None or args.type is not None or args.error_reason is not None
+    chosen = sum([bool(args.ids), filters, args.all])
+    if chosen != 1:
+        raise UsageError("replay takes IDs, or --app-id/--type/--error-reason, or --all (one)")
+    check_supported_targets(settings)
+    ids = [parse_entry_id(text) for text in args.ids]
+    where = _filter(args) if filters else PendingFilter() if args.all else None
+    async with connection(settings.dsn, autocommit=True, application_name="dlqd replay") as conn:
+        result = await manual_replay(
+            conn, settings, ids=ids, where=where, dry_run=args.dry_run, rate=args.rate
+        )
+    if args.json:
+        print_json(result.to_json())
+    else:
+        verb = "would replay" if args.dry_run else "replayed"
+        print(f"{verb} {result.replayed}, failed {result.failed}, skipped {result.skipped}")
+    return 1 if result.failed else 0
+
+
+@command("purge")
+async def _purge(args: argparse.Namespace, settings: Settings) -> int:
+    from dlqd.db import connection
+    from dlqd.operations import purge
+
+    async with connection(settings.dsn, autocommit=True, application_name="dlqd purge") as conn:
+        deleted = await purge(conn, settings, dry_run=args.dry_run)
+    if args.json:
+        print_json({"deleted": deleted, "dry_run": args.dry_run})
+    else:
+        print(f"{'would delete' if args.dry_run else 'deleted'} {deleted} rows")
+    return 0

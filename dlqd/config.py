@@ -130,9 +130,25 @@ class Match(_Frozen):
         return self
 
 
+_PLACEHOLDER_RE = re.compile(r"%\((\w+)\)s")
+
+
 class SqlTarget(_Frozen):
     kind: Literal["sql"]
     statement: str = Field(min_length=1)
+
+    @field_validator("statement")
+    @classmethod
+    def _known_placeholders(cls, value: str) -> str:
+        from dlqd.models import DlqEntry
+
+        unknown = sorted(set(_PLACEHOLDER_RE.findall(value)) - set(DlqEntry.model_fields))
+        if unknown:
+            raise ValueError(
+                f"unknown placeholder(s) {', '.join(unknown)}: use job_dlq columns "
+                "as %(column)s, and write a literal % as %%"
+            )
+        return value
 
 
 class NotifyTarget(_Frozen):

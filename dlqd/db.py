@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -58,7 +59,7 @@ def check_dsn(dsn: str) -> None:
 
 
 async def connect(
-    dsn: str, *, autocommit: bool = False, application_name: str = "dlqd"
+    dsn: str, *, autocommit: bool = False, application_name: str = "dlqd", **params: Any
 ) -> psycopg.AsyncConnection[dict[str, object]]:
     """Open a connection returning rows as dicts; raise DatabaseUnavailable on failure."""
     check_dsn(dsn)
@@ -69,6 +70,7 @@ async def connect(
             row_factory=dict_row,
             connect_timeout=CONNECT_TIMEOUT_SECONDS,
             application_name=application_name,
+            **params,
         )
     except psycopg.OperationalError as exc:
         reason = scrub(_first_line(exc), dsn)

@@ -171,9 +171,18 @@ class Cluster:
             ]
         )
         self._run(
-            "pg_ctl", "start", "-w", "-t", "60", "-D", str(self.datadir),
-            "-l", str(self._log), "-o", options,
-        )  # fmt: skip
+            "pg_ctl",
+            "start",
+            "-w",
+            "-t",
+            "60",
+            "-D",
+            str(self.datadir),
+            "-l",
+            str(self._log),
+            "-o",
+            options,
+        )
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server: ``fast`` (clients disconnected), ``immediate`` (a crash)."""

@@ -39,6 +39,7 @@ CREATE TABLE dlqd_entry_state (
     due_at          timestamptz NULL,
     failures        integer     NOT NULL DEFAULT 0 CHECK (failures >= 0),
     last_error      text        NULL,
+    last_failure_at timestamptz NULL,
     parked_reason   text        NULL,
     updated_at      timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT dlqd_entry_state_due_check CHECK ((state = 'waiting') = (due_at IS NOT NULL)),

@@ -63,3 +63,145 @@ SELECT at, policy, outcome, error, manual
 
 -- name: ping
 SELECT current_setting('server_version_num')::int AS server_version_num
+
+-- name: fresh_entries
+-- Pending rows that the current policies (fingerprint) have not evaluated,
+-- in keyset order. Locked so that replicas split them; event-parked rows are
+-- sticky and never come back here.
+SELECT j.id, j.original_job_id, j.app_id, j.type, j.payload, j.error_reason, j.attempts,
+       j.error_history, j.dlq_at, j.replayed_at, j.request_id, j.user_id,
+       coalesce(s.failures, 0) AS failures, s.last_failure_at, s.last_error,
+       now() AS db_now
+  FROM job_dlq j
+  LEFT JOIN dlqd_entry_state s ON s.dlq_id = j.id
+ WHERE j.replayed_at IS NULL
+   AND (s.dlq_id IS NULL OR (s.state <> 'parked' AND s.fingerprint <> %(fingerprint)s))
+   AND (%(after_dlq_at)s::timestamptz IS NULL
+        OR (j.dlq_at, j.id) > (%(after_dlq_at)s, %(after_id)s::uuid))
+ ORDER BY j.dlq_at, j.id
+ LIMIT %(limit)s
+   FOR UPDATE OF j SKIP LOCKED
+
+-- name: due_entries
+-- Scheduled rows whose time has come, oldest due first, skipping the policies
+-- and tenants that are throttled right now.
+SELECT j.id, j.original_job_id, j.app_id, j.type, j.payload, j.error_reason, j.attempts,
+       j.error_history, j.dlq_at, j.replayed_at, j.request_id, j.user_id,
+       s.failures, s.last_failure_at, s.last_error, s.policy AS scheduled_policy,
+       now() AS db_now
+  FROM dlqd_entry_state s
+  JOIN job_dlq j ON j.id = s.dlq_id
+ WHERE s.state = 'waiting'
+   AND s.due_at <= now()
+   AND s.fingerprint = %(fingerprint)s
+   AND j.replayed_at IS NULL
+   AND s.policy <> ALL (%(blocked_policies)s::text[])
+   AND (s.policy, j.app_id) NOT IN (
+         SELECT * FROM unnest(%(blocked_pair_policies)s::text[], %(blocked_pair_apps)s::text[]))
+ ORDER BY s.due_at
+ LIMIT %(limit)s
+   FOR UPDATE OF s, j SKIP LOCKED
+
+-- name: next_due
+SELECT extract(epoch FROM min(due_at) - now())::float8 AS seconds
+  FROM dlqd_entry_state
+ WHERE state = 'waiting' AND fingerprint = %(fingerprint)s
+
+-- name: replay_counts
+SELECT original_job_id, count(*) AS replays
+  FROM dlqd_replay_log
+ WHERE outcome = 'replayed' AND original_job_id = ANY (%(original_job_ids)s::text[])
+ GROUP BY original_job_id
+
+-- name: lock_original_jobs
+-- Serialises replicas replaying returns of the same original job, so that
+-- max_replays holds. Keys arrive sorted: no deadlock between replicas.
+SELECT count(pg_advisory_xact_lock(hashtextextended('dlqd:job:' || k, 0)))
+  FROM unnest(%(original_job_ids)s::text[]) WITH ORDINALITY AS u(k, n)
+
+-- name: mark_replayed_many
+UPDATE job_dlq SET replayed_at = now()
+ WHERE id = ANY (%(ids)s::uuid[]) AND replayed_at IS NULL
+RETURNING id, replayed_at
+
+-- name: delete_states
+DELETE FROM dlqd_entry_state WHERE dlq_id = ANY (%(ids)s::uuid[])
+
+-- name: log_outcomes
+INSERT INTO dlqd_replay_log (dlq_id, original_job_id, app_id, policy, outcome, error, manual)
+SELECT * FROM unnest(%(dlq_ids)s::uuid[], %(original_job_ids)s::text[], %(app_ids)s::text[],
+                     %(policies)s::text[], %(outcomes)s::text[], %(errors)s::text[],
+                     %(manual)s::boolean[])
+
+-- name: upsert_states
+INSERT INTO dlqd_entry_state AS s (dlq_id, state, policy, fingerprint, due_at, parked_reason,
+                                   failures, last_error, last_failure_at)
+SELECT * FROM unnest(%(dlq_ids)s::uuid[], %(states)s::text[], %(policies)s::text[],
+                     %(fingerprints)s::text[], %(due_ats)s::timestamptz[],
+                     %(parked_reasons)s::text[], %(failures)s::int[], %(last_errors)s::text[],
+                     %(last_failure_ats)s::timestamptz[])
+ON CONFLICT (dlq_id) DO UPDATE
+   SET state = excluded.state, policy = excluded.policy, fingerprint = excluded.fingerprint,
+       due_at = excluded.due_at, parked_reason = excluded.parked_reason,
+       failures = excluded.failures, last_error = excluded.last_error,
+       last_failure_at = excluded.last_failure_at, updated_at = now()
+
+-- name: notify_many
+SELECT count(pg_notify(%(channel)s, m::text)) FROM jsonb_array_elements(%(messages)s) AS m
+
+-- name: status_groups
+-- Index-only over job_dlq_pending_group_idx.
+SELECT app_id, type, error_reason, count(*) AS pending,
+       extract(epoch FROM now() - min(dlq_at))::float8 AS oldest_age
+  FROM job_dlq
+ WHERE replayed_at IS NULL
+ GROUP BY app_id, type, error_reason
+
+-- name: status_attempts
+-- Only when a policy matches on attempts (attempts is not in the covering index).
+SELECT app_id, type, error_reason, attempts, count(*) AS pending
+  FROM job_dlq
+ WHERE replayed_at IS NULL
+ GROUP BY app_id, type, error_reason, attempts
+
+-- name: status_event_parked
+SELECT j.app_id, j.type, j.error_reason, j.attempts, count(*) AS parked
+  FROM dlqd_entry_state s
+  JOIN job_dlq j ON j.id = s.dlq_id
+ WHERE s.state = 'parked' AND j.replayed_at IS NULL
+ GROUP BY j.app_id, j.type, j.error_reason, j.attempts
+
+-- name: notification_queue_usage
+SELECT pg_notification_queue_usage()::float8 AS usage
+
+-- name: entry_state
+SELECT state, policy, fingerprint, due_at, failures, last_error, last_failure_at,
+       parked_reason, updated_at
+  FROM dlqd_entry_state
+ WHERE dlq_id = %(id)s
+
+-- name: lock_entries
+-- Manual replay waits for a daemon's batch in flight instead of skipping it,
+-- then finds the row replayed and counts it as skipped.
+SELECT id, original_job_id, app_id, type, payload, error_reason, attempts,
+       error_history, dlq_at, replayed_at, request_id, user_id, now() AS db_now
+  FROM job_dlq
+ WHERE id = ANY (%(ids)s::uuid[])
+ ORDER BY dlq_at, id
+   FOR UPDATE
+
+-- name: purge_batch
+SELECT job_dlq_purge(%(replayed_before)s, %(pending_before)s, %(batch_size)s) AS deleted
+
+-- name: purge_count
+SELECT count(*) AS n
+  FROM job_dlq
+ WHERE (replayed_at IS NOT NULL AND replayed_at < now() - %(replayed_before)s::interval)
+    OR (%(pending_before)s::interval IS NOT NULL
+        AND replayed_at IS NULL AND dlq_at < now() - %(pending_before)s::interval)
+
+-- name: get_entries
+SELECT id, original_job_id, app_id, type, payload, error_reason, attempts,
+       error_history, dlq_at, replayed_at, request_id, user_id
+  FROM job_dlq
+ WHERE id = ANY (%(ids)s::uuid[])

@@ -14,9 +14,19 @@ from tests.factories import INSERT_MANY, row_json
 
 SECRET = "s3cret-pass-word"
 COLUMNS = {
-    "id", "original_job_id", "app_id", "type", "payload", "error_reason", "attempts",
-    "error_history", "dlq_at", "replayed_at", "request_id", "user_id",
-}  # fmt: skip
+    "id",
+    "original_job_id",
+    "app_id",
+    "type",
+    "payload",
+    "error_reason",
+    "attempts",
+    "error_history",
+    "dlq_at",
+    "replayed_at",
+    "request_id",
+    "user_id",
+}
 
 
 def test_migrate_twice_on_an_empty_database(empty_db_url: str) -> None:

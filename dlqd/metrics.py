@@ -1,0 +1,98 @@
+"""Prometheus metrics (names and labels are the contract of DESIGN section 7)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+from dlqd import __version__
+
+# *_created samples double the series count for no operational use
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_AGE_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 30, 60, 300, 900, 3600, 4 * 3600, 86400, 7 * 86400)
+
+
+class Metrics:
+    """Every dlqd metric, on a registry of its own (one per daemon instance)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.pending_entries = Gauge(
+            "dlqd_pending_entries",
+            "Rows with replayed_at IS NULL (parked and unmatched included).",
+            ["app_id", "type", "error_reason"],
+            registry=r,
+        )
+        self.parked_entries = Gauge(
+            "dlqd_parked_entries",
+            "Pending rows parked by policy or by event.",
+            ["app_id", "type", "error_reason"],
+            registry=r,
+        )
+        self.oldest_pending_age_seconds = Gauge(
+            "dlqd_oldest_pending_age_seconds",
+            "Age of the oldest pending row.",
+            ["app_id", "type"],
+            registry=r,
+        )
+        self.unmatched_entries = Gauge(
+            "dlqd_unmatched_entries", "Pending rows that no policy matches.", registry=r
+        )
+        self.replays_total = Counter(
+            "dlqd_replays_total",
+            "Replay decisions and outcomes.",
+            ["policy", "outcome"],
+            registry=r,
+        )
+        self.replay_duration_seconds = Histogram(
+            "dlqd_replay_duration_seconds",
+            "Time spent running a target for a batch, per row.",
+            ["policy"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.dlq_to_replay_seconds = Histogram(
+            "dlqd_dlq_to_replay_seconds",
+            "From dlq_at to replayed_at.",
+            ["policy"],
+            buckets=_AGE_BUCKETS,
+            registry=r,
+        )
+        self.notifications_total = Counter(
+            "dlqd_notifications", "NOTIFY wake-ups received.", registry=r
+        )
+        self.listener_up = Gauge(
+            "dlqd_listener_up", "1 while the LISTEN connection is up.", registry=r
+        )
+        self.listener_reconnects_total = Counter(
+            "dlqd_listener_reconnects", "Reconnections of the LISTEN connection.", registry=r
+        )
+        self.circuit_open = Gauge(
+            "dlqd_circuit_open",
+            "1 while a policy's circuit breaker is open.",
+            ["policy"],
+            registry=r,
+        )
+        self.purged_entries_total = Counter(
+            "dlqd_purged_entries", "Rows deleted by purge.", registry=r
+        )
+        self.purge_runs_total = Counter(
+            "dlqd_purge_runs", "Purge runs by outcome.", ["outcome"], registry=r
+        )
+        self.last_purge_success_timestamp_seconds = Gauge(
+            "dlqd_last_purge_success_timestamp_seconds",
+            "Unix time of the last successful purge.",
+            registry=r,
+        )
+        self.leader = Gauge(
+            "dlqd_leader", "1 on the replica that holds the purge lock.", registry=r
+        )
+        self.notification_queue_usage_ratio = Gauge(
+            "dlqd_notification_queue_usage_ratio",
+            "pg_notification_queue_usage() on the server.",
+            registry=r,
+        )
+        self.build_info = Gauge("dlqd_build_info", "dlqd's version.", ["version"], registry=r)
+        self.build_info.labels(version=__version__).set(1)

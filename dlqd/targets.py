@@ -1,0 +1,93 @@
+"""Replay targets that run inside the transaction that sets ``replayed_at``.
+
+A batch runs as one round trip (``executemany`` in a pipeline, or one
+``pg_notify`` over a JSON array) under a savepoint. When the batch fails, each
+row is tried again under its own savepoint, so one bad row fails alone and the
+rest of its batch still replays.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from dlqd.config import NotifyTarget, SqlTarget
+from dlqd.models import DlqEntry
+from dlqd.queries import q
+
+Connection = psycopg.AsyncConnection[dict[str, Any]]
+
+
+def sql_params(entry: DlqEntry) -> dict[str, Any]:
+    """Every job_dlq column by name: id as uuid, JSON columns as jsonb."""
+    params = dict(entry)
+    params["payload"] = Jsonb(entry.payload)
+    params["error_history"] = Jsonb(entry.error_history)
+    return params
+
+
+def notify_message(entry: DlqEntry) -> dict[str, str]:
+    return {
+        "id": str(entry.id),
+        "original_job_id": entry.original_job_id,
+        "app_id": entry.app_id,
+        "type": entry.type,
+    }
+
+
+def error_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return first[:500]
+
+
+async def _batch_then_each(
+    conn: Connection,
+    entries: Sequence[DlqEntry],
+    run_batch: Callable[[Sequence[DlqEntry]], Awaitable[None]],
+) -> dict[UUID, str]:
+    """Run the batch under a savepoint; on failure run each row alone. Returns failures."""
+    try:
+        async with conn.transaction():
+            await run_batch(entries)
+        return {}
+    except psycopg.Error:
+        if conn.broken:
+            raise
+    failures: dict[UUID, str] = {}
+    for entry in entries:
+        try:
+            async with conn.transaction():
+                await run_batch([entry])
+        except psycopg.Error as exc:
+            if conn.broken:
+                raise
+            failures[entry.id] = error_line(exc)
+    return failures
+
+
+async def run_sql(
+    conn: Connection, target: SqlTarget, entries: Sequence[DlqEntry]
+) -> dict[UUID, str]:
+    statement = target.statement.encode()
+
+    async def batch(rows: Sequence[DlqEntry]) -> None:
+        async with conn.cursor() as cur:
+            await cur.executemany(statement, [sql_params(r) for r in rows])
+
+    return await _batch_then_each(conn, entries, batch)
+
+
+async def run_notify(
+    conn: Connection, target: NotifyTarget, entries: Sequence[DlqEntry]
+) -> dict[UUID, str]:
+    async def batch(rows: Sequence[DlqEntry]) -> None:
+        messages = Jsonb([notify_message(r) for r in rows], dumps=json.dumps)
+        await conn.execute(q("notify_many"), {"channel": target.channel, "messages": messages})
+
+    return await _batch_then_each(conn, entries, batch)

@@ -1,0 +1,468 @@
+"""`dlqd run` end to end: real daemon processes against a real Postgres."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from tests.conftest import dlqd_cli
+from tests.daemon_helpers import (
+    SINK_DDL,
+    SINK_STATEMENT,
+    DaemonProcess,
+    scalar,
+    wait_until,
+    write_config,
+)
+from tests.factories import INSERT_MANY, row_json
+
+pytestmark = pytest.mark.anyio
+
+Conn = psycopg.AsyncConnection[dict[str, Any]]
+
+
+def sink_config(path: Path, extra: str = "", *, poll: str = "1h", policy: str = "") -> Path:
+    """A config replaying every row into the sink table, with the poll scan out of the way."""
+    return write_config(
+        path / "dlqd.toml",
+        f"""
+{extra}
+[listen]
+poll_interval = "{poll}"
+probe_interval = "1h"
+
+{policy}
+
+[[policies]]
+name = "all"
+target = {{ kind = "sql", statement = "{SINK_STATEMENT}" }}
+""",
+    )
+
+
+@pytest.fixture
+def sink_db(db_url: str) -> str:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(SINK_DDL)
+    return db_url
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[list[DaemonProcess]]:
+    started: list[DaemonProcess] = []
+    yield started
+    for daemon in started:
+        daemon.stop()
+
+
+def spawn(daemons: list[DaemonProcess], db_url: str, config: Path, tmp: Path) -> DaemonProcess:
+    daemon = DaemonProcess(db_url, config, tmp).start()
+    daemons.append(daemon)
+    return daemon
+
+
+async def pending_count(db_url: str) -> int:
+    return int(await scalar(db_url, "SELECT count(*) FROM job_dlq WHERE replayed_at IS NULL"))
+
+
+async def insert_rows(db_url: str, rows: list[dict[str, Any]]) -> None:
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        await conn.execute(INSERT_MANY, {"rows": Jsonb(rows)})
+
+
+async def assert_sink_matches_replayed(db_url: str, expected: int | None = None) -> int:
+    """Every replayed row reached the sink exactly once, and nothing else did."""
+    async with await psycopg.AsyncConnection.connect(
+        db_url, autocommit=True, row_factory=dict_row
+    ) as conn:
+        cur = await conn.execute(
+            """SELECT (SELECT count(*) FROM sink) AS sunk,
+                      (SELECT count(DISTINCT dlq_id) FROM sink) AS distinct_sunk,
+                      (SELECT count(*) FROM job_dlq WHERE replayed_at IS NOT NULL) AS replayed,
+                      (SELECT count(*) FROM sink s JOIN job_dlq j ON j.id = s.dlq_id
+                        WHERE j.replayed_at IS NOT NULL) AS both_sides,
+                      (SELECT count(*) FROM dlqd_replay_log WHERE outcome = 'replayed') AS logged
+            """
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    assert row["sunk"] == row["distinct_sunk"] == row["replayed"] == row["both_sides"]
+    assert row["logged"] == row["replayed"]
+    if expected is not None:
+        assert row["replayed"] == expected
+    return int(row["replayed"])
+
+
+async def test_exactly_once_with_three_daemons_and_concurrent_writers(
+    sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    config = sink_config(tmp_path, policy="")
+    for _ in range(3):
+        spawn(daemons, sink_db, config, tmp_path)
+    for daemon in daemons:
+        await daemon.wait_ready()
+
+    async def writer(w: int) -> None:
+        async with await psycopg.AsyncConnection.connect(sink_db, autocommit=True) as conn:
+            for batch in range(50):
+                rows = [
+                    row_json(original_job_id=f"w{w}-{batch}-{i}", app_id=f"app-{w}")
+                    for i in range(50)
+                ]
+                await conn.execute(INSERT_MANY, {"rows": Jsonb(rows)})
+
+    async with anyio.create_task_group() as tg:
+        for w in range(4):
+            tg.start_soon(writer, w)
+
+    async def drained() -> bool:
+        return await pending_count(sink_db) == 0
+
+    await wait_until(drained, within=120)
+    await assert_sink_matches_replayed(sink_db, expected=10_000)
+    # all three took part, each row once
+    replayed_by = [
+        sum(1 for e in d.events() if e.get("event") == "replay" and e["outcome"] == "replayed")
+        for d in daemons
+    ]
+    assert sum(replayed_by) == 10_000
+
+
+async def test_rows_inserted_while_no_daemon_runs_are_replayed_on_start(
+    sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    await insert_rows(sink_db, [row_json(original_job_id=f"early{i}") for i in range(40)])
+    daemon = spawn(daemons, sink_db, sink_config(tmp_path), tmp_path)
+    await daemon.wait_ready()
+
+    async def drained() -> bool:
+        return await pending_count(sink_db) == 0
+
+    await wait_until(drained, within=30)  # poll_interval is 1h: only the start-up scan
+    await assert_sink_matches_replayed(sink_db, expected=40)
+
+
+async def listener_backends(db_url: str, expected: int) -> bool:
+    found = await scalar(
+        db_url,
+        """SELECT count(*) FROM pg_stat_activity
+            WHERE application_name = 'dlqd listener' AND datname = current_database()""",
+    )
+    return int(found) == expected
+
+
+async def test_listener_killed_mid_stream_reconnects_and_catches_up(
+    sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    daemon = spawn(daemons, sink_db, sink_config(tmp_path), tmp_path)
+    await daemon.wait_ready()
+    kills = 0
+    async with await psycopg.AsyncConnection.connect(sink_db, autocommit=True) as conn:
+        for i in range(300):
+            await conn.execute(INSERT_MANY, {"rows": Jsonb([row_json(original_job_id=f"s{i}")])})
+            if i % 100 == 50:
+                await wait_until(lambda: listener_backends(sink_db, 1), within=30)
+                cur = await conn.execute(
+                    """SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                        WHERE application_name = 'dlqd listener'
+                          AND datname = current_database()"""
+                )
+                row = await cur.fetchone()
+                assert row == (1,)
+                kills += 1
+            if i % 10 == 0:
+                await anyio.sleep(0.01)  # a stream, not one burst
+
+    async def drained() -> bool:
+        return await pending_count(sink_db) == 0
+
+    await wait_until(drained, within=60)  # no poll scan: notifications and catch-ups only
+    await assert_sink_matches_replayed(sink_db, expected=300)
+
+    async def reconnected() -> bool:
+        return daemon.metric("dlqd_listener_reconnects_total") >= kills and (
+            daemon.metric("dlqd_listener_up") == 1
+        )
+
+    await wait_until(reconnected, within=30)
+
+
+async def test_delayed_replay_happens_at_its_due_time(
+    sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    config = write_config(
+        tmp_path / "dlqd.toml",
+        f"""
+[listen]
+poll_interval = "1h"
+[[policies]]
+name = "later"
+delay = "1500ms"
+target = {{ kind = "sql", statement = "{SINK_STATEMENT}" }}
+""",
+    )
+    daemon = spawn(daemons, sink_db, config, tmp_path)
+    await daemon.wait_ready()
+    await insert_rows(sink_db, [row_json(original_job_id=f"d{i}") for i in range(5)])
+
+    async def drained() -> bool:
+        return await pending_count(sink_db) == 0
+
+    await wait_until(drained, within=30)
+    waits = await scalar(
+        sink_db,
+        """SELECT array_agg(extract(epoch FROM replayed_at - dlq_at)::float8) FROM job_dlq""",
+    )
+    assert len(waits) == 5
+    assert all(1.5 <= w < 3.0 for w in waits), waits  # not before, and not a poll later
+
+
+async def test_max_replays_parks_the_next_return_until_a_manual_replay(
+    sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    config = sink_config(tmp_path, policy="")
+    config.write_text(config.read_text().replace('name = "all"', 'name = "all"\nmax_replays = 1'))
+    daemon = spawn(daemons, sink_db, config, tmp_path)
+    await daemon.wait_ready()
+
+    await insert_rows(sink_db, [row_json(original_job_id="job-7")])
+
+    async def first_replayed() -> bool:
+        return await pending_count(sink_db) == 0
+
+    await wait_until(first_replayed, within=30)
+    await insert_rows(sink_db, [row_json(original_job_id="job-7")])  # the job failed again
+
+    async def parked() -> bool:
+        return bool(
+            await scalar(
+                sink_db,
+                "SELECT count(*) FROM dlqd_entry_state "
+                "WHERE state = 'parked' AND parked_reason = 'max_replays'",
+            )
+        )
+
+    await wait_until(parked, within=30)
+    assert await pending_count(sink_db) == 1
+    assert await scalar(sink_db, "SELECT count(*) FROM sink") == 1
+    second = str(await scalar(sink_db, "SELECT id FROM job_dlq WHERE replayed_at IS NULL"))
+
+    show = dlqd_cli("show", second, "--json", env={"DLQD_DATABASE_URL": sink_db})
+    assert [r["outcome"] for r in json.loads(show.stdout)["replays"]] == ["parked"]
+    explain = dlqd_cli(
+        "explain", second, "--config", str(config), env={"DLQD_DATABASE_URL": sink_db}
+    )
+    assert "parked by event (max_replays)" in explain.stdout
+
+    # a human decides: manual replay ignores max_replays and clears the park
+    manual = dlqd_cli(
+        "replay", second, "--json", "--config", str(config), env={"DLQD_DATABASE_URL": sink_db}
+    )
+    assert manual.returncode == 0, manual.stderr
+    assert json.loads(manual.stdout) == {"replayed": 1, "failed": 0, "skipped": 0, "dry_run": False}
+    assert await pending_count(sink_db) == 0
+    assert await scalar(sink_db, "SELECT count(*) FROM dlqd_entry_state") == 0
+    await assert_sink_matches_replayed(sink_db, expected=2)
+
+
+async def test_parked_and_unmatched_rows_stay_pending(
+    sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    config = write_config(
+        tmp_path / "dlqd.toml",
+        f"""
+[listen]
+poll_interval = "1h"
+[[policies]]
+name = "quarantine"
+match = {{ error_reason = ["poison"] }}
+action = "park"
+[[policies]]
+name = "mail"
+match = {{ type = ["email.*"] }}
+target = {{ kind = "sql", statement = "{SINK_STATEMENT}" }}
+""",
+    )
+    daemon = spawn(daemons, sink_db, config, tmp_path)
+    await daemon.wait_ready()
+    await insert_rows(
+        sink_db,
+        [
+            row_json(original_job_id="p", type="email.send", error_reason="poison"),
+            row_json(original_job_id="u", type="sms.send"),
+        ],
+    )
+    await insert_rows(sink_db, [row_json(original_job_id="ok", type="email.send")])
+
+    async def evaluated() -> bool:
+        return await scalar(sink_db, "SELECT count(*) FROM dlqd_entry_state") == 2 and (
+            await pending_count(sink_db) == 2
+        )
+
+    await wait_until(evaluated, within=30)
+    states = await scalar(
+        sink_db,
+        """SELECT json_object_agg(j.original_job_id, s.state) FROM dlqd_entry_state s
+             JOIN job_dlq j ON j.id = s.dlq_id""",
+    )
+    assert states == {"p": "parked_policy", "u": "unmatched"}
+    status = dlqd_cli(
+        "status", "--json", "--config", str(config), env={"DLQD_DATABASE_URL": sink_db}
+    )
+    document = json.loads(status.stdout)
+    assert (document["pending"], document["parked"], document["unmatched"]) == (2, 1, 1)
+    assert {(g["type"], g["pending"], g["parked"]) for g in document["groups"]} == {
+        ("email.send", 1, 1),
+        ("sms.send", 1, 0),
+    }
+
+
+async def test_sigterm_mid_drain_exits_0_and_leaves_no_row_half_replayed(
+    sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    async with await psycopg.AsyncConnection.connect(sink_db, autocommit=True) as conn:
+        await conn.execute(
+            """INSERT INTO job_dlq (original_job_id, app_id, type, payload, error_reason, attempts)
+               SELECT 'bulk' || g, 'app', 'email.send', '{}', 'timeout', 1
+                 FROM generate_series(1, 20000) g"""
+        )
+    config = sink_config(tmp_path, extra='shutdown_timeout = "20s"')
+    config.write_text(config.read_text() + "\n[replay]\nbatch_size = 100\n")
+    daemon = spawn(daemons, sink_db, config, tmp_path)
+
+    async def draining() -> bool:
+        return int(await scalar(sink_db, "SELECT count(*) FROM sink")) > 0
+
+    await wait_until(draining, within=30)
+    daemon.send_signal(signal.SIGTERM)
+    assert await daemon.wait_exit(within=30) == 0
+    replayed = await assert_sink_matches_replayed(sink_db)
+    assert replayed > 0
+    stopped = [e["event"] for e in daemon.events()]
+    assert "stopping: finishing the batch in flight" in stopped
+    assert stopped[-1] == "stopped"
+
+
+async def test_back_to_back_single_inserts_never_wait_for_the_poll(
+    db_url: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    """Each row is inserted as soon as the previous one was replayed: a lost
+    wake-up would leave a row waiting for the 1h poll and fail the deadline."""
+    config = write_config(
+        tmp_path / "dlqd.toml",
+        """
+[listen]
+poll_interval = "1h"
+probe_interval = "1h"
+[[policies]]
+name = "ping"
+target = { kind = "notify", channel = "replayed" }
+""",
+    )
+    daemon = spawn(daemons, db_url, config, tmp_path)
+    await daemon.wait_ready()
+    async with (
+        await psycopg.AsyncConnection.connect(db_url, autocommit=True) as listener,
+        await psycopg.AsyncConnection.connect(db_url, autocommit=True) as writer,
+    ):
+        await listener.execute("LISTEN replayed")
+        for i in range(1000):
+            await writer.execute(
+                INSERT_MANY, {"rows": Jsonb([row_json(original_job_id=f"b2b-{i}")])}
+            )
+            with anyio.fail_after(5):
+                got = [n async for n in listener.notifies(stop_after=1)]
+            assert json.loads(got[0].payload)["original_job_id"] == f"b2b-{i}"
+    assert await pending_count(db_url) == 0
+
+
+async def test_a_failing_row_retries_alone_while_its_batch_replays(
+    sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    statement = (
+        "INSERT INTO sink (dlq_id, type, payload) VALUES (%(id)s, %(type)s, "
+        "CASE WHEN %(original_job_id)s = 'bad' THEN (1/0)::text::jsonb ELSE %(payload)s END)"
+    )
+    config = write_config(
+        tmp_path / "dlqd.toml",
+        f"""
+[listen]
+poll_interval = "1h"
+[[policies]]
+name = "all"
+retry_delay = "100ms"
+target = {{ kind = "sql", statement = "{statement}" }}
+""",
+    )
+    await insert_rows(
+        sink_db,
+        [row_json(original_job_id=n) for n in ["a", "b", "bad", "c", "d"]],
+    )
+    daemon = spawn(daemons, sink_db, config, tmp_path)
+    await daemon.wait_ready()
+
+    async def retried() -> bool:
+        failures = await scalar(
+            sink_db,
+            "SELECT count(*) FROM dlqd_replay_log WHERE outcome = 'failed'",
+        )
+        return int(failures) >= 3
+
+    await wait_until(retried, within=30)
+    assert await assert_sink_matches_replayed(sink_db) == 4
+    bad = await scalar(
+        sink_db,
+        """SELECT row_to_json(s) FROM dlqd_entry_state s JOIN job_dlq j ON j.id = s.dlq_id
+            WHERE j.original_job_id = 'bad'""",
+    )
+    assert bad["state"] == "waiting"
+    assert bad["failures"] >= 3
+    assert "division by zero" in bad["last_error"]
+    assert daemon.metric('dlqd_replays_total{outcome="failed",policy="all"}') >= 3
+
+
+async def test_poll_only_mode_and_http_endpoints(
+    sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    config = sink_config(tmp_path, poll="200ms")
+    config.write_text(config.read_text().replace("[listen]", "[listen]\nenabled = false"))
+    daemon = spawn(daemons, sink_db, config, tmp_path)
+    await daemon.wait_ready()
+    assert daemon.http("/healthz") == (200, "ok\n")
+    assert daemon.http("/nope")[0] == 404
+    await insert_rows(sink_db, [row_json(original_job_id=f"poll{i}") for i in range(10)])
+
+    async def drained() -> bool:
+        return await pending_count(sink_db) == 0
+
+    await wait_until(drained, within=30)
+    assert daemon.metric('dlqd_build_info{version="0.1.0"}') == 1
+    assert daemon.metric("dlqd_notifications_total") == 0  # nobody listened
+
+
+async def test_dry_run_decides_and_changes_nothing(
+    sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    await insert_rows(sink_db, [row_json(original_job_id=f"dry{i}") for i in range(3)])
+    daemon = spawn(daemons, sink_db, sink_config(tmp_path, extra="dry_run = true"), tmp_path)
+    await daemon.wait_ready()
+
+    async def counted() -> bool:
+        return daemon.metric('dlqd_replays_total{outcome="dry_run",policy="all"}') == 3
+
+    await wait_until(counted, within=30)
+    assert await pending_count(sink_db) == 3
+    assert await scalar(sink_db, "SELECT count(*) FROM sink") == 0
+    assert await scalar(sink_db, "SELECT count(*) FROM dlqd_entry_state") == 0
+    decisions = [e for e in daemon.events() if e.get("outcome") == "dry_run"]
+    assert len(decisions) == 3
+    assert all(e["would"] == "replay" and "payload" not in e for e in decisions)
