@@ -164,7 +164,9 @@ async def _migrate(args: argparse.Namespace, settings: Settings) -> int:
 async def _check(args: argparse.Namespace, settings: Settings) -> int:
     from dlqd.db import connection, describe_dsn
     from dlqd.queries import q
+    from dlqd.replayer import check_supported_targets
 
+    check_supported_targets(settings)
     targets = {settings.dsn, settings.listen_dsn}
     for dsn in sorted(targets):
         async with connection(dsn, application_name="dlqd check") as conn:

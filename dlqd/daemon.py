@@ -33,6 +33,8 @@ from dlqd.wake import Wakeup
 
 log = get_logger("dlqd.daemon")
 OTHER = "__other__"
+HEALTH_INTERVAL = 1.0  # seconds between database checks behind /readyz
+HEALTH_TIMEOUT = 2.0
 
 
 class Daemon:
@@ -46,6 +48,7 @@ class Daemon:
         self.listener: Listener | None = None
         self.pool: AsyncConnectionPool[Any] | None = None
         self.http_port: int | None = None
+        self.database_ok = False
 
     def settings(self) -> Settings:
         return self._settings
@@ -106,6 +109,7 @@ class Daemon:
                     )
                     await tg.start(self._worker, replayer, done)
                 tg.start_soon(self._collector)
+                await tg.start(self._health)
                 if (interval := watchdog_interval()) is not None:
                     tg.start_soon(self._watchdog, interval)
                 sd_notify("READY=1")
@@ -177,6 +181,23 @@ class Daemon:
         )
         self.wakeup.set()  # re-evaluate rows under the new policies
 
+    async def _health(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Keep ``database_ok`` fresh, so /readyz answers at once without a query."""
+        assert self.pool is not None  # noqa: S101 - set before any task starts
+        started = False
+        while True:
+            try:
+                with anyio.fail_after(HEALTH_TIMEOUT):
+                    async with self.pool.connection(timeout=HEALTH_TIMEOUT) as conn:
+                        await conn.execute("SELECT 1")
+                self.database_ok = True
+            except Exception:  # noqa: BLE001 - any failure means not reachable now
+                self.database_ok = False
+            if not started:
+                started = True
+                task_status.started()
+            await anyio.sleep(HEALTH_INTERVAL)
+
     async def _watchdog(self, interval: float) -> None:
         while True:
             sd_notify("WATCHDOG=1")
@@ -239,13 +260,8 @@ class Daemon:
         problems: list[str] = []
         if self._settings.listen.enabled and not (self.listener and self.listener.connected):
             problems.append("listener not connected")
-        try:
-            assert self.pool is not None  # noqa: S101
-            with anyio.fail_after(2):
-                async with self.pool.connection(timeout=2) as conn:
-                    await conn.execute("SELECT 1")
-        except Exception as exc:  # noqa: BLE001 - any failure means not ready
-            problems.append(f"database unreachable: {error_line(exc)}")
+        if not self.database_ok:
+            problems.append("database unreachable")
         if self.stopping.is_set():
             problems.append("stopping")
         if problems:

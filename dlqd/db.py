@@ -44,11 +44,15 @@ def scrub(message: str, dsn: str) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
+    """The reason of a libpq connection error, e.g. ``Connection refused``."""
     text = str(exc).strip()
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    # libpq repeats "connection to server ... failed:" per address; the last
-    # line carries the reason.
-    return lines[-1] if lines else exc.__class__.__name__
+    # libpq writes 'connection to server at "h", port p failed: <reason>' per
+    # address tried, then hints; the last such reason is the one that counts.
+    reasons = [line.rsplit(" failed: ", 1)[1] for line in lines if " failed: " in line]
+    if reasons:
+        return reasons[-1]
+    return lines[0] if lines else exc.__class__.__name__
 
 
 def check_dsn(dsn: str) -> None:

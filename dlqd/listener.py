@@ -62,7 +62,7 @@ class Listener:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Listen forever; report started once the first LISTEN succeeded."""
-        backoff = Backoff(base=0.5, cap=30.0, reset_after=60.0)
+        backoff = Backoff(base=0.5, cap=15.0, reset_after=60.0)
         started = False
         while True:
             up_since: float | None = None

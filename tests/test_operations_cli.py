@@ -1,0 +1,199 @@
+"""Operator commands: manual replay, purge, status, explain, exit codes of `run`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from dlqd.pgcluster import free_port
+from tests.conftest import dlqd_cli
+from tests.daemon_helpers import SINK_DDL, SINK_STATEMENT, write_config
+from tests.factories import INSERT_MANY, row_json
+
+
+def seed(db_url: str, rows: list[dict[str, object]]) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(SINK_DDL)
+        conn.execute(INSERT_MANY, {"rows": Jsonb(rows)})
+
+
+def config(tmp_path: Path, body: str) -> Path:
+    return write_config(tmp_path / "dlqd.toml", body)
+
+
+SINK_POLICY = f"""
+[[policies]]
+name = "mail"
+match = {{ type = ["email.*"] }}
+target = {{ kind = "sql", statement = "{SINK_STATEMENT}" }}
+"""
+
+
+def test_manual_replay_by_filter_dry_run_then_real(db_url: str, tmp_path: Path) -> None:
+    seed(
+        db_url,
+        [row_json(original_job_id=f"a{i}", app_id="a") for i in range(5)]
+        + [row_json(original_job_id=f"b{i}", app_id="b") for i in range(3)],
+    )
+    env = {"DLQD_DATABASE_URL": db_url}
+    cfg = str(config(tmp_path, SINK_POLICY))
+    dry = dlqd_cli("replay", "--app-id", "a", "--dry-run", "--json", "--config", cfg, env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert json.loads(dry.stdout) == {"replayed": 5, "failed": 0, "skipped": 0, "dry_run": True}
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM sink").fetchone() == (0,)
+
+    real = dlqd_cli("replay", "--app-id", "a", "--json", "--rate", "100", "--config", cfg, env=env)
+    assert real.returncode == 0, real.stderr
+    assert json.loads(real.stdout) == {"replayed": 5, "failed": 0, "skipped": 0, "dry_run": False}
+    rest = dlqd_cli("replay", "--all", "--json", "--config", cfg, env=env)
+    assert json.loads(rest.stdout)["replayed"] == 3
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*), count(DISTINCT dlq_id) FROM sink").fetchone() == (
+            8,
+            8,
+        )
+        manual = conn.execute(
+            "SELECT count(*) FROM dlqd_replay_log WHERE manual AND outcome = 'replayed'"
+        ).fetchone()
+        assert manual == (8,)
+
+
+def test_manual_replay_by_id_counts_skipped_and_failed(db_url: str, tmp_path: Path) -> None:
+    seed(db_url, [row_json(original_job_id=n) for n in ("ok", "bad", "done")])
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        ids = dict(conn.execute("SELECT original_job_id, id::text FROM job_dlq").fetchall())
+        conn.execute("UPDATE job_dlq SET replayed_at = now() WHERE original_job_id = 'done'")
+    statement = (
+        "INSERT INTO sink (dlq_id, type, payload) VALUES (%(id)s, %(type)s, "
+        "CASE WHEN %(original_job_id)s = 'bad' THEN (1/0)::text::jsonb ELSE %(payload)s END)"
+    )
+    cfg = config(
+        tmp_path,
+        f'[replay]\ndefault_target = {{ kind = "sql", statement = "{statement}" }}\n',
+    )
+    missing = "00000000-0000-0000-0000-000000000001"
+    result = dlqd_cli(
+        "replay",
+        ids["ok"],
+        ids["bad"],
+        ids["done"],
+        missing,
+        "--json",
+        "--config",
+        str(cfg),
+        env={"DLQD_DATABASE_URL": db_url},
+    )
+    assert result.returncode == 1  # failed > 0
+    assert json.loads(result.stdout) == {"replayed": 1, "failed": 1, "skipped": 2, "dry_run": False}
+    with psycopg.connect(db_url) as conn:
+        error = conn.execute(
+            "SELECT error FROM dlqd_replay_log WHERE outcome = 'failed'"
+        ).fetchone()
+        assert error is not None
+        assert "division by zero" in error[0]
+
+
+def test_manual_replay_without_a_target_is_a_clear_error(db_url: str, tmp_path: Path) -> None:
+    seed(db_url, [row_json(original_job_id="x", type="sms.send")])
+    cfg = config(tmp_path, SINK_POLICY)  # only email.* has a target
+    result = dlqd_cli("replay", "--all", "--config", str(cfg), env={"DLQD_DATABASE_URL": db_url})
+    assert result.returncode == 1
+    assert "no matching policy has a target and replay.default_target is not set" in result.stderr
+    assert result.stderr.count("\n") == 1
+    usage = dlqd_cli("replay", "--config", str(cfg), env={"DLQD_DATABASE_URL": db_url})
+    assert usage.returncode == 2
+
+
+def test_purge_json_and_dry_run(db_url: str, tmp_path: Path) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            """INSERT INTO job_dlq (original_job_id, app_id, type, payload, error_reason,
+                                    attempts, dlq_at, replayed_at)
+               SELECT 'o' || g, 'a', 't', '{}', 'r', 1, now() - interval '9 days',
+                      CASE WHEN g <= 7 THEN now() - interval '8 days' END
+                 FROM generate_series(1, 10) g"""
+        )
+    env = {"DLQD_DATABASE_URL": db_url, "DLQD_PURGE__BATCH_SIZE": "3"}
+    dry = dlqd_cli("purge", "--dry-run", "--json", env=env)
+    assert json.loads(dry.stdout) == {"deleted": 7, "dry_run": True}
+    real = dlqd_cli("purge", "--json", env=env)
+    assert json.loads(real.stdout) == {"deleted": 7, "dry_run": False}
+    pending_too = dlqd_cli("purge", "--json", env={**env, "DLQD_PURGE__PENDING_RETENTION": "8d"})
+    assert json.loads(pending_too.stdout) == {"deleted": 3, "dry_run": False}
+
+
+def test_status_json_shape_and_explain(db_url: str, tmp_path: Path) -> None:
+    seed(
+        db_url,
+        [
+            row_json(original_job_id="1", type="email.send"),
+            row_json(original_job_id="2", type="email.send", error_reason="poison"),
+            row_json(original_job_id="3", type="sms.send"),
+        ],
+    )
+    cfg = config(
+        tmp_path,
+        '[[policies]]\nname = "q"\nmatch = { error_reason = ["poison"] }\naction = "park"\n'
+        + SINK_POLICY.replace('name = "mail"', 'name = "mail"\ndelay = "10m"'),
+    )
+    env = {"DLQD_DATABASE_URL": db_url}
+    status = json.loads(dlqd_cli("status", "--json", "--config", str(cfg), env=env).stdout)
+    assert set(status) == {"pending", "parked", "unmatched", "oldest_pending_age_seconds", "groups"}
+    assert (status["pending"], status["parked"], status["unmatched"]) == (3, 1, 1)
+    assert status["oldest_pending_age_seconds"] >= 0
+    for group in status["groups"]:
+        assert set(group) == {
+            "app_id",
+            "type",
+            "error_reason",
+            "pending",
+            "parked",
+            "oldest_pending_age_seconds",
+        }
+    table = dlqd_cli("status", "--config", str(cfg), env=env).stdout
+    assert table.startswith("pending 3  parked 1  unmatched 1")
+
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute("SELECT id::text FROM job_dlq WHERE original_job_id = '1'").fetchone()
+        assert row is not None
+    explain = dlqd_cli("explain", row[0], "--config", str(cfg), env=env)
+    assert explain.returncode == 0, explain.stderr
+    assert "policy #0 'q': no match: error_reason 'timeout' matches none of ['poison']" in (
+        explain.stdout
+    )
+    assert "policy #1 'mail': matches (action replay)" in explain.stdout
+    assert "verdict: replay through policy 'mail'" in explain.stdout
+    assert "replays of original job 1: 0" in explain.stdout
+
+
+def test_run_exit_codes(tmp_path: Path, db_url: str) -> None:
+    unreachable = dlqd_cli(
+        "run", env={"DLQD_DATABASE_URL": f"postgresql://u:pw-secret@127.0.0.1:{free_port()}/x"}
+    )
+    assert unreachable.returncode == 69
+    assert "pw-secret" not in unreachable.stderr
+    assert unreachable.stderr.startswith("dlqd: error: database unreachable")
+
+    bad = config(tmp_path, '[replay]\nbatch_size = "many"\n')
+    invalid = dlqd_cli("run", "--config", str(bad), env={"DLQD_DATABASE_URL": db_url})
+    assert invalid.returncode == 78
+    assert "replay.batch_size" in invalid.stderr
+
+    http = config(
+        tmp_path, '[[policies]]\nname = "h"\ntarget = { kind = "http", url = "http://x/" }\n'
+    )
+    unsupported = dlqd_cli("run", "--config", str(http), env={"DLQD_DATABASE_URL": db_url})
+    assert unsupported.returncode == 78
+    assert "policies[0].target: kind 'http' is not supported" in unsupported.stderr
+
+    placeholder = config(
+        tmp_path,
+        '[[policies]]\nname = "s"\ntarget = { kind = "sql", statement = "SELECT %(nope)s" }\n',
+    )
+    wrong = dlqd_cli("check", "--config", str(placeholder), env={"DLQD_DATABASE_URL": db_url})
+    assert wrong.returncode == 78
+    assert "unknown placeholder(s) nope" in wrong.stderr

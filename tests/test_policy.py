@@ -1,0 +1,167 @@
+"""The pure decision core: matching order, backoff schedule, jitter, max_replays."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dlqd.config import Match, Policy
+from dlqd.policy import (
+    Park,
+    Replay,
+    Unmatched,
+    decide,
+    first_match,
+    jitter_factor,
+    matches,
+    replay_delay,
+    retry_delay,
+)
+
+NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Row:
+    app_id: str = "shop"
+    type: str = "email.send"
+    error_reason: str = "timeout"
+    attempts: int = 3
+    dlq_at: datetime = NOW
+    id: uuid.UUID = field(default_factory=uuid.uuid4)
+
+
+def policy(**fields: Any) -> Policy:
+    fields.setdefault("name", "p")
+    fields.setdefault("target", {"kind": "notify", "channel": "c"})
+    return Policy.model_validate(fields)
+
+
+def test_match_fields_and_globs() -> None:
+    row = Row()
+    assert matches(Match(), row)
+    assert matches(Match(type=["email.*"]), row)
+    assert matches(Match(type=["sms.*", "email.send"]), row)  # OR within a list
+    assert not matches(Match(type=["email.*"], error_reason=["poison"]), row)  # AND across
+    assert matches(Match(app_id=["sh?p"], min_attempts=3, max_attempts=3), row)
+    assert not matches(Match(min_attempts=4), row)
+    assert not matches(Match(max_attempts=2), row)
+    assert not matches(Match(type=["Email.*"]), row)  # case-sensitive, like the data
+
+
+names = st.sampled_from(["a", "b", "email.send", "email.bounce", "sms.send"])
+patterns = st.lists(st.sampled_from(["a", "b", "email.*", "*", "sms.?end", "x"]), max_size=3)
+
+
+@st.composite
+def matches_strategy(draw: st.DrawFn) -> Match:
+    def maybe(strategy: st.SearchStrategy[Any]) -> Any:
+        return draw(st.one_of(st.none(), strategy))
+
+    low = maybe(st.integers(0, 5))
+    high = maybe(st.integers(0, 5))
+    if low is not None and high is not None and low > high:
+        low, high = high, low
+    return Match(
+        app_id=maybe(patterns),
+        type=maybe(patterns),
+        error_reason=maybe(patterns),
+        min_attempts=low,
+        max_attempts=high,
+    )
+
+
+@given(
+    st.lists(matches_strategy(), max_size=6),
+    st.builds(Row, app_id=names, type=names, error_reason=names, attempts=st.integers(0, 6)),
+)
+def test_first_matching_policy_decides(match_list: list[Match], row: Row) -> None:
+    policies = [
+        policy(name=f"p{i}", match=m, action="park" if i % 2 else "replay")
+        for i, m in enumerate(match_list)
+    ]
+    chosen = first_match(row, policies)
+    matching = [p for p in policies if matches(p.match, row)]
+    assert chosen == (matching[0] if matching else None)
+    decision = decide(row, policies, 0, NOW)
+    if chosen is None:
+        assert isinstance(decision, Unmatched)
+    elif chosen.action == "park":
+        assert decision == Park(chosen, "policy")
+    else:
+        assert isinstance(decision, Replay)
+        assert decision.policy == chosen
+
+
+@given(
+    delay=st.integers(0, 3600),
+    factor=st.floats(1.0, 10.0),
+    max_delay=st.integers(0, 86400),
+    jitter=st.floats(0.0, 0.9),
+    n=st.integers(0, 200),
+)
+def test_exponential_schedule(
+    delay: int, factor: float, max_delay: int, jitter: float, n: int
+) -> None:
+    p = policy(delay=delay, factor=factor, max_delay=max_delay, jitter=jitter)
+    row_id = uuid.uuid4()
+    base = min(float(max_delay), delay * factor**n) if delay else 0.0
+    got = replay_delay(p, n, row_id).total_seconds()
+    j = jitter_factor(row_id, jitter)
+    assert 1 - jitter <= j <= 1 + jitter
+    assert abs(got - base * j) <= 1e-6 * max(1.0, base)
+    # the schedule never shrinks as the same job keeps coming back
+    assert replay_delay(p, n + 1, row_id) >= replay_delay(p, n, row_id)
+
+
+@given(delay=st.integers(0, 600), n=st.integers(0, 50))
+def test_fixed_schedule_ignores_the_replay_count(delay: int, n: int) -> None:
+    p = policy(delay=delay, backoff="fixed", factor=3.0, max_delay=1)
+    assert replay_delay(p, n, uuid.uuid4()) == timedelta(seconds=delay)
+
+
+def test_jitter_is_the_same_on_every_replica() -> None:
+    row_id = uuid.UUID("12345678-1234-5678-1234-567812345678")
+    assert jitter_factor(row_id, 0.1) == jitter_factor(uuid.UUID(str(row_id)), 0.1)
+    spread = {round(jitter_factor(uuid.uuid4(), 0.5), 3) for _ in range(200)}
+    assert len(spread) > 100  # ids really spread the due times
+    assert jitter_factor(row_id, 0.0) == 1.0
+
+
+@given(retry=st.integers(1, 60), factor=st.floats(1.0, 4.0), k=st.integers(1, 100))
+def test_retry_schedule(retry: int, factor: float, k: int) -> None:
+    p = policy(retry_delay=retry, factor=factor, max_delay=3600)
+    expected = min(3600.0, retry * factor ** (k - 1))
+    assert abs(retry_delay(p, k).total_seconds() - expected) <= 1e-6 * expected
+
+
+def test_due_time_from_dlq_at_replay_count_and_failures() -> None:
+    p = policy(delay="30s", factor=2.0, max_delay="1h")
+    row = Row(dlq_at=NOW)
+    assert decide(row, [p], 0, NOW) == Replay(p, NOW + timedelta(seconds=30), 0)
+    assert decide(row, [p], 3, NOW) == Replay(p, NOW + timedelta(seconds=240), 3)
+    # after two failed attempts, the retry backoff pushes the due time out
+    failed_at = NOW + timedelta(minutes=5)
+    later = decide(row, [p], 0, failed_at, failures=2, last_failure_at=failed_at)
+    assert isinstance(later, Replay)
+    assert later.due_at == failed_at + timedelta(seconds=2)
+
+
+def test_max_replays_parks() -> None:
+    p = policy(max_replays=2)
+    row = Row()
+    assert isinstance(decide(row, [p], 1, NOW), Replay)
+    assert decide(row, [p], 2, NOW) == Park(p, "max_replays")
+    assert decide(row, [policy(max_replays=0)], 0, NOW) == Park(
+        policy(max_replays=0), "max_replays"
+    )
+
+
+def test_huge_replay_counts_do_not_overflow() -> None:
+    p = policy(delay="1s", factor=10.0, max_delay="1h")
+    assert replay_delay(p, 10_000, uuid.uuid4()) == timedelta(hours=1)
