@@ -1,0 +1,197 @@
+"""The demo behind scripts/demo: a throwaway Postgres, the daemon, a stream of failing jobs.
+
+scripts/demo                 # until Ctrl-C
+scripts/demo --duration 20   # stop by itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from dlqd.db import connect
+from dlqd.migrations import migrate
+from dlqd.pgcluster import Cluster, free_port
+
+DEMO_TABLE = """
+CREATE TABLE IF NOT EXISTS demo_jobs (
+    id        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    type      text NOT NULL,
+    payload   jsonb NOT NULL,
+    app_id    text NOT NULL,
+    replay_of uuid NOT NULL,
+    at        timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+JOBS = [
+    ("shop", "email.send", "timeout"),
+    ("shop", "webhook.deliver", "network"),
+    ("shop", "email.send", "poison"),
+    ("billing", "invoice.generate", "max_attempts"),
+    ("crm", "sync.contacts", "timeout"),  # matches no policy: stays pending, unmatched
+]
+
+
+def say(message: str) -> None:
+    print(f"demo | {message}", file=sys.stderr, flush=True)
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, ""
+    except (urllib.error.URLError, OSError):
+        return 0, ""
+
+
+def replay_lines(port: int) -> list[str]:
+    _, text = http_get(port, "/metrics")
+    return [line for line in text.splitlines() if line.startswith("dlqd_replays_total{")]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--duration", type=float, help="stop after this many seconds")
+    parser.add_argument("--rate", type=float, default=4.0, help="failing jobs per second")
+    args = parser.parse_args()
+
+    with contextlib.ExitStack() as stack:
+        url = os.environ.get("DLQD_DATABASE_URL")
+        if url:
+            say("using DLQD_DATABASE_URL")
+        else:
+            say("no DLQD_DATABASE_URL: starting a throwaway PostgreSQL")
+            cluster = stack.enter_context(Cluster.create())
+            url = cluster.url()
+            say(f"throwaway PostgreSQL on 127.0.0.1:{cluster.port} in {cluster.root}")
+
+        import anyio
+
+        async def prepare() -> None:
+            conn = await connect(url, autocommit=True)
+            try:
+                for migration in await migrate(conn):
+                    say(f"applied migration {migration.version:03d}_{migration.name}")
+                await conn.execute(DEMO_TABLE)
+            finally:
+                await conn.close()
+
+        anyio.run(prepare)
+
+        # the contract's default port when free; 0 (or a busy port) picks a free one
+        port = int(os.environ.get("DLQD_METRICS_PORT") or 9464)
+        if port == 0 or not _port_free(port):
+            port = free_port()
+        env = {
+            **os.environ,
+            "DLQD_DATABASE_URL": url,
+            "DLQD_METRICS_HOST": "127.0.0.1",
+            "DLQD_METRICS_PORT": str(port),
+        }
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "dlqd", "run", "--config", str(ROOT / "examples/dlqd.toml")],
+            env=env,
+            cwd=ROOT,
+        )
+        stack.callback(_stop, daemon)
+        deadline = time.monotonic() + 30
+        while http_get(port, "/readyz")[0] != 200:
+            if daemon.poll() is not None or time.monotonic() > deadline:
+                say("the daemon did not become ready")
+                return 1
+            time.sleep(0.1)
+        say(f"dlqd is ready: http://127.0.0.1:{port}/metrics  /readyz  /healthz")
+
+        stop_at = time.monotonic() + args.duration if args.duration else None
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        rng = random.Random()
+        returning: list[str] = []  # jobs that fail again after a replay
+        n = 0
+        next_report = time.monotonic() + 5
+        with psycopg.connect(url, autocommit=True) as conn:
+            try:
+                while stop_at is None or time.monotonic() < stop_at:
+                    app_id, type_, reason = rng.choice(JOBS)
+                    if returning and rng.random() < 0.3:
+                        job_id = returning.pop(0)  # the same job dead-letters again
+                    else:
+                        job_id = f"job-{uuid.uuid4().hex[:8]}"
+                        returning.append(job_id)
+                    conn.execute(
+                        """INSERT INTO job_dlq (original_job_id, app_id, type, payload,
+                                                error_reason, attempts, error_history)
+                           VALUES (%s, %s, %s, %s, %s, %s, %s)""",
+                        [
+                            job_id,
+                            app_id,
+                            type_,
+                            Jsonb({"n": n}),
+                            reason,
+                            rng.randint(1, 12),
+                            Jsonb([{"error": reason}]),
+                        ],
+                    )
+                    n += 1
+                    if time.monotonic() >= next_report:
+                        next_report += 5
+                        row = conn.execute(
+                            "SELECT count(*) FILTER (WHERE replayed_at IS NULL), "
+                            "count(replayed_at), (SELECT count(*) FROM demo_jobs) FROM job_dlq"
+                        ).fetchone()
+                        pending, replayed, jobs = row if row else (0, 0, 0)
+                        say(
+                            f"inserted {n}  pending {pending}  replayed {replayed}  "
+                            f"demo_jobs {jobs}"
+                        )
+                        for line in replay_lines(port):
+                            say(f"  {line}")
+                    time.sleep(1 / args.rate)
+            except KeyboardInterrupt:
+                pass
+        summary = {"inserted": n, "metrics": replay_lines(port)}
+        print(json.dumps(summary))
+    return 0
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _stop(daemon: subprocess.Popen[bytes]) -> None:
+    if daemon.poll() is None:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
