@@ -16,7 +16,7 @@ replicas, and a crash or a cancelled batch leaves no row half-replayed.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -34,7 +34,7 @@ from dlqd.errors import DatabaseUnavailable
 from dlqd.logs import get_logger
 from dlqd.metrics import Metrics
 from dlqd.models import DlqEntry
-from dlqd.policy import Park, Replay, Unmatched, decide, retry_delay
+from dlqd.policy import Park, Replay, Unmatched, decide, first_match, retry_delay
 from dlqd.queries import q
 from dlqd.targets import error_line, run_notify, run_sql
 from dlqd.throttle import Throttle
@@ -84,12 +84,9 @@ class Writes:
 
     fingerprint: str
     states: dict[UUID, StateRow] = field(default_factory=dict)
-    cleared: list[UUID] = field(default_factory=list)
     logs: list[LogRow] = field(default_factory=list)
 
     async def flush(self, conn: Connection) -> None:
-        if self.cleared:
-            await conn.execute(q("delete_states"), {"ids": self.cleared})
         if self.states:
             rows = list(self.states.items())
             await conn.execute(
@@ -149,8 +146,12 @@ async def replay_counts(conn: Connection, original_job_ids: Sequence[str]) -> di
     return {row["original_job_id"]: int(row["replays"]) for row in await cur.fetchall()}
 
 
+_ENTRY_FIELDS = tuple(DlqEntry.model_fields)
+
+
 def _entry(row: dict[str, Any]) -> DlqEntry:
-    return DlqEntry.model_validate(row)
+    # Postgres typed every column already (and CHECKs hold): no need to validate again
+    return DlqEntry.model_construct(**{name: row[name] for name in _ENTRY_FIELDS})
 
 
 def _target_key(target: Target) -> str:
@@ -177,7 +178,7 @@ async def execute_items(
     """Run each item's target and mark the successes replayed, in ``conn``'s transaction.
 
     Returns the replayed items and the failures (id -> one-line error). Failed
-    rows get a retry schedule in ``writes``; every outcome is logged there.
+    rows get a retry schedule and a log row in ``writes``.
     """
     groups: dict[str, list[Item]] = defaultdict(list)
     for item in items:
@@ -196,23 +197,26 @@ async def execute_items(
             failures.update(dict.fromkeys((e.id for e in entries), "http targets unsupported"))
         if metrics is not None:
             per_row = (anyio.current_time() - started) / len(group)
-            for item in group:
-                metrics.replay_duration_seconds.labels(_policy_label(item.policy)).observe(per_row)
+            for label, n in Counter(_policy_label(i.policy) for i in group).items():
+                child = metrics.replay_duration_seconds.labels(label)
+                for _ in range(n):
+                    child.observe(per_row)
 
     succeeded = [i for i in items if i.entry.id not in failures]
     replayed_at: dict[UUID, datetime] = {}
     if succeeded:
-        cur = await conn.execute(q("mark_replayed_many"), {"ids": [i.entry.id for i in succeeded]})
+        cur = await conn.execute(
+            q("finish_replayed"),
+            {
+                "ids": [i.entry.id for i in succeeded],
+                "policies": [_policy_name(i.policy) for i in succeeded],
+                "manual": manual,
+            },
+        )
         replayed_at = {row["id"]: row["replayed_at"] for row in await cur.fetchall()}
     done = [i for i in succeeded if i.entry.id in replayed_at]
-    writes.cleared.extend(i.entry.id for i in done)
     for item in done:
         label = _policy_label(item.policy)
-        writes.logs.append(LogRow(item.entry, _policy_name(item.policy), "replayed", manual=manual))
-        if metrics is not None:
-            metrics.replays_total.labels(label, "replayed").inc()
-            lag = (replayed_at[item.entry.id] - item.entry.dlq_at).total_seconds()
-            metrics.dlq_to_replay_seconds.labels(label).observe(max(0.0, lag))
         log.info(
             "replay",
             dlq_id=str(item.entry.id),
@@ -222,6 +226,18 @@ async def execute_items(
             outcome="replayed",
             manual=manual,
         )
+    if metrics is not None:
+        by_label: dict[str, list[Item]] = defaultdict(list)
+        for item in done:
+            by_label[_policy_label(item.policy)].append(item)
+        for label, replayed in by_label.items():
+            metrics.replays_total.labels(label, "replayed").inc(len(replayed))
+            lag = metrics.dlq_to_replay_seconds.labels(label)
+            for item in replayed:
+                lag.observe(
+                    max(0.0, (replayed_at[item.entry.id] - item.entry.dlq_at).total_seconds())
+                )
+
     for item in items:
         error = failures.get(item.entry.id)
         if error is None:
@@ -257,6 +273,27 @@ async def execute_items(
     return done, failures
 
 
+def _is_due(seconds: float | None) -> bool:
+    return seconds is not None and seconds <= 0
+
+
+def _needs_replay_count(entries: Sequence[DlqEntry], policies: Sequence[Policy]) -> list[str]:
+    """Original jobs whose replay count changes the decision.
+
+    The count matters for max_replays and for an exponential delay; a policy
+    replaying at once with no cap does not need it, and the query is skipped.
+    """
+    needed: set[str] = set()
+    for entry in entries:
+        policy = first_match(entry, policies)
+        if policy is None or policy.action == "park":
+            continue
+        exponential = policy.backoff == "exponential" and policy.delay.total_seconds() > 0
+        if policy.max_replays is not None or exponential:
+            needed.add(entry.original_job_id)
+    return sorted(needed)
+
+
 class Replayer:
     """Claims and replays rows; one instance per claiming worker."""
 
@@ -285,31 +322,40 @@ class Replayer:
         settings = self.settings()
         fingerprint = settings.policies_fingerprint()
         result = PassResult()
-        cursor: tuple[datetime, UUID] | None = None
-        while not self.stopping.is_set():
-            count, cursor = await self._fresh_page(settings, fingerprint, cursor, result)
-            if count < settings.replay.batch_size:
-                break
-        while not self.stopping.is_set():
-            count = await self._due_page(settings, fingerprint, result)
-            if count < settings.replay.batch_size:
-                break
+        batch = settings.replay.batch_size
+        # one connection for the whole pass: each page is its own transaction
         async with self.pool.connection() as conn:
-            cur = await conn.execute(q("next_due"), {"fingerprint": fingerprint})
-            row = await cur.fetchone()
-        result.next_due_in = row["seconds"] if row and row["seconds"] is not None else None
+            cursor: tuple[datetime, UUID] | None = None
+            while not self.stopping.is_set():
+                count, cursor = await self._fresh_page(conn, settings, fingerprint, cursor, result)
+                if count < batch:
+                    break
+            result.next_due_in = await self._next_due(conn, fingerprint)
+            while not self.stopping.is_set() and _is_due(result.next_due_in):
+                count = await self._due_page(conn, settings, fingerprint, result)
+                if count < batch:
+                    result.next_due_in = await self._next_due(conn, fingerprint)
+                    break
         for name, is_open in self.throttle.open_circuits(anyio.current_time()).items():
             self.metrics.circuit_open.labels(name).set(1 if is_open else 0)
         return result
 
+    @staticmethod
+    async def _next_due(conn: Connection, fingerprint: str) -> float | None:
+        """Seconds until the next scheduled row is due (<= 0: due now; None: none)."""
+        cur = await conn.execute(q("next_due"), {"fingerprint": fingerprint})
+        row = await cur.fetchone()
+        return None if row is None or row["seconds"] is None else float(row["seconds"])
+
     async def _fresh_page(
         self,
+        conn: Connection,
         settings: Settings,
         fingerprint: str,
         cursor: tuple[datetime, UUID] | None,
         result: PassResult,
     ) -> tuple[int, tuple[datetime, UUID] | None]:
-        async with self.pool.connection() as conn, conn.transaction():
+        async with conn.transaction():
             cur = await conn.execute(
                 q("fresh_entries"),
                 {
@@ -323,11 +369,11 @@ class Replayer:
             if not rows:
                 return 0, cursor
             db_now: datetime = rows[0]["db_now"]
-            counts = await replay_counts(conn, sorted({r["original_job_id"] for r in rows}))
+            entries = [_entry(row) for row in rows]
+            counts = await replay_counts(conn, _needs_replay_count(entries, settings.policies))
             writes = Writes(fingerprint)
             due_now: list[tuple[Item, datetime]] = []
-            for row in rows:
-                entry = _entry(row)
+            for row, entry in zip(rows, entries, strict=True):
                 decision = decide(
                     entry,
                     settings.policies,
@@ -386,10 +432,12 @@ class Replayer:
         last = rows[-1]
         return len(rows), (last["dlq_at"], last["id"])
 
-    async def _due_page(self, settings: Settings, fingerprint: str, result: PassResult) -> int:
+    async def _due_page(
+        self, conn: Connection, settings: Settings, fingerprint: str, result: PassResult
+    ) -> int:
         now = anyio.current_time()
         blocked_policies, blocked_pairs = self._blocked(settings, now)
-        async with self.pool.connection() as conn, conn.transaction():
+        async with conn.transaction():
             cur = await conn.execute(
                 q("due_entries"),
                 {

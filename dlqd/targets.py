@@ -8,7 +8,9 @@ rest of its batch still replays.
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from uuid import UUID
@@ -23,11 +25,25 @@ from dlqd.queries import q
 Connection = psycopg.AsyncConnection[dict[str, Any]]
 
 
-def sql_params(entry: DlqEntry) -> dict[str, Any]:
-    """Every job_dlq column by name: id as uuid, JSON columns as jsonb."""
-    params = dict(entry)
-    params["payload"] = Jsonb(entry.payload)
-    params["error_history"] = Jsonb(entry.error_history)
+_PLACEHOLDER = re.compile(r"%\((\w+)\)s")
+_JSON_COLUMNS = frozenset({"payload", "error_history"})
+
+
+@functools.lru_cache(maxsize=256)
+def placeholders(statement: str) -> tuple[str, ...]:
+    """The job_dlq columns a statement names (config validation refuses others)."""
+    return tuple(sorted(set(_PLACEHOLDER.findall(statement))))
+
+
+def sql_params(entry: DlqEntry, names: Sequence[str]) -> dict[str, Any]:
+    """The named columns of a row: id as uuid, JSON columns as jsonb.
+
+    Only what the statement uses is bound: adapting unused columns costs more
+    than the statement itself on a big batch.
+    """
+    params = {name: getattr(entry, name) for name in names}
+    for name in _JSON_COLUMNS.intersection(params):
+        params[name] = Jsonb(params[name])
     return params
 
 
@@ -75,10 +91,11 @@ async def run_sql(
     conn: Connection, target: SqlTarget, entries: Sequence[DlqEntry]
 ) -> dict[UUID, str]:
     statement = target.statement.encode()
+    names = placeholders(target.statement)
 
     async def batch(rows: Sequence[DlqEntry]) -> None:
         async with conn.cursor() as cur:
-            await cur.executemany(statement, [sql_params(r) for r in rows])
+            await cur.executemany(statement, [sql_params(r, names) for r in rows])
 
     return await _batch_then_each(conn, entries, batch)
 

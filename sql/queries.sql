@@ -119,13 +119,22 @@ SELECT original_job_id, count(*) AS replays
 SELECT count(pg_advisory_xact_lock(hashtextextended('dlqd:job:' || k, 0)))
   FROM unnest(%(original_job_ids)s::text[]) WITH ORDINALITY AS u(k, n)
 
--- name: mark_replayed_many
-UPDATE job_dlq SET replayed_at = now()
- WHERE id = ANY (%(ids)s::uuid[]) AND replayed_at IS NULL
-RETURNING id, replayed_at
-
--- name: delete_states
-DELETE FROM dlqd_entry_state WHERE dlq_id = ANY (%(ids)s::uuid[])
+-- name: finish_replayed
+-- One round trip for the rows whose target succeeded: set replayed_at, drop
+-- their schedule, log the replay.
+WITH marked AS (
+    UPDATE job_dlq SET replayed_at = now()
+     WHERE id = ANY (%(ids)s::uuid[]) AND replayed_at IS NULL
+    RETURNING id, original_job_id, app_id, replayed_at
+), cleared AS (
+    DELETE FROM dlqd_entry_state WHERE dlq_id IN (SELECT id FROM marked)
+), logged AS (
+    INSERT INTO dlqd_replay_log (dlq_id, original_job_id, app_id, policy, outcome, manual)
+    SELECT m.id, m.original_job_id, m.app_id, u.policy, 'replayed', %(manual)s
+      FROM marked m
+      JOIN unnest(%(ids)s::uuid[], %(policies)s::text[]) AS u(id, policy) ON u.id = m.id
+)
+SELECT id, replayed_at FROM marked
 
 -- name: log_outcomes
 INSERT INTO dlqd_replay_log (dlq_id, original_job_id, app_id, policy, outcome, error, manual)

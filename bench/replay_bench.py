@@ -1,0 +1,267 @@
+"""Benchmark: insert-to-replay latency and backlog drain rate, against the plain-SQL limit.
+
+    .venv/bin/python bench/replay_bench.py [--latency-rows 1000] [--backlog 50000]
+
+Uses $DLQD_BENCH_DATABASE_URL (a server where it may create databases), else
+127.0.0.1:5432, else a throwaway cluster. Runs real `dlqd run` processes.
+Prints its figures; asserts nothing about speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import ExitStack
+from pathlib import Path
+
+import psycopg
+from psycopg.conninfo import make_conninfo
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from dlqd.pgcluster import Cluster, free_port
+
+INSERT_ONE = """INSERT INTO job_dlq (original_job_id, app_id, type, payload, error_reason, attempts)
+                VALUES (%s, 'bench', 'email.send', '{"to": "x@example.com"}', 'timeout', 3)"""
+SINK = "CREATE TABLE sink (dlq_id uuid, type text, payload jsonb, app_id text)"
+SINK_STATEMENT = (
+    "INSERT INTO sink (dlq_id, type, payload, app_id) "
+    "VALUES (%(id)s, %(type)s, %(payload)s, %(app_id)s)"
+)
+
+
+def server_url(stack: ExitStack) -> str:
+    if url := os.environ.get("DLQD_BENCH_DATABASE_URL"):
+        return url
+    default = "postgresql://postgres@127.0.0.1:5432/postgres"
+    try:
+        psycopg.connect(default, connect_timeout=3).close()
+        return default
+    except psycopg.OperationalError:
+        return stack.enter_context(Cluster.create()).url()
+
+
+def fresh_db(admin: str, stack: ExitStack) -> str:
+    name = f"dlqd_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}".encode())
+
+    def drop() -> None:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)".encode())
+
+    stack.callback(drop)
+    url = make_conninfo(admin, dbname=name)
+    env = {**os.environ, "DLQD_DATABASE_URL": url}
+    subprocess.run(
+        [sys.executable, "-m", "dlqd", "migrate"],
+        env=env,
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
+    )
+    return url
+
+
+def start_daemon(
+    url: str, config: str, workdir: Path, concurrency: int = 1
+) -> tuple[subprocess.Popen[bytes], int]:
+    path = workdir / f"dlqd-{uuid.uuid4().hex[:6]}.toml"
+    path.write_text(config)
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("DLQD_")},
+        "DLQD_DATABASE_URL": url,
+        "DLQD_METRICS_HOST": "127.0.0.1",
+        "DLQD_METRICS_PORT": str(port),
+        "DLQD_REPLAY__CONCURRENCY": str(concurrency),
+    }
+    log = (workdir / f"{path.stem}.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dlqd", "run", "--config", str(path)],
+        env=env,
+        stdout=log,
+        stderr=log,
+        cwd=ROOT,
+    )
+    return process, port
+
+
+def wait_ready(port: int, timeout: float = 30) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError("daemon not ready")
+
+
+def stop(process: subprocess.Popen[bytes]) -> int:
+    process.terminate()
+    return process.wait(timeout=60)
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def percentiles(samples: list[float]) -> str:
+    ms = sorted(s * 1000 for s in samples)
+    q = statistics.quantiles(ms, n=100)
+    return f"p50 {q[49]:.2f} ms  p90 {q[89]:.2f} ms  p99 {q[98]:.2f} ms  max {ms[-1]:.2f} ms"
+
+
+def measure_round_trips(url: str, rows: int) -> list[float]:
+    """Insert one row, wait for the 'replayed' notification, repeat."""
+    samples = []
+    with (
+        psycopg.connect(url, autocommit=True) as listener,
+        psycopg.connect(url, autocommit=True) as writer,
+    ):
+        listener.execute("LISTEN replayed")
+        for i in range(rows):
+            started = time.perf_counter()
+            writer.execute(INSERT_ONE, [f"lat-{i}"])
+            got = next(listener.notifies(timeout=30, stop_after=1), None)
+            if got is None:
+                raise RuntimeError(f"row {i} was not replayed within 30 s")
+            samples.append(time.perf_counter() - started)
+    return samples
+
+
+def latency(admin: str, rows: int, workdir: Path, stack: ExitStack) -> None:
+    # plain-SQL limit: a trigger that NOTIFYs 'replayed' itself, no daemon in between
+    url = fresh_db(admin, stack)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            """CREATE FUNCTION bench_direct() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN PERFORM pg_notify('replayed', NEW.id::text); RETURN NULL; END $$;
+               CREATE TRIGGER bench_direct AFTER INSERT ON job_dlq
+                   FOR EACH ROW EXECUTE FUNCTION bench_direct();"""
+        )
+    floor = measure_round_trips(url, rows)
+    print(f"insert->notify, plain SQL trigger (limit): {percentiles(floor)}")
+
+    url = fresh_db(admin, stack)
+    config = """
+[listen]
+poll_interval = "1h"
+[[policies]]
+name = "ping"
+target = { kind = "notify", channel = "replayed" }
+"""
+    process, port = start_daemon(url, config, workdir)
+    try:
+        wait_ready(port)
+        samples = measure_round_trips(url, rows)
+    finally:
+        stop(process)
+    print(f"insert->replay via dlqd (notify target):   {percentiles(samples)}")
+
+
+def drain(admin: str, backlog: int, workdir: Path, stack: ExitStack) -> None:
+    def seeded() -> str:
+        url = fresh_db(admin, stack)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(SINK.encode())
+            conn.execute(
+                """INSERT INTO job_dlq (original_job_id, app_id, type, payload, error_reason,
+                                        attempts, dlq_at)
+                   SELECT 'b' || g, 'app-' || (g %% 20), 'email.send',
+                          jsonb_build_object('to', 'u' || g || '@example.com', 'n', g),
+                          'timeout', 3, now() - interval '1 hour' + g * interval '1 ms'
+                     FROM generate_series(1, %s) g""",
+                [backlog],
+            )
+            conn.execute("VACUUM ANALYZE job_dlq")
+        return url
+
+    # plain-SQL limit: one set-based statement replaying everything into the sink
+    url = seeded()
+    with psycopg.connect(url, autocommit=True) as conn:
+        started = time.perf_counter()
+        conn.execute(
+            """WITH due AS (UPDATE job_dlq SET replayed_at = now() WHERE replayed_at IS NULL
+                            RETURNING id, type, payload, app_id)
+               INSERT INTO sink SELECT id, type, payload, app_id FROM due"""
+        )
+        elapsed = time.perf_counter() - started
+    print(
+        f"drain {backlog} rows, one plain SQL statement (limit): "
+        f"{elapsed:.2f} s = {backlog / elapsed:,.0f} rows/s"
+    )
+
+    config = f"""
+[listen]
+poll_interval = "1h"
+[[policies]]
+name = "all"
+target = {{ kind = "sql", statement = "{SINK_STATEMENT}" }}
+"""
+    for concurrency, daemons in ((1, 1), (2, 1), (1, 3)):
+        url = seeded()
+        processes = [start_daemon(url, config, workdir, concurrency) for _ in range(daemons)]
+        started = time.perf_counter()
+        with psycopg.connect(url, autocommit=True) as conn:
+            while True:
+                row = conn.execute(
+                    "SELECT count(*) FROM job_dlq WHERE replayed_at IS NULL"
+                ).fetchone()
+                if row is not None and row[0] == 0:
+                    break
+                time.sleep(0.05)
+            wall = time.perf_counter() - started
+            row = conn.execute(
+                "SELECT extract(epoch FROM max(replayed_at) - min(replayed_at)), "
+                "(SELECT count(*) FROM sink), (SELECT count(DISTINCT dlq_id) FROM sink) "
+                "FROM job_dlq"
+            ).fetchone()
+        rss = [peak_rss_mib(p.pid) for p, _ in processes]
+        for process, _ in processes:
+            stop(process)
+        assert row is not None
+        span, sunk, distinct = float(row[0]), row[1], row[2]
+        print(
+            f"drain {backlog} rows, {daemons} daemon(s) x {concurrency} worker(s): "
+            f"{span:.2f} s first->last replay = {backlog / span:,.0f} rows/s "
+            f"(wall incl. start-up {wall:.2f} s); sink {sunk} rows, {distinct} distinct; "
+            f"peak RSS {', '.join(f'{r:.0f}' for r in rss)} MiB"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--latency-rows", type=int, default=1000)
+    parser.add_argument("--backlog", type=int, default=50_000)
+    args = parser.parse_args()
+    with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
+        admin = server_url(stack)
+        print(f"dlqd bench: {os.cpu_count()} cpus, PostgreSQL {_version(admin)}")
+        latency(admin, args.latency_rows, Path(tmp), stack)
+        drain(admin, args.backlog, Path(tmp), stack)
+
+
+def _version(url: str) -> str:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SHOW server_version").fetchone()
+        return str(row[0]) if row else "?"
+
+
+if __name__ == "__main__":
+    main()
