@@ -175,6 +175,51 @@ target = { kind = "notify", channel = "replayed" }
     print(f"insert->replay via dlqd (notify target):   {percentiles(samples)}")
 
 
+def latency_with_waiting(
+    admin: str, rows: int, waiting: int, workdir: Path, stack: ExitStack
+) -> None:
+    """The same round trip while many rows wait for a later due time."""
+    url = fresh_db(admin, stack)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            """INSERT INTO job_dlq (original_job_id, app_id, type, payload, error_reason, attempts)
+               SELECT 'w' || g, 'app', 'slow', '{}', 'timeout', 3 FROM generate_series(1, %s) g""",
+            [waiting],
+        )
+    config = """
+[listen]
+poll_interval = "1h"
+[[policies]]
+name = "slow"
+match = { type = ["slow"] }
+delay = "1d"
+target = { kind = "notify", channel = "never" }
+[[policies]]
+name = "ping"
+target = { kind = "notify", channel = "replayed" }
+"""
+    process, port = start_daemon(url, config, workdir)
+    try:
+        wait_ready(port)
+        started = time.perf_counter()
+        with psycopg.connect(url, autocommit=True) as conn:
+            while True:
+                row = conn.execute(
+                    "SELECT count(*) FROM dlqd_entry_state WHERE state = 'waiting'"
+                ).fetchone()
+                if row is not None and row[0] == waiting:
+                    break
+                time.sleep(0.2)
+        scheduled = time.perf_counter() - started
+        samples = measure_round_trips(url, rows)
+    finally:
+        stop(process)
+    print(
+        f"scheduling {waiting} delayed rows: {scheduled:.1f} s = {waiting / scheduled:,.0f} rows/s"
+    )
+    print(f"insert->replay with {waiting} rows waiting:  {percentiles(samples)}")
+
+
 def drain(admin: str, backlog: int, workdir: Path, stack: ExitStack) -> None:
     def seeded() -> str:
         url = fresh_db(admin, stack)
@@ -249,11 +294,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--latency-rows", type=int, default=1000)
     parser.add_argument("--backlog", type=int, default=50_000)
+    parser.add_argument("--waiting", type=int, default=100_000)
     args = parser.parse_args()
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         admin = server_url(stack)
         print(f"dlqd bench: {os.cpu_count()} cpus, PostgreSQL {_version(admin)}")
         latency(admin, args.latency_rows, Path(tmp), stack)
+        latency_with_waiting(admin, args.latency_rows, args.waiting, Path(tmp), stack)
         drain(admin, args.backlog, Path(tmp), stack)
 
 

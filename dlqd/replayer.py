@@ -317,17 +317,30 @@ class Replayer:
 
     # ------------------------------------------------------------------ one pass
 
-    async def run_once(self) -> PassResult:
-        """Evaluate every fresh row, then replay every due row; report when to look again."""
+    async def run_once(self, *, full: bool = True) -> PassResult:
+        """Evaluate new rows, replay due rows; report when to look again.
+
+        ``full`` also re-evaluates rows scheduled under other policies (after a
+        config change) and sweeps orphans into the inbox: the periodic scan.
+        """
         settings = self.settings()
         fingerprint = settings.policies_fingerprint()
         result = PassResult()
         batch = settings.replay.batch_size
         # one connection for the whole pass: each page is its own transaction
         async with self.pool.connection() as conn:
-            cursor: tuple[datetime, UUID] | None = None
+            if full:
+                await conn.execute(q("enqueue_orphans"))
+            seq = 0
             while not self.stopping.is_set():
-                count, cursor = await self._fresh_page(conn, settings, fingerprint, cursor, result)
+                count, seq = await self._inbox_page(conn, settings, fingerprint, seq, result)
+                if count < batch:
+                    break
+            after_id = UUID(int=0)
+            while full and not self.stopping.is_set():
+                count, after_id = await self._stale_page(
+                    conn, settings, fingerprint, after_id, result
+                )
                 if count < batch:
                     break
             result.next_due_in = await self._next_due(conn, fingerprint)
@@ -347,27 +360,69 @@ class Replayer:
         row = await cur.fetchone()
         return None if row is None or row["seconds"] is None else float(row["seconds"])
 
-    async def _fresh_page(
+    async def _inbox_page(
         self,
         conn: Connection,
         settings: Settings,
         fingerprint: str,
-        cursor: tuple[datetime, UUID] | None,
+        after_seq: int,
         result: PassResult,
-    ) -> tuple[int, tuple[datetime, UUID] | None]:
+    ) -> tuple[int, int]:
+        """One page of newly inserted rows: evaluated, then out of the inbox."""
         async with conn.transaction():
             cur = await conn.execute(
-                q("fresh_entries"),
+                q("inbox_entries"),
+                {"after_seq": after_seq, "limit": settings.replay.batch_size},
+            )
+            rows = await cur.fetchall()
+            if not rows:
+                return 0, after_seq
+            kept = await self._evaluate(conn, rows, settings, fingerprint, result)
+            done = [row["seq"] for row in rows if row["id"] not in kept]
+            if done:
+                await conn.execute(q("delete_inbox"), {"seqs": done})
+        return len(rows), int(rows[-1]["seq"])
+
+    async def _stale_page(
+        self,
+        conn: Connection,
+        settings: Settings,
+        fingerprint: str,
+        after_id: UUID,
+        result: PassResult,
+    ) -> tuple[int, UUID]:
+        """One page of rows scheduled under other policies, evaluated again."""
+        async with conn.transaction():
+            cur = await conn.execute(
+                q("stale_entries"),
                 {
                     "fingerprint": fingerprint,
-                    "after_dlq_at": cursor[0] if cursor else None,
-                    "after_id": cursor[1] if cursor else None,
+                    "after_id": after_id,
                     "limit": settings.replay.batch_size,
                 },
             )
             rows = await cur.fetchall()
             if not rows:
-                return 0, cursor
+                return 0, after_id
+            await self._evaluate(conn, rows, settings, fingerprint, result)
+        return len(rows), rows[-1]["id"]
+
+    async def _evaluate(
+        self,
+        conn: Connection,
+        candidates: list[dict[str, Any]],
+        settings: Settings,
+        fingerprint: str,
+        result: PassResult,
+    ) -> set[UUID]:
+        """Decide each row; replay the due ones now, schedule the others.
+
+        Returns the ids left for a later pass (dry-run rows, which change nothing).
+        """
+        kept: set[UUID] = set()
+        # replayed meanwhile (a manual replay) or parked by an event: nothing to decide
+        rows = [r for r in candidates if r["replayed_at"] is None and r["state"] != "parked"]
+        if rows:
             db_now: datetime = rows[0]["db_now"]
             entries = [_entry(row) for row in rows]
             counts = await replay_counts(conn, _needs_replay_count(entries, settings.policies))
@@ -385,6 +440,7 @@ class Replayer:
                 policy = None if isinstance(decision, Unmatched) else decision.policy
                 if settings.dry_run or (policy is not None and policy.dry_run):
                     self._dry_run(entry, decision, fingerprint, result)
+                    kept.add(entry.id)
                     continue
                 carried = {
                     "failures": row["failures"],
@@ -429,8 +485,7 @@ class Replayer:
                     failures=item.failures,
                 )
             await writes.flush(conn)
-        last = rows[-1]
-        return len(rows), (last["dlq_at"], last["id"])
+        return kept
 
     async def _due_page(
         self, conn: Connection, settings: Settings, fingerprint: str, result: PassResult
@@ -621,15 +676,24 @@ class Replayer:
     ) -> None:
         """Replay until ``stopping`` is set; never let one failure end the loop."""
         backoff = Backoff(base=0.2, cap=15.0)
+        last_full = -math.inf
+        last_fingerprint = ""
         task_status.started()
         while not self.stopping.is_set():
             # Clear the wake-up *before* looking for work: a notification that
             # lands while the pass runs then leaves the flag set and the loop
             # goes round again at once instead of sleeping on it.
             flag.clear()
-            poll = self.settings().listen.poll_interval.total_seconds()
+            settings = self.settings()
+            poll = settings.listen.poll_interval.total_seconds()
+            fingerprint = settings.policies_fingerprint()
+            started = anyio.current_time()
+            # the periodic scan: at start, every poll interval, and when the policies change
+            full = fingerprint != last_fingerprint or started - last_full >= poll
             try:
-                result = await self.run_once()
+                result = await self.run_once(full=full)
+                if full:
+                    last_full, last_fingerprint = started, fingerprint
             except TRANSIENT_ERRORS as exc:
                 wait = backoff.next()
                 log.warning("replayer pass failed", error=error_line(exc), retry_in=round(wait, 3))

@@ -64,23 +64,53 @@ SELECT at, policy, outcome, error, manual
 -- name: ping
 SELECT current_setting('server_version_num')::int AS server_version_num
 
--- name: fresh_entries
--- Pending rows that the current policies (fingerprint) have not evaluated,
--- in keyset order. Locked so that replicas split them; event-parked rows are
--- sticky and never come back here.
+-- name: inbox_entries
+-- Rows inserted since dlqd last looked, in insertion order. Locked (inbox and
+-- row) so that replicas split them and a manual replay waits for us.
 SELECT j.id, j.original_job_id, j.app_id, j.type, j.payload, j.error_reason, j.attempts,
        j.error_history, j.dlq_at, j.replayed_at, j.request_id, j.user_id,
-       coalesce(s.failures, 0) AS failures, s.last_failure_at, s.last_error,
-       now() AS db_now
-  FROM job_dlq j
-  LEFT JOIN dlqd_entry_state s ON s.dlq_id = j.id
- WHERE j.replayed_at IS NULL
-   AND (s.dlq_id IS NULL OR (s.state <> 'parked' AND s.fingerprint <> %(fingerprint)s))
-   AND (%(after_dlq_at)s::timestamptz IS NULL
-        OR (j.dlq_at, j.id) > (%(after_dlq_at)s, %(after_id)s::uuid))
- ORDER BY j.dlq_at, j.id
+       coalesce(s.failures, 0) AS failures, s.last_failure_at, s.last_error, s.state,
+       i.seq, now() AS db_now
+  FROM dlqd_inbox i
+  JOIN job_dlq j ON j.id = i.dlq_id
+  LEFT JOIN dlqd_entry_state s ON s.dlq_id = i.dlq_id
+ WHERE i.seq > %(after_seq)s
+ ORDER BY i.seq
  LIMIT %(limit)s
-   FOR UPDATE OF j SKIP LOCKED
+   FOR UPDATE OF i, j SKIP LOCKED
+
+-- name: stale_entries
+-- Scheduled rows that other policies (another fingerprint) evaluated: after
+-- a config change, or rows a replica with another config left behind.
+SELECT j.id, j.original_job_id, j.app_id, j.type, j.payload, j.error_reason, j.attempts,
+       j.error_history, j.dlq_at, j.replayed_at, j.request_id, j.user_id,
+       s.failures, s.last_failure_at, s.last_error, s.state,
+       NULL::bigint AS seq, now() AS db_now
+  FROM dlqd_entry_state s
+  JOIN job_dlq j ON j.id = s.dlq_id
+ WHERE s.state <> 'parked'
+   AND s.fingerprint <> %(fingerprint)s
+   AND j.replayed_at IS NULL
+   AND s.dlq_id > %(after_id)s
+ ORDER BY s.dlq_id
+ LIMIT %(limit)s
+   FOR UPDATE OF s, j SKIP LOCKED
+
+-- name: delete_inbox
+DELETE FROM dlqd_inbox WHERE seq = ANY (%(seqs)s::bigint[])
+
+-- name: enqueue_orphans
+-- Safety net for rows that reached job_dlq without the trigger (restores with
+-- session_replication_role = replica, a disabled trigger): pending rows with
+-- neither an inbox entry nor a schedule go to the inbox.
+INSERT INTO dlqd_inbox (dlq_id)
+SELECT j.id
+  FROM job_dlq j
+ WHERE j.replayed_at IS NULL
+   AND NOT EXISTS (SELECT FROM dlqd_entry_state s WHERE s.dlq_id = j.id)
+   AND NOT EXISTS (SELECT FROM dlqd_inbox i WHERE i.dlq_id = j.id)
+ ORDER BY j.dlq_at, j.id
+ON CONFLICT (dlq_id) DO NOTHING
 
 -- name: due_entries
 -- Scheduled rows whose time has come, oldest due first, skipping the policies
@@ -103,9 +133,12 @@ SELECT j.id, j.original_job_id, j.app_id, j.type, j.payload, j.error_reason, j.a
    FOR UPDATE OF s, j SKIP LOCKED
 
 -- name: next_due
-SELECT extract(epoch FROM min(due_at) - now())::float8 AS seconds
+-- One entry of dlqd_entry_state_due_idx.
+SELECT extract(epoch FROM due_at - now())::float8 AS seconds
   FROM dlqd_entry_state
  WHERE state = 'waiting' AND fingerprint = %(fingerprint)s
+ ORDER BY due_at
+ LIMIT 1
 
 -- name: replay_counts
 SELECT original_job_id, count(*) AS replays

@@ -42,12 +42,12 @@ GRANT UPDATE (replayed_at) ON job_dlq TO dlqd;
 GRANT EXECUTE ON FUNCTION job_dlq_purge(interval, interval, integer) TO dlqd;
 GRANT SELECT ON dlqd_schema_migrations TO dlqd;
 
--- Its own state tables (replay log and schedule), when present.
+-- Its own state tables (replay log, schedule, inbox), when present.
 DO $$
 DECLARE
     t text;
 BEGIN
-    FOREACH t IN ARRAY ARRAY['dlqd_replay_log', 'dlqd_entry_state'] LOOP
+    FOREACH t IN ARRAY ARRAY['dlqd_replay_log', 'dlqd_entry_state', 'dlqd_inbox'] LOOP
         IF to_regclass(t) IS NOT NULL THEN
             EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %I TO dlqd', t);
         END IF;

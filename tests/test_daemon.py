@@ -466,3 +466,26 @@ async def test_dry_run_decides_and_changes_nothing(
     decisions = [e for e in daemon.events() if e.get("outcome") == "dry_run"]
     assert len(decisions) == 3
     assert all(e["would"] == "replay" and "payload" not in e for e in decisions)
+
+
+async def test_rows_that_bypassed_the_trigger_are_found_by_the_periodic_scan(
+    sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    """A restore with session_replication_role = replica fires no trigger: no
+    NOTIFY, no inbox entry. The periodic scan still finds the rows."""
+    daemon = spawn(daemons, sink_db, sink_config(tmp_path, poll="300ms"), tmp_path)
+    await daemon.wait_ready()
+    async with await psycopg.AsyncConnection.connect(sink_db, autocommit=True) as conn:
+        async with conn.transaction():
+            await conn.execute("SET LOCAL session_replication_role = replica")
+            rows = [row_json(original_job_id=f"restored{i}") for i in range(7)]
+            await conn.execute(INSERT_MANY, {"rows": Jsonb(rows)})
+            cur = await conn.execute("SELECT count(*) FROM dlqd_inbox")
+            assert await cur.fetchone() == (0,)  # really bypassed (checked before commit)
+
+    async def drained() -> bool:
+        return await pending_count(sink_db) == 0
+
+    await wait_until(drained, within=30)
+    await assert_sink_matches_replayed(sink_db, expected=7)
+    assert daemon.metric("dlqd_notifications_total") == 0
