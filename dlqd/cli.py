@@ -163,6 +163,7 @@ async def _migrate(args: argparse.Namespace, settings: Settings) -> int:
 @command("check")
 async def _check(args: argparse.Namespace, settings: Settings) -> int:
     from dlqd.db import connection, describe_dsn
+    from dlqd.migrations import require_current_schema
     from dlqd.queries import q
     from dlqd.replayer import check_supported_targets
 
@@ -174,6 +175,9 @@ async def _check(args: argparse.Namespace, settings: Settings) -> int:
             row = await cur.fetchone()
             version = row["server_version_num"] if row else "?"
             print(f"database {describe_dsn(dsn)}: reachable (server_version_num {version})")
+    async with connection(settings.dsn, application_name="dlqd check") as conn:
+        await require_current_schema(conn)
+    print("schema: up to date")
     print(f"config: ok ({len(settings.policies)} policies)")
     return 0
 

@@ -23,6 +23,7 @@ from dlqd.httpserver import Response, serve
 from dlqd.listener import Listener
 from dlqd.logs import get_logger, register_secret
 from dlqd.metrics import Metrics
+from dlqd.migrations import require_current_schema
 from dlqd.queries import q
 from dlqd.replayer import Replayer, check_supported_targets
 from dlqd.sdnotify import sd_notify, watchdog_interval
@@ -64,7 +65,10 @@ class Daemon:
         # Refuse to start against a database we cannot reach (exit 69): later
         # outages are ridden out with backoff.
         probe = await connect(settings.dsn, application_name="dlqd preflight")
-        await probe.close()
+        try:
+            await require_current_schema(probe)
+        finally:
+            await probe.close()
 
         async with AsyncExitStack() as stack:
             pool: AsyncConnectionPool[Any] = AsyncConnectionPool(

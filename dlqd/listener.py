@@ -91,7 +91,7 @@ class Listener:
                 finally:
                     self._set_connected(False)
                     await conn.close()
-            except (psycopg.Error, DatabaseUnavailable, ListenerDeaf) as exc:
+            except (psycopg.Error, DatabaseUnavailable, ListenerDeaf, OSError) as exc:
                 if up_since is not None:
                     backoff.healthy(anyio.current_time() - up_since)
                 wait = backoff.next()

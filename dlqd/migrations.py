@@ -86,3 +86,23 @@ async def migrate(conn: psycopg.AsyncConnection[dict[str, Any]]) -> list[Migrati
     finally:
         if not conn.closed:
             await conn.execute(q("migrations_unlock"))
+
+
+async def missing_migrations(conn: psycopg.AsyncConnection[dict[str, Any]]) -> list[Migration]:
+    """Migrations not applied yet (all of them on a database never migrated)."""
+    cur = await conn.execute(q("migrations_table_exists"))
+    row = await cur.fetchone()
+    applied: set[int] = set()
+    if row and row["present"]:
+        cur = await conn.execute(q("migrations_applied"))
+        applied = {r["version"] for r in await cur.fetchall()}
+    return [m for m in available_migrations() if m.version not in applied]
+
+
+async def require_current_schema(conn: psycopg.AsyncConnection[dict[str, Any]]) -> None:
+    missing = await missing_migrations(conn)
+    if missing:
+        names = ", ".join(f"{m.version:03d}_{m.name}" for m in missing)
+        raise MigrationError(
+            f"database schema is not up to date (missing {names}): run `dlqd migrate`"
+        )

@@ -697,9 +697,15 @@ class Replayer:
             except TRANSIENT_ERRORS as exc:
                 wait = backoff.next()
                 log.warning("replayer pass failed", error=error_line(exc), retry_in=round(wait, 3))
-            except psycopg.Error as exc:
+            except Exception as exc:  # one bad pass must not end the daemon
                 wait = backoff.next()
-                log.error("replayer pass failed", error=error_line(exc), retry_in=round(wait, 3))
+                log.error(
+                    "replayer pass failed",
+                    error=error_line(exc),
+                    error_type=type(exc).__name__,
+                    retry_in=round(wait, 3),
+                    exc_info=not isinstance(exc, psycopg.Error),
+                )
             else:
                 backoff.reset()
                 wait = self._next_wait(result, poll)

@@ -48,6 +48,9 @@ CREATE TABLE IF NOT EXISTS dlqd_schema_migrations (
     applied_at timestamptz NOT NULL DEFAULT now()
 )
 
+-- name: migrations_table_exists
+SELECT to_regclass('dlqd_schema_migrations') IS NOT NULL AS present
+
 -- name: migrations_applied
 SELECT version, name, checksum FROM dlqd_schema_migrations ORDER BY version
 

@@ -475,13 +475,13 @@ async def test_rows_that_bypassed_the_trigger_are_found_by_the_periodic_scan(
     NOTIFY, no inbox entry. The periodic scan still finds the rows."""
     daemon = spawn(daemons, sink_db, sink_config(tmp_path, poll="300ms"), tmp_path)
     await daemon.wait_ready()
-    async with await psycopg.AsyncConnection.connect(sink_db, autocommit=True) as conn:
-        async with conn.transaction():
-            await conn.execute("SET LOCAL session_replication_role = replica")
-            rows = [row_json(original_job_id=f"restored{i}") for i in range(7)]
-            await conn.execute(INSERT_MANY, {"rows": Jsonb(rows)})
-            cur = await conn.execute("SELECT count(*) FROM dlqd_inbox")
-            assert await cur.fetchone() == (0,)  # really bypassed (checked before commit)
+    conn = await psycopg.AsyncConnection.connect(sink_db, autocommit=True)
+    async with conn, conn.transaction():
+        await conn.execute("SET LOCAL session_replication_role = replica")
+        rows = [row_json(original_job_id=f"restored{i}") for i in range(7)]
+        await conn.execute(INSERT_MANY, {"rows": Jsonb(rows)})
+        cur = await conn.execute("SELECT count(*) FROM dlqd_inbox")
+        assert await cur.fetchone() == (0,)  # really bypassed (checked before commit)
 
     async def drained() -> bool:
         return await pending_count(sink_db) == 0

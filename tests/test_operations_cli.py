@@ -170,6 +170,19 @@ def test_status_json_shape_and_explain(db_url: str, tmp_path: Path) -> None:
     assert "replays of original job 1: 0" in explain.stdout
 
 
+def test_run_and_check_refuse_an_unmigrated_database(empty_db_url: str) -> None:
+    env = {"DLQD_DATABASE_URL": empty_db_url}
+    for command in ("run", "check"):
+        result = dlqd_cli(command, env=env)
+        assert result.returncode == 1
+        assert result.stderr.strip() == (
+            "dlqd: error: database schema is not up to date "
+            "(missing 001_job_dlq, 002_replay_state): run `dlqd migrate`"
+        )
+    assert dlqd_cli("migrate", env=env).returncode == 0
+    assert "schema: up to date" in dlqd_cli("check", env=env).stdout
+
+
 def test_run_exit_codes(tmp_path: Path, db_url: str) -> None:
     unreachable = dlqd_cli(
         "run", env={"DLQD_DATABASE_URL": f"postgresql://u:pw-secret@127.0.0.1:{free_port()}/x"}
