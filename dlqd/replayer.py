@@ -491,7 +491,7 @@ class Replayer:
         self, conn: Connection, settings: Settings, fingerprint: str, result: PassResult
     ) -> int:
         now = anyio.current_time()
-        blocked_policies, blocked_pairs = self._blocked(settings, now)
+        blocked_policies, blocked_pairs = self._blocked(settings, now, result)
         async with conn.transaction():
             cur = await conn.execute(
                 q("due_entries"),
@@ -522,18 +522,30 @@ class Replayer:
 
     # ------------------------------------------------------------------ replaying
 
-    def _blocked(self, settings: Settings, now: float) -> tuple[set[str], set[tuple[str, str]]]:
-        """Policies (and per-tenant buckets) that cannot replay right now."""
+    def _blocked(
+        self, settings: Settings, now: float, result: PassResult
+    ) -> tuple[set[str], set[tuple[str, str]]]:
+        """Policies (and per-tenant buckets) that cannot replay right now.
+
+        Their rows are left out of the claim, and ``result`` learns when the
+        first of them may go again, so the loop sleeps exactly that long.
+        """
         policies: set[str] = set()
         for policy in settings.policies:
             circuit = self.throttle.circuit(policy)
-            if circuit.is_open(now) and circuit.seconds_until_trial(now) > 0:
+            trial_in = circuit.seconds_until_trial(now)
+            if circuit.is_open(now) and trial_in > 0:
                 policies.add(policy.name)
+                result.add_throttle(trial_in)
             elif policy.rate_limit is not None and policy.rate_limit_per == "policy":
                 bucket = self.throttle.bucket(policy, "")
-                if bucket is not None and bucket.seconds_until_token(now) > 0:
+                token_in = bucket.seconds_until_token(now) if bucket else 0.0
+                if token_in > 0:
                     policies.add(policy.name)
+                    result.add_throttle(token_in)
         pairs = self.throttle.empty_tenant_buckets(now)
+        if pairs:
+            result.add_throttle(self.throttle.next_tenant_token(now))
         return policies, pairs
 
     async def _replay(

@@ -113,3 +113,12 @@ class Throttle:
             for (name, scope, _), bucket in self._buckets.items()
             if scope and bucket.seconds_until_token(now) > 0
         }
+
+    def next_tenant_token(self, now: float) -> float:
+        """Seconds until the first empty per-tenant bucket has a token again."""
+        waits = [
+            bucket.seconds_until_token(now)
+            for (_, scope, _), bucket in self._buckets.items()
+            if scope and bucket.seconds_until_token(now) > 0
+        ]
+        return min(waits, default=0.0)

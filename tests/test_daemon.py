@@ -489,3 +489,61 @@ async def test_rows_that_bypassed_the_trigger_are_found_by_the_periodic_scan(
     await wait_until(drained, within=30)
     await assert_sink_matches_replayed(sink_db, expected=7)
     assert daemon.metric("dlqd_notifications_total") == 0
+
+
+async def test_rate_limit_spaces_replays(
+    sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    """rate_limit = 5/s: a burst of one second's tokens, then one row every 200 ms."""
+    config = sink_config(tmp_path)
+    config.write_text(
+        config.read_text().replace('name = "all"', 'name = "all"\nrate_limit = "5/s"')
+    )
+    await insert_rows(sink_db, [row_json(original_job_id=f"r{i}") for i in range(15)])
+    daemon = spawn(daemons, sink_db, config, tmp_path)
+    await daemon.wait_ready()
+
+    async def drained() -> bool:
+        return await pending_count(sink_db) == 0
+
+    await wait_until(drained, within=30)
+    spread = await scalar(
+        sink_db, "SELECT extract(epoch FROM max(replayed_at) - min(replayed_at)) FROM job_dlq"
+    )
+    # 5 at once, then 10 more at 5 a second: at least 2 s from first to last
+    assert float(spread) >= 1.9
+    await assert_sink_matches_replayed(sink_db, expected=15)
+
+
+async def test_circuit_breaker_pauses_a_failing_policy(
+    sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    config = write_config(
+        tmp_path / "dlqd.toml",
+        """
+[listen]
+poll_interval = "1h"
+[[policies]]
+name = "broken"
+retry_delay = "50ms"
+circuit_breaker = { failures = 3, cool_down = "2s" }
+target = { kind = "sql", statement = "SELECT 1/0" }
+""",
+    )
+    await insert_rows(sink_db, [row_json(original_job_id=f"c{i}") for i in range(4)])
+    daemon = spawn(daemons, sink_db, config, tmp_path)
+    await daemon.wait_ready()
+
+    async def trial_made() -> bool:
+        # the first batch (4 failures) opened the circuit; one trial after the cool-down
+        return int(await scalar(sink_db, "SELECT count(*) FROM dlqd_replay_log")) >= 5
+
+    await wait_until(trial_made, within=30)
+    assert daemon.metric('dlqd_circuit_open{policy="broken"}') == 1
+    attempts = await scalar(
+        sink_db, "SELECT array_agg(extract(epoch FROM at)::float8 ORDER BY at) FROM dlqd_replay_log"
+    )
+    first_batch, trial = attempts[:4], attempts[4]
+    assert max(first_batch) - min(first_batch) < 1.0
+    assert trial - max(first_batch) >= 1.9  # nothing tried during the cool-down
+    assert await pending_count(sink_db) == 4  # failing rows stay, for a human or a fix
