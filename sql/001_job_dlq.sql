@@ -1,5 +1,5 @@
 -- 001: the dead-letter table, its pending-set indexes, tenant isolation,
--- the purge function and the insert notification.
+-- the purge function, and the insert trigger (inbox entry and notification).
 
 -- Requires PostgreSQL >= 13 (gen_random_uuid() in core).
 
@@ -89,16 +89,34 @@ $$;
 
 REVOKE ALL ON FUNCTION job_dlq_purge(interval, interval, integer) FROM PUBLIC;
 
+-- The inbox: every inserted pending row, until dlqd has evaluated it. Finding
+-- new rows is then an index range scan, however many rows wait for a later
+-- due time (an anti-join of job_dlq against dlqd's schedule grows with both).
+-- Written by the insert trigger in the job system's own transaction, so a row
+-- and its inbox entry commit together; nothing depends on a NOTIFY arriving.
+CREATE TABLE dlqd_inbox (
+    seq    bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    dlq_id uuid   NOT NULL UNIQUE REFERENCES job_dlq (id) ON DELETE CASCADE
+);
+-- A queue: every row is inserted once and deleted soon after. Vacuum it
+-- often, or the claim walks dead index entries.
+ALTER TABLE dlqd_inbox SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000,
+                            autovacuum_analyze_scale_factor = 0, autovacuum_analyze_threshold = 1000);
+
 -- One wake-up per INSERT statement, whatever its row count. The payload is a
--- fixed-size summary (well under the 8000-byte NOTIFY limit): the table is the truth.
+-- fixed-size summary (well under the 8000-byte NOTIFY limit): the table is the
+-- truth. SECURITY DEFINER: tenants (dlqd_app) need no privilege on dlqd_inbox.
 CREATE FUNCTION job_dlq_notify_insert() RETURNS trigger
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path FROM CURRENT
 AS $$
 DECLARE
     inserted bigint;
     oldest   timestamptz;
 BEGIN
+    INSERT INTO dlqd_inbox (dlq_id)
+    SELECT id FROM new_rows WHERE replayed_at IS NULL ORDER BY dlq_at, id;
     SELECT count(*), min(dlq_at) INTO inserted, oldest FROM new_rows;
     IF inserted > 0 THEN
         PERFORM pg_notify('dlqd_job_dlq',
@@ -107,6 +125,8 @@ BEGIN
     RETURN NULL;
 END
 $$;
+
+REVOKE ALL ON FUNCTION job_dlq_notify_insert() FROM PUBLIC;
 
 CREATE TRIGGER job_dlq_notify_insert
     AFTER INSERT ON job_dlq

@@ -50,47 +50,6 @@ CREATE TABLE dlqd_entry_state (
 -- fingerprint of its own policies.
 CREATE INDEX dlqd_entry_state_due_idx ON dlqd_entry_state (fingerprint, due_at)
     WHERE state = 'waiting';
-
--- The inbox: every inserted pending row, until dlqd has evaluated it. Finding
--- new rows is then an index range scan, however many rows wait for a later
--- due time (an anti-join of job_dlq against the schedule grows with both).
--- Written by the insert trigger in the job system's own transaction, so a row
--- and its inbox entry commit together; nothing depends on a NOTIFY arriving.
-CREATE TABLE dlqd_inbox (
-    seq    bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    dlq_id uuid   NOT NULL UNIQUE REFERENCES job_dlq (id) ON DELETE CASCADE
-);
-
--- A queue: every row is inserted once and deleted soon after. Vacuum it
--- often, or the claim walks dead index entries.
-ALTER TABLE dlqd_inbox SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000,
-                            autovacuum_analyze_scale_factor = 0, autovacuum_analyze_threshold = 1000);
+-- Rows come and go with every replay: keep its statistics and visibility fresh.
 ALTER TABLE dlqd_entry_state SET (autovacuum_vacuum_scale_factor = 0.02,
                                   autovacuum_analyze_scale_factor = 0.02);
-
-INSERT INTO dlqd_inbox (dlq_id)
-SELECT id FROM job_dlq WHERE replayed_at IS NULL ORDER BY dlq_at, id;
-
--- The trigger of 001, now also filling the inbox. SECURITY DEFINER: tenants
--- (dlqd_app) need no privilege on dlqd's tables to insert a dead letter.
-CREATE OR REPLACE FUNCTION job_dlq_notify_insert() RETURNS trigger
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path FROM CURRENT
-AS $$
-DECLARE
-    inserted bigint;
-    oldest   timestamptz;
-BEGIN
-    INSERT INTO dlqd_inbox (dlq_id)
-    SELECT id FROM new_rows WHERE replayed_at IS NULL ORDER BY dlq_at, id;
-    SELECT count(*), min(dlq_at) INTO inserted, oldest FROM new_rows;
-    IF inserted > 0 THEN
-        PERFORM pg_notify('dlqd_job_dlq',
-            json_build_object('op', 'insert', 'count', inserted, 'oldest_dlq_at', oldest)::text);
-    END IF;
-    RETURN NULL;
-END
-$$;
-
-REVOKE ALL ON FUNCTION job_dlq_notify_insert() FROM PUBLIC;

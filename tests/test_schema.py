@@ -116,6 +116,10 @@ async def test_purge_function_and_trigger_exist(conn: Conn) -> None:
             WHERE tgrelid = 'job_dlq'::regclass AND NOT tgisinternal""",
     )
     assert trigger["tgname"] == "job_dlq_notify_insert"
+    [definer] = await _rows(
+        conn, "SELECT prosecdef FROM pg_proc WHERE proname = 'job_dlq_notify_insert'"
+    )
+    assert definer == {"prosecdef": True}  # tenants need no grant on dlqd_inbox
     assert "AFTER INSERT ON public.job_dlq REFERENCING NEW TABLE AS new_rows" in trigger["def"]
     assert "FOR EACH STATEMENT" in trigger["def"]
 
