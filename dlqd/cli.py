@@ -18,7 +18,7 @@ import anyio
 
 from dlqd import __version__
 from dlqd.config import Settings, load_settings
-from dlqd.errors import DlqdError, NotFound
+from dlqd.errors import ConfigError, DlqdError, NotFound
 from dlqd.logs import configure_logging
 from dlqd.output import print_json, print_table
 
@@ -165,7 +165,7 @@ async def _check(args: argparse.Namespace, settings: Settings) -> int:
     from dlqd.db import connection, describe_dsn
     from dlqd.migrations import require_current_schema
     from dlqd.queries import q
-    from dlqd.replayer import check_supported_targets
+    from dlqd.replayer import check_supported_targets, sql_target_problems
 
     check_supported_targets(settings)
     targets = {settings.dsn, settings.listen_dsn}
@@ -175,9 +175,12 @@ async def _check(args: argparse.Namespace, settings: Settings) -> int:
             row = await cur.fetchone()
             version = row["server_version_num"] if row else "?"
             print(f"database {describe_dsn(dsn)}: reachable (server_version_num {version})")
-    async with connection(settings.dsn, application_name="dlqd check") as conn:
+    async with connection(settings.dsn, autocommit=True, application_name="dlqd check") as conn:
         await require_current_schema(conn)
-    print("schema: up to date")
+        print("schema: up to date")
+        problems = await sql_target_problems(conn, settings)
+    if problems:
+        raise ConfigError("invalid configuration: " + "; ".join(problems))
     print(f"config: ok ({len(settings.policies)} policies)")
     return 0
 

@@ -25,7 +25,7 @@ from dlqd.logs import get_logger, register_secret
 from dlqd.metrics import Metrics
 from dlqd.migrations import require_current_schema
 from dlqd.queries import q
-from dlqd.replayer import Replayer, check_supported_targets
+from dlqd.replayer import Replayer, check_supported_targets, sql_target_problems
 from dlqd.sdnotify import sd_notify, watchdog_interval
 from dlqd.status import collect_status
 from dlqd.targets import error_line
@@ -67,6 +67,11 @@ class Daemon:
         probe = await connect(settings.dsn, application_name="dlqd preflight")
         try:
             await require_current_schema(probe)
+            await probe.set_autocommit(True)
+            # A target the job system has not deployed yet may appear later:
+            # warn, do not refuse (the circuit breaker guards the rest).
+            for problem in await sql_target_problems(probe, settings):
+                log.warning("sql target does not plan", problem=problem)
         finally:
             await probe.close()
 

@@ -741,6 +741,21 @@ class Replayer:
         return max(0.0, wait) if math.isfinite(wait) else poll
 
 
+async def sql_target_problems(conn: Connection, settings: Settings) -> list[str]:
+    """Every sql target planned with EXPLAIN: one line per statement that would fail."""
+    from dlqd.targets import explain_sql
+
+    problems: list[str] = []
+    targets: list[tuple[str, Target | None]] = [
+        (f"policies[{i}].target", p.target) for i, p in enumerate(settings.policies)
+    ]
+    targets.append(("replay.default_target", settings.replay.default_target))
+    for where, target in targets:
+        if isinstance(target, SqlTarget) and (error := await explain_sql(conn, target)):
+            problems.append(f"{where}.statement: {error}")
+    return problems
+
+
 def check_supported_targets(settings: Settings) -> None:
     """Refuse targets this release cannot replay into (``http`` comes later)."""
     from dlqd.errors import ConfigError

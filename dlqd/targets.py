@@ -12,6 +12,7 @@ import functools
 import json
 import re
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -56,10 +57,54 @@ def notify_message(entry: DlqEntry) -> dict[str, str]:
     }
 
 
+_QUOTED = re.compile(r'"[^"]*"')
+
+
 def error_line(exc: BaseException) -> str:
+    """The first line of an error, for logs and the replay log.
+
+    A data error quotes the offending value (``invalid input syntax for type
+    json: "..."``), which may be part of a payload: quoted text is elided.
+    """
     text = str(exc).strip()
     first = text.splitlines()[0] if text else type(exc).__name__
+    sqlstate = getattr(exc, "sqlstate", None)
+    if isinstance(sqlstate, str) and sqlstate.startswith("22"):
+        first = _QUOTED.sub('"…"', first)
     return first[:500]
+
+
+def sample_entry() -> DlqEntry:
+    """A made-up row, to plan target statements with real parameter types."""
+    return DlqEntry(
+        id=UUID(int=0),
+        original_job_id="dlqd-check",
+        app_id="dlqd-check",
+        type="dlqd.check",
+        payload={},
+        error_reason="check",
+        attempts=0,
+        error_history=[],
+        dlq_at=datetime.now(UTC),
+        replayed_at=None,
+        request_id=None,
+        user_id=None,
+    )
+
+
+async def explain_sql(conn: Connection, target: SqlTarget) -> str | None:
+    """Plan (never run) a target's statement; the error line, or None when it is valid."""
+    statement = b"EXPLAIN " + target.statement.encode()
+    try:
+        async with conn.transaction(force_rollback=True):
+            await conn.execute(
+                statement, sql_params(sample_entry(), placeholders(target.statement))
+            )
+    except psycopg.Error as exc:
+        if conn.broken:
+            raise
+        return error_line(exc)
+    return None
 
 
 async def _batch_then_each(

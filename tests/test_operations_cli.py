@@ -210,3 +210,22 @@ def test_run_exit_codes(tmp_path: Path, db_url: str) -> None:
     wrong = dlqd_cli("check", "--config", str(placeholder), env={"DLQD_DATABASE_URL": db_url})
     assert wrong.returncode == 78
     assert "unknown placeholder(s) nope" in wrong.stderr
+
+
+def test_check_plans_sql_targets_without_running_them(db_url: str, tmp_path: Path) -> None:
+    env = {"DLQD_DATABASE_URL": db_url}
+    seed(db_url, [])
+    good = config(tmp_path, SINK_POLICY)
+    result = dlqd_cli("check", "--config", str(good), env=env)
+    assert result.returncode == 0, result.stderr
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM sink").fetchone() == (0,)  # planned, not run
+
+    broken = config(
+        tmp_path,
+        '[[policies]]\nname = "typo"\n'
+        'target = { kind = "sql", statement = "INSERT INTO snik (dlq_id) VALUES (%(id)s)" }\n',
+    )
+    result = dlqd_cli("check", "--config", str(broken), env=env)
+    assert result.returncode == 78
+    assert 'policies[0].target.statement: relation "snik" does not exist' in result.stderr

@@ -165,3 +165,19 @@ def test_max_replays_parks() -> None:
 def test_huge_replay_counts_do_not_overflow() -> None:
     p = policy(delay="1s", factor=10.0, max_delay="1h")
     assert replay_delay(p, 10_000, uuid.uuid4()) == timedelta(hours=1)
+
+
+def test_data_errors_never_echo_values(db_url: str) -> None:
+    import psycopg
+
+    from dlqd.targets import error_line
+
+    with psycopg.connect(db_url) as conn:
+        try:
+            conn.execute("SELECT 'card 4111-1111'::jsonb")
+        except psycopg.errors.InvalidTextRepresentation as exc:
+            line = error_line(exc)
+        else:
+            raise AssertionError("the cast should fail")
+    assert "4111" not in line
+    assert line.startswith("invalid input syntax for type json")
