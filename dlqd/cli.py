@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.config)
         # logs go to stderr, so --json output on stdout stays one document
         configure_logging(settings.log_format, settings.log_level)
-        return anyio.run(handler, args, settings)
+        return anyio.run(_unwrapping_groups, handler, args, settings)
     except DlqdError as exc:
         if args.debug:
             traceback.print_exc()
@@ -140,6 +140,23 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+async def _unwrapping_groups(handler: Handler, args: argparse.Namespace, settings: Settings) -> int:
+    """Task groups wrap errors in exception groups; the operator wants the error."""
+    try:
+        return await handler(args, settings)
+    except BaseExceptionGroup as group:
+        leaves = list(_leaves(group))
+        chosen = next((e for e in leaves if isinstance(e, DlqdError)), leaves[0])
+        raise chosen from group
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
 
 
 # --------------------------------------------------------------------------- commands

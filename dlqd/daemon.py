@@ -64,10 +64,9 @@ class Daemon:
         check_supported_targets(settings)
         # Refuse to start against a database we cannot reach (exit 69): later
         # outages are ridden out with backoff.
-        probe = await connect(settings.dsn, application_name="dlqd preflight")
+        probe = await connect(settings.dsn, autocommit=True, application_name="dlqd preflight")
         try:
             await require_current_schema(probe)
-            await probe.set_autocommit(True)
             # A target the job system has not deployed yet may appear later:
             # warn, do not refuse (the circuit breaker guards the rest).
             for problem in await sql_target_problems(probe, settings):

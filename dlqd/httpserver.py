@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 from anyio.abc import SocketAttribute, SocketStream, TaskStatus
 
+from dlqd.errors import DlqdError
 from dlqd.logs import get_logger
 
 Response = tuple[int, str, bytes]
@@ -50,7 +51,13 @@ async def serve(
     task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``routes`` until cancelled; report the bound port once listening."""
-    listener = await anyio.create_tcp_listener(local_host=host, local_port=port, reuse_port=False)
+    try:
+        listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+    except OSError as exc:
+        raise DlqdError(
+            f"cannot serve metrics on {host}:{port}: {exc.strerror or exc} "
+            "(set metrics_host / metrics_port)"
+        ) from None
 
     async def handle(stream: SocketStream) -> None:
         async with stream:

@@ -1,12 +1,14 @@
 """The replayer: evaluates fresh rows by policy and replays due rows exactly once.
 
-One pass (``run_once``) has two steps, each a series of short transactions:
+One pass (``run_once``) is a series of short transactions:
 
-1. *fresh rows* — pending rows the current policies have not evaluated, in
-   ``(dlq_at, id)`` order, locked ``FOR UPDATE SKIP LOCKED``: each is decided;
+1. *new rows* — entries of ``dlqd_inbox`` (written by the insert trigger), in
+   insertion order, locked ``FOR UPDATE SKIP LOCKED``: each row is decided;
    rows due now replay in that same transaction, the others get a schedule
    row in ``dlqd_entry_state`` (waiting with ``due_at``, parked, unmatched);
-2. *due rows* — scheduled rows whose ``due_at`` has come, claimed the same way.
+2. on a full pass (the periodic scan), rows scheduled under other policies are
+   decided again, and pending rows that bypassed the trigger join the inbox;
+3. *due rows* — scheduled rows whose ``due_at`` has come, claimed the same way.
 
 A replay runs the target, sets ``replayed_at`` and writes the replay log in one
 transaction, so a row is replayed exactly once whatever the number of

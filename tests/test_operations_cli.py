@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import psycopg
@@ -202,6 +203,24 @@ def test_run_exit_codes(tmp_path: Path, db_url: str) -> None:
     unsupported = dlqd_cli("run", "--config", str(http), env={"DLQD_DATABASE_URL": db_url})
     assert unsupported.returncode == 78
     assert "policies[0].target: kind 'http' is not supported" in unsupported.stderr
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        taken = dlqd_cli(
+            "run",
+            env={
+                "DLQD_DATABASE_URL": db_url,
+                "DLQD_METRICS_HOST": "127.0.0.1",
+                "DLQD_METRICS_PORT": str(port),
+            },
+        )
+    assert taken.returncode == 1
+    assert taken.stderr.strip().endswith(
+        f"dlqd: error: cannot serve metrics on 127.0.0.1:{port}: Address already in use "
+        "(set metrics_host / metrics_port)"
+    )
 
     placeholder = config(
         tmp_path,
