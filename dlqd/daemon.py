@@ -50,6 +50,7 @@ class Daemon:
         self.pool: AsyncConnectionPool[Any] | None = None
         self.http_port: int | None = None
         self.database_ok = False
+        self.started = False
 
     def settings(self) -> Settings:
         return self._settings
@@ -64,6 +65,9 @@ class Daemon:
         check_supported_targets(settings)
         # Refuse to start against a database we cannot reach (exit 69): later
         # outages are ridden out with backoff.
+        if settings.listen.enabled and settings.listen_dsn != settings.dsn:
+            listen_probe = await connect(settings.listen_dsn, application_name="dlqd preflight")
+            await listen_probe.close()
         probe = await connect(settings.dsn, autocommit=True, application_name="dlqd preflight")
         try:
             await require_current_schema(probe)
@@ -120,6 +124,7 @@ class Daemon:
                 await tg.start(self._health)
                 if (interval := watchdog_interval()) is not None:
                     tg.start_soon(self._watchdog, interval)
+                self.started = True
                 sd_notify("READY=1")
                 log.info(
                     "started",
@@ -168,6 +173,11 @@ class Daemon:
                     self._reload()
                 elif self.stopping.is_set():
                     log.warning("second stop signal: exiting now")
+                    scope.cancel()
+                elif not self.started:
+                    # still starting (e.g. waiting for the listener): nothing in flight
+                    log.info("stop signal during start-up", signal=signal.Signals(signum).name)
+                    self.stopping.set()
                     scope.cancel()
                 else:
                     log.info("stop signal", signal=signal.Signals(signum).name)

@@ -18,6 +18,7 @@ class TcpProxy:
     target_port: int
     port: int = 0
     links: list[Link] = field(default_factory=list)
+    deaf_after: int | None = None  # connections after this many hear nothing either
 
     async def run(self, tg: TaskGroup) -> None:
         listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
@@ -36,7 +37,8 @@ class TcpProxy:
 
         async def handle(client: SocketStream) -> None:
             server = await anyio.connect_tcp("127.0.0.1", self.target_port)
-            link = Link()
+            deaf = self.deaf_after is not None and len(self.links) >= self.deaf_after
+            link = Link(deaf=deaf)
             self.links.append(link)
             async with anyio.create_task_group() as inner:
                 inner.start_soon(pump, client, server, None)

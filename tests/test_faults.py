@@ -189,3 +189,32 @@ async def test_systemd_notifications(cluster_db: str, tmp_path: Path) -> None:
             assert await daemon.wait_exit() == 0
         finally:
             daemon.stop()
+
+
+async def test_stop_signal_while_waiting_for_the_listener(cluster_db: str, tmp_path: Path) -> None:
+    """The listener's direct connection goes through a proxy that, after the
+    pre-flight check, hears nothing back: start-up waits (alive, not ready), and
+    SIGTERM still ends it with 0."""
+    async with anyio.create_task_group() as tg:
+        proxy = TcpProxy(int(psycopg.conninfo.conninfo_to_dict(cluster_db)["port"]))
+        await proxy.run(tg)
+        proxy.deaf_after = 1  # the pre-flight connection works, the listener's does not
+        daemon = DaemonProcess(
+            cluster_db,
+            config(tmp_path),
+            tmp_path,
+            DLQD_LISTEN_DATABASE_URL=make_conninfo(cluster_db, port=str(proxy.port)),
+        ).start()
+        try:
+
+            async def serving() -> bool:
+                status, _ = await anyio.to_thread.run_sync(daemon.http, "/healthz")
+                return status == 200
+
+            await wait_until(serving, within=30)
+            assert daemon.http("/readyz")[0] == 503
+            daemon.send_signal(signal.SIGTERM)
+            assert await daemon.wait_exit(within=30) == 0
+        finally:
+            daemon.stop()
+            tg.cancel_scope.cancel()
