@@ -201,3 +201,48 @@ async def test_grouped_status_is_an_index_only_scan(conn: Conn) -> None:
     )
     plan = "\n".join(r["QUERY PLAN"] for r in rows)
     assert "Index Only Scan using job_dlq_pending_group_idx" in plan
+
+
+async def test_dlqd_state_tables(conn: Conn) -> None:
+    columns = await _rows(
+        conn,
+        """SELECT table_name, string_agg(column_name, ',' ORDER BY ordinal_position) AS cols
+             FROM information_schema.columns
+            WHERE table_name IN ('dlqd_replay_log', 'dlqd_entry_state', 'dlqd_inbox')
+            GROUP BY table_name""",
+    )
+    assert {r["table_name"]: r["cols"] for r in columns} == {
+        "dlqd_replay_log": "id,dlq_id,original_job_id,app_id,policy,outcome,error,manual,at",
+        "dlqd_entry_state": (
+            "dlq_id,state,policy,fingerprint,due_at,failures,last_error,last_failure_at,"
+            "parked_reason,updated_at"
+        ),
+        "dlqd_inbox": "seq,dlq_id",
+    }
+    indexes = await _rows(
+        conn,
+        """SELECT indexname, indexdef FROM pg_indexes
+            WHERE tablename IN ('dlqd_replay_log', 'dlqd_entry_state', 'dlqd_inbox')""",
+    )
+    defs = {i["indexname"]: i["indexdef"].split(" USING ", 1)[1] for i in indexes}
+    assert defs == {
+        "dlqd_replay_log_pkey": "btree (id)",
+        "dlqd_replay_log_dlq_id_idx": "btree (dlq_id, at)",
+        "dlqd_replay_log_replayed_idx": (
+            "btree (original_job_id) WHERE (outcome = 'replayed'::text)"
+        ),
+        "dlqd_entry_state_pkey": "btree (dlq_id)",
+        "dlqd_entry_state_due_idx": "btree (fingerprint, due_at) WHERE (state = 'waiting'::text)",
+        "dlqd_inbox_pkey": "btree (seq)",
+        "dlqd_inbox_dlq_id_key": "btree (dlq_id)",
+    }
+    cascades = await _rows(
+        conn,
+        """SELECT conrelid::regclass::text AS child, confdeltype FROM pg_constraint
+            WHERE contype = 'f' AND confrelid = 'job_dlq'::regclass ORDER BY 1""",
+    )
+    # purging a row takes its schedule and inbox entry with it; the log stays
+    assert cascades == [
+        {"child": "dlqd_entry_state", "confdeltype": "c"},
+        {"child": "dlqd_inbox", "confdeltype": "c"},
+    ]
