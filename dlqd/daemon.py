@@ -25,7 +25,12 @@ from dlqd.logs import get_logger, register_secret
 from dlqd.metrics import Metrics
 from dlqd.migrations import require_current_schema
 from dlqd.queries import q
-from dlqd.replayer import Replayer, check_supported_targets, sql_target_problems
+from dlqd.replayer import (
+    Replayer,
+    check_supported_targets,
+    sql_target_problems,
+    sweep_orphans,
+)
 from dlqd.sdnotify import sd_notify, watchdog_interval
 from dlqd.status import collect_status
 from dlqd.targets import error_line
@@ -121,6 +126,7 @@ class Daemon:
                     )
                     await tg.start(self._worker, replayer, done)
                 tg.start_soon(self._collector)
+                tg.start_soon(self._sweeper)
                 await tg.start(self._health)
                 if (interval := watchdog_interval()) is not None:
                     tg.start_soon(self._watchdog, interval)
@@ -215,6 +221,22 @@ class Daemon:
                 started = True
                 task_status.started()
             await anyio.sleep(HEALTH_INTERVAL)
+
+    async def _sweeper(self) -> None:
+        """The periodic scan for rows that reached job_dlq without the insert
+        trigger (a restore with session_replication_role = replica, a disabled
+        trigger): they join the inbox and the workers are woken."""
+        assert self.pool is not None  # noqa: S101 - set before any task starts
+        while True:
+            try:
+                async with self.pool.connection() as conn:
+                    moved = await sweep_orphans(conn)
+                if moved:
+                    log.warning("rows found without an inbox entry", rows=moved)
+                    self.wakeup.set()
+            except Exception as exc:  # noqa: BLE001 - the sweeper must outlive any error
+                log.warning("orphan sweep failed", error=error_line(exc))
+            await anyio.sleep(self._settings.listen.poll_interval.total_seconds())
 
     async def _watchdog(self, interval: float) -> None:
         while True:

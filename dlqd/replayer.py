@@ -6,8 +6,8 @@ One pass (``run_once``) is a series of short transactions:
    insertion order, locked ``FOR UPDATE SKIP LOCKED``: each row is decided;
    rows due now replay in that same transaction, the others get a schedule
    row in ``dlqd_entry_state`` (waiting with ``due_at``, parked, unmatched);
-2. on a full pass (the periodic scan), rows scheduled under other policies are
-   decided again, and pending rows that bypassed the trigger join the inbox;
+2. on a full pass (at start, every poll interval, after a policy change), rows
+   scheduled under other policies are decided again;
 3. *due rows* — scheduled rows whose ``due_at`` has come, claimed the same way.
 
 A replay runs the target, sets ``replayed_at`` and writes the replay log in one
@@ -275,6 +275,16 @@ async def execute_items(
     return done, failures
 
 
+_NIL = UUID(int=0)
+_MAX_UUID = UUID(int=2**128 - 1)
+
+
+async def sweep_orphans(conn: Connection) -> int:
+    """Move pending rows that bypassed the insert trigger into the inbox; how many."""
+    cur = await conn.execute(q("enqueue_orphans"))
+    return max(0, cur.rowcount)
+
+
 def _is_due(seconds: float | None) -> bool:
     return seconds is not None and seconds <= 0
 
@@ -323,7 +333,7 @@ class Replayer:
         """Evaluate new rows, replay due rows; report when to look again.
 
         ``full`` also re-evaluates rows scheduled under other policies (after a
-        config change) and sweeps orphans into the inbox: the periodic scan.
+        config change, or left by a replica running another config).
         """
         settings = self.settings()
         fingerprint = settings.policies_fingerprint()
@@ -331,20 +341,24 @@ class Replayer:
         batch = settings.replay.batch_size
         # one connection for the whole pass: each page is its own transaction
         async with self.pool.connection() as conn:
-            if full:
-                await conn.execute(q("enqueue_orphans"))
             seq = 0
             while not self.stopping.is_set():
                 count, seq = await self._inbox_page(conn, settings, fingerprint, seq, result)
                 if count < batch:
                     break
-            after_id = UUID(int=0)
-            while full and not self.stopping.is_set():
-                count, after_id = await self._stale_page(
-                    conn, settings, fingerprint, after_id, result
-                )
-                if count < batch:
-                    break
+            if full:
+                # fingerprints below ours, then above: both index range scans
+                for start, below in (
+                    (("", _NIL), fingerprint),
+                    ((fingerprint, _MAX_UUID), None),
+                ):
+                    after = start
+                    while not self.stopping.is_set():
+                        count, after = await self._stale_page(
+                            conn, settings, fingerprint, after, result, below=below
+                        )
+                        if count < batch:
+                            break
             result.next_due_in = await self._next_due(conn, fingerprint)
             while not self.stopping.is_set() and _is_due(result.next_due_in):
                 count = await self._due_page(conn, settings, fingerprint, result)
@@ -390,24 +404,28 @@ class Replayer:
         conn: Connection,
         settings: Settings,
         fingerprint: str,
-        after_id: UUID,
+        after: tuple[str, UUID],
         result: PassResult,
-    ) -> tuple[int, UUID]:
+        *,
+        below: str | None,
+    ) -> tuple[int, tuple[str, UUID]]:
         """One page of rows scheduled under other policies, evaluated again."""
         async with conn.transaction():
             cur = await conn.execute(
                 q("stale_entries"),
                 {
                     "fingerprint": fingerprint,
-                    "after_id": after_id,
+                    "after_fingerprint": after[0],
+                    "after_id": after[1],
+                    "below": below,
                     "limit": settings.replay.batch_size,
                 },
             )
             rows = await cur.fetchall()
             if not rows:
-                return 0, after_id
+                return 0, after
             await self._evaluate(conn, rows, settings, fingerprint, result)
-        return len(rows), rows[-1]["id"]
+        return len(rows), (rows[-1]["fingerprint"], rows[-1]["id"])
 
     async def _evaluate(
         self,

@@ -50,6 +50,11 @@ CREATE TABLE dlqd_entry_state (
 -- fingerprint of its own policies.
 CREATE INDEX dlqd_entry_state_due_idx ON dlqd_entry_state (fingerprint, due_at)
     WHERE state = 'waiting';
+-- The periodic scan for rows of other policies: two range scans, below and
+-- above this replica's own fingerprint, whatever the number of its own rows.
+CREATE INDEX dlqd_entry_state_fingerprint_idx ON dlqd_entry_state (fingerprint, dlq_id)
+    WHERE state <> 'parked';
+
 -- Rows come and go with every replay: keep its statistics and visibility fresh.
 ALTER TABLE dlqd_entry_state SET (autovacuum_vacuum_scale_factor = 0.02,
                                   autovacuum_analyze_scale_factor = 0.02);

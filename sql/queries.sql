@@ -87,15 +87,16 @@ SELECT j.id, j.original_job_id, j.app_id, j.type, j.payload, j.error_reason, j.a
 -- a config change, or rows a replica with another config left behind.
 SELECT j.id, j.original_job_id, j.app_id, j.type, j.payload, j.error_reason, j.attempts,
        j.error_history, j.dlq_at, j.replayed_at, j.request_id, j.user_id,
-       s.failures, s.last_failure_at, s.last_error, s.state,
+       s.failures, s.last_failure_at, s.last_error, s.state, s.fingerprint,
        NULL::bigint AS seq, now() AS db_now
   FROM dlqd_entry_state s
   JOIN job_dlq j ON j.id = s.dlq_id
  WHERE s.state <> 'parked'
+   AND (s.fingerprint, s.dlq_id) > (%(after_fingerprint)s, %(after_id)s::uuid)
+   AND (%(below)s::text IS NULL OR s.fingerprint < %(below)s)
    AND s.fingerprint <> %(fingerprint)s
    AND j.replayed_at IS NULL
-   AND s.dlq_id > %(after_id)s
- ORDER BY s.dlq_id
+ ORDER BY s.fingerprint, s.dlq_id
  LIMIT %(limit)s
    FOR UPDATE OF s, j SKIP LOCKED
 

@@ -1,0 +1,81 @@
+"""The replayer in-process, one pass at a time, against a real database."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from dlqd.config import load_settings
+from dlqd.metrics import Metrics
+from dlqd.replayer import Replayer
+from dlqd.throttle import Throttle
+from tests.factories import INSERT_MANY, row_json
+
+pytestmark = pytest.mark.anyio
+
+HOLD_A = [{"name": "hold-a", "action": "park"}]
+HOLD_B = [{"name": "hold-b", "action": "park"}]
+NOTIFY_ALL = [{"name": "go", "target": {"kind": "notify", "channel": "replayed"}}]
+
+
+@pytest.fixture
+async def pool(db_url: str) -> AsyncIterator[AsyncConnectionPool[Any]]:
+    p: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        db_url,
+        min_size=1,
+        max_size=2,
+        kwargs={"autocommit": True, "row_factory": dict_row},
+        open=False,
+    )
+    await p.open()
+    yield p
+    await p.close()
+
+
+async def states(db_url: str) -> dict[str, int]:
+    async with await psycopg.AsyncConnection.connect(db_url) as conn:
+        cur = await conn.execute(
+            "SELECT state, count(*) FROM dlqd_entry_state GROUP BY state ORDER BY state"
+        )
+        return {state: int(n) for state, n in await cur.fetchall()}
+
+
+async def insert(db_url: str, prefix: str, n: int) -> None:
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        rows = [row_json(original_job_id=f"{prefix}{i}") for i in range(n)]
+        await conn.execute(INSERT_MANY, {"rows": Jsonb(rows)})
+
+
+async def fingerprints(db_url: str) -> set[str]:
+    async with await psycopg.AsyncConnection.connect(db_url) as conn:
+        cur = await conn.execute("SELECT DISTINCT fingerprint FROM dlqd_entry_state")
+        return {row[0] for row in await cur.fetchall()}
+
+
+@pytest.mark.parametrize(("old", "new"), [(HOLD_A, HOLD_B), (HOLD_B, HOLD_A)])
+async def test_a_policy_change_re_evaluates_rows_of_the_old_policies(
+    db_url: str, pool: AsyncConnectionPool[Any], old: Any, new: Any
+) -> None:
+    """Whether the new fingerprint sorts below or above the old one, the full
+    pass finds every row the old policies scheduled, across several pages."""
+    current = load_settings(database_url=db_url, policies=old, replay={"batch_size": 3})
+    replayer = Replayer(pool, lambda: current, Metrics(), Throttle(), anyio.Event())
+    await insert(db_url, "x", 7)
+    assert (await replayer.run_once(full=True)).parked == 7
+    assert await fingerprints(db_url) == {current.policies_fingerprint()}
+
+    current = load_settings(database_url=db_url, policies=new, replay={"batch_size": 3})
+    assert (await replayer.run_once(full=False)).parked == 0  # only full passes look back
+    assert (await replayer.run_once(full=True)).parked == 7
+    assert await fingerprints(db_url) == {current.policies_fingerprint()}
+
+    current = load_settings(database_url=db_url, policies=NOTIFY_ALL)
+    assert (await replayer.run_once(full=True)).replayed == 7
+    assert await states(db_url) == {}
