@@ -114,6 +114,16 @@ def stop(process: subprocess.Popen[bytes]) -> int:
     return process.wait(timeout=60)
 
 
+def wait_for(url: str, count_query: str, expected: int) -> None:
+    """Poll a count until it reaches ``expected``."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        while True:
+            row = conn.execute(count_query.encode()).fetchone()
+            if row is not None and row[0] == expected:
+                return
+            time.sleep(0.05)
+
+
 def peak_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -202,14 +212,7 @@ target = { kind = "notify", channel = "replayed" }
     try:
         wait_ready(port)
         started = time.perf_counter()
-        with psycopg.connect(url, autocommit=True) as conn:
-            while True:
-                row = conn.execute(
-                    "SELECT count(*) FROM dlqd_entry_state WHERE state = 'waiting'"
-                ).fetchone()
-                if row is not None and row[0] == waiting:
-                    break
-                time.sleep(0.2)
+        wait_for(url, "SELECT count(*) FROM dlqd_entry_state WHERE state = 'waiting'", waiting)
         scheduled = time.perf_counter() - started
         samples = measure_round_trips(url, rows)
     finally:
@@ -263,15 +266,9 @@ target = {{ kind = "sql", statement = "{SINK_STATEMENT}" }}
         url = seeded()
         processes = [start_daemon(url, config, workdir, concurrency) for _ in range(daemons)]
         started = time.perf_counter()
+        wait_for(url, "SELECT count(*) FROM job_dlq WHERE replayed_at IS NULL", 0)
+        wall = time.perf_counter() - started
         with psycopg.connect(url, autocommit=True) as conn:
-            while True:
-                row = conn.execute(
-                    "SELECT count(*) FROM job_dlq WHERE replayed_at IS NULL"
-                ).fetchone()
-                if row is not None and row[0] == 0:
-                    break
-                time.sleep(0.05)
-            wall = time.perf_counter() - started
             row = conn.execute(
                 "SELECT extract(epoch FROM max(replayed_at) - min(replayed_at)), "
                 "(SELECT count(*) FROM sink), (SELECT count(DISTINCT dlq_id) FROM sink) "

@@ -17,6 +17,7 @@ replicas, and a crash or a cancelled batch leaves no row half-replayed.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
@@ -168,6 +169,28 @@ def _policy_label(policy: Policy | None) -> str:
     return policy.name if policy else "manual"
 
 
+def log_event(
+    event: str,
+    entry: DlqEntry,
+    policy: str | None,
+    outcome: str,
+    *,
+    level: int = logging.INFO,
+    **extra: Any,
+) -> None:
+    """One structured event per decision or replay: ids and labels, never the payload."""
+    log.log(
+        level,
+        event,
+        dlq_id=str(entry.id),
+        app_id=entry.app_id,
+        type=entry.type,
+        policy=policy,
+        outcome=outcome,
+        **extra,
+    )
+
+
 async def execute_items(
     conn: Connection,
     items: Sequence[Item],
@@ -218,16 +241,7 @@ async def execute_items(
         replayed_at = {row["id"]: row["replayed_at"] for row in await cur.fetchall()}
     done = [i for i in succeeded if i.entry.id in replayed_at]
     for item in done:
-        label = _policy_label(item.policy)
-        log.info(
-            "replay",
-            dlq_id=str(item.entry.id),
-            app_id=item.entry.app_id,
-            type=item.entry.type,
-            policy=label,
-            outcome="replayed",
-            manual=manual,
-        )
+        log_event("replay", item.entry, _policy_label(item.policy), "replayed", manual=manual)
     if metrics is not None:
         by_label: dict[str, list[Item]] = defaultdict(list)
         for item in done:
@@ -260,13 +274,12 @@ async def execute_items(
                 last_error=error,
                 last_failure_at=db_now,
             )
-        log.warning(
+        log_event(
             "replay",
-            dlq_id=str(item.entry.id),
-            app_id=item.entry.app_id,
-            type=item.entry.type,
-            policy=label,
-            outcome="failed",
+            item.entry,
+            label,
+            "failed",
+            level=logging.WARNING,
             error=error,
             attempt=attempt,
             retry_at=due_at.isoformat() if due_at else None,
@@ -688,15 +701,7 @@ class Replayer:
 
     @staticmethod
     def _decision(entry: DlqEntry, policy: str | None, outcome: str, **extra: Any) -> None:
-        log.info(
-            "decision",
-            dlq_id=str(entry.id),
-            app_id=entry.app_id,
-            type=entry.type,
-            policy=policy,
-            outcome=outcome,
-            **extra,
-        )
+        log_event("decision", entry, policy, outcome, **extra)
 
     # ------------------------------------------------------------------ the loop
 

@@ -30,8 +30,11 @@ pytestmark = pytest.mark.anyio
 Conn = psycopg.AsyncConnection[dict[str, Any]]
 
 
-def sink_config(path: Path, extra: str = "", *, poll: str = "1h", policy: str = "") -> Path:
-    """A config replaying every row into the sink table, with the poll scan out of the way."""
+def daemon_config(
+    path: Path, policies: str, *, poll: str = "1h", extra: str = "", listen: str = ""
+) -> Path:
+    """A config file; the poll scan (1h) and the self-probe (1h) stay out of the
+    way unless a test asks for them, so only NOTIFY and catch-ups find rows."""
     return write_config(
         path / "dlqd.toml",
         f"""
@@ -39,13 +42,25 @@ def sink_config(path: Path, extra: str = "", *, poll: str = "1h", policy: str = 
 [listen]
 poll_interval = "{poll}"
 probe_interval = "1h"
+{listen}
 
-{policy}
+{policies}
+""",
+    )
 
+
+def sink_config(path: Path, extra: str = "", *, poll: str = "1h", listen: str = "") -> Path:
+    """Every row replayed into the sink table."""
+    return daemon_config(
+        path,
+        f"""
 [[policies]]
 name = "all"
 target = {{ kind = "sql", statement = "{SINK_STATEMENT}" }}
 """,
+        poll=poll,
+        extra=extra,
+        listen=listen,
     )
 
 
@@ -105,7 +120,7 @@ async def assert_sink_matches_replayed(db_url: str, expected: int | None = None)
 async def test_exactly_once_with_three_daemons_and_concurrent_writers(
     sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
 ) -> None:
-    config = sink_config(tmp_path, policy="")
+    config = sink_config(tmp_path)
     for _ in range(3):
         spawn(daemons, sink_db, config, tmp_path)
     for daemon in daemons:
@@ -199,11 +214,9 @@ async def test_listener_killed_mid_stream_reconnects_and_catches_up(
 async def test_delayed_replay_happens_at_its_due_time(
     sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
 ) -> None:
-    config = write_config(
-        tmp_path / "dlqd.toml",
+    config = daemon_config(
+        tmp_path,
         f"""
-[listen]
-poll_interval = "1h"
 [[policies]]
 name = "later"
 delay = "1500ms"
@@ -229,7 +242,7 @@ target = {{ kind = "sql", statement = "{SINK_STATEMENT}" }}
 async def test_max_replays_parks_the_next_return_until_a_manual_replay(
     sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
 ) -> None:
-    config = sink_config(tmp_path, policy="")
+    config = sink_config(tmp_path)
     config.write_text(config.read_text().replace('name = "all"', 'name = "all"\nmax_replays = 1'))
     daemon = spawn(daemons, sink_db, config, tmp_path)
     await daemon.wait_ready()
@@ -277,11 +290,9 @@ async def test_max_replays_parks_the_next_return_until_a_manual_replay(
 async def test_parked_and_unmatched_rows_stay_pending(
     sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
 ) -> None:
-    config = write_config(
-        tmp_path / "dlqd.toml",
+    config = daemon_config(
+        tmp_path,
         f"""
-[listen]
-poll_interval = "1h"
 [[policies]]
 name = "quarantine"
 match = {{ error_reason = ["poison"] }}
@@ -357,12 +368,9 @@ async def test_back_to_back_single_inserts_never_wait_for_the_poll(
 ) -> None:
     """Each row is inserted as soon as the previous one was replayed: a lost
     wake-up would leave a row waiting for the 1h poll and fail the deadline."""
-    config = write_config(
-        tmp_path / "dlqd.toml",
+    config = daemon_config(
+        tmp_path,
         """
-[listen]
-poll_interval = "1h"
-probe_interval = "1h"
 [[policies]]
 name = "ping"
 target = { kind = "notify", channel = "replayed" }
@@ -392,11 +400,9 @@ async def test_a_failing_row_retries_alone_while_its_batch_replays(
         "INSERT INTO sink (dlq_id, type, payload) VALUES (%(id)s, %(type)s, "
         "CASE WHEN %(original_job_id)s = 'bad' THEN (1/0)::text::jsonb ELSE %(payload)s END)"
     )
-    config = write_config(
-        tmp_path / "dlqd.toml",
+    config = daemon_config(
+        tmp_path,
         f"""
-[listen]
-poll_interval = "1h"
 [[policies]]
 name = "all"
 retry_delay = "100ms"
@@ -433,8 +439,7 @@ target = {{ kind = "sql", statement = "{statement}" }}
 async def test_poll_only_mode_and_http_endpoints(
     sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
 ) -> None:
-    config = sink_config(tmp_path, poll="200ms")
-    config.write_text(config.read_text().replace("[listen]", "[listen]\nenabled = false"))
+    config = sink_config(tmp_path, poll="200ms", listen="enabled = false")
     daemon = spawn(daemons, sink_db, config, tmp_path)
     await daemon.wait_ready()
     assert daemon.http("/healthz") == (200, "ok\n")
@@ -518,11 +523,9 @@ async def test_rate_limit_spaces_replays(
 async def test_circuit_breaker_pauses_a_failing_policy(
     sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
 ) -> None:
-    config = write_config(
-        tmp_path / "dlqd.toml",
+    config = daemon_config(
+        tmp_path,
         """
-[listen]
-poll_interval = "1h"
 [[policies]]
 name = "broken"
 retry_delay = "50ms"
