@@ -55,6 +55,9 @@ CREATE INDEX dlqd_entry_state_due_idx ON dlqd_entry_state (fingerprint, due_at)
 CREATE INDEX dlqd_entry_state_fingerprint_idx ON dlqd_entry_state (fingerprint, dlq_id)
     WHERE state <> 'parked';
 
+-- Rows parked by an event: counted by `dlqd status` and the metrics.
+CREATE INDEX dlqd_entry_state_parked_idx ON dlqd_entry_state (dlq_id) WHERE state = 'parked';
+
 -- Rows come and go with every replay: keep its statistics and visibility fresh.
 ALTER TABLE dlqd_entry_state SET (autovacuum_vacuum_scale_factor = 0.02,
                                   autovacuum_analyze_scale_factor = 0.02);

@@ -69,7 +69,9 @@ SELECT current_setting('server_version_num')::int AS server_version_num
 
 -- name: inbox_entries
 -- Rows inserted since dlqd last looked, in insertion order. Locked (inbox and
--- row) so that replicas split them and a manual replay waits for us.
+-- row) so that replicas split them and a manual replay waits for us. Driven by
+-- the inbox's primary key; a candidates CTE would be simpler to plan but lets
+-- replicas collide on the same unlocked candidates.
 SELECT j.id, j.original_job_id, j.app_id, j.type, j.payload, j.error_reason, j.attempts,
        j.error_history, j.dlq_at, j.replayed_at, j.request_id, j.user_id,
        coalesce(s.failures, 0) AS failures, s.last_failure_at, s.last_error, s.state,
@@ -85,19 +87,27 @@ SELECT j.id, j.original_job_id, j.app_id, j.type, j.payload, j.error_reason, j.a
 -- name: stale_entries
 -- Scheduled rows that other policies (another fingerprint) evaluated: after
 -- a config change, or rows a replica with another config left behind.
+-- Candidates from dlqd_entry_state_fingerprint_idx, as a range scan: rare
+-- work (policy changes), so replicas colliding on a candidate only shortens a
+-- page; the rest waits for the next periodic scan.
+WITH candidates AS MATERIALIZED (
+    SELECT fingerprint, dlq_id FROM dlqd_entry_state
+     WHERE state <> 'parked'
+       AND (fingerprint, dlq_id) > (%(after_fingerprint)s, %(after_id)s::uuid)
+       AND (%(below)s::text IS NULL OR fingerprint < %(below)s)
+       AND fingerprint <> %(fingerprint)s
+     ORDER BY fingerprint, dlq_id
+     LIMIT %(limit)s
+)
 SELECT j.id, j.original_job_id, j.app_id, j.type, j.payload, j.error_reason, j.attempts,
        j.error_history, j.dlq_at, j.replayed_at, j.request_id, j.user_id,
-       s.failures, s.last_failure_at, s.last_error, s.state, s.fingerprint,
+       s.failures, s.last_failure_at, s.last_error, s.state, c.fingerprint,
        NULL::bigint AS seq, now() AS db_now
-  FROM dlqd_entry_state s
-  JOIN job_dlq j ON j.id = s.dlq_id
- WHERE s.state <> 'parked'
-   AND (s.fingerprint, s.dlq_id) > (%(after_fingerprint)s, %(after_id)s::uuid)
-   AND (%(below)s::text IS NULL OR s.fingerprint < %(below)s)
-   AND s.fingerprint <> %(fingerprint)s
-   AND j.replayed_at IS NULL
- ORDER BY s.fingerprint, s.dlq_id
- LIMIT %(limit)s
+  FROM candidates c
+  JOIN dlqd_entry_state s ON s.dlq_id = c.dlq_id
+  JOIN job_dlq j ON j.id = c.dlq_id
+ WHERE s.state <> 'parked' AND s.fingerprint <> %(fingerprint)s AND j.replayed_at IS NULL
+ ORDER BY c.fingerprint, c.dlq_id
    FOR UPDATE OF s, j SKIP LOCKED
 
 -- name: delete_inbox
@@ -118,7 +128,7 @@ ON CONFLICT (dlq_id) DO NOTHING
 
 -- name: due_entries
 -- Scheduled rows whose time has come, oldest due first, skipping the policies
--- and tenants that are throttled right now.
+-- and tenants that are throttled right now (dlqd_entry_state_due_idx).
 SELECT j.id, j.original_job_id, j.app_id, j.type, j.payload, j.error_reason, j.attempts,
        j.error_history, j.dlq_at, j.replayed_at, j.request_id, j.user_id,
        s.failures, s.last_failure_at, s.last_error, s.policy AS scheduled_policy,
@@ -126,8 +136,8 @@ SELECT j.id, j.original_job_id, j.app_id, j.type, j.payload, j.error_reason, j.a
   FROM dlqd_entry_state s
   JOIN job_dlq j ON j.id = s.dlq_id
  WHERE s.state = 'waiting'
-   AND s.due_at <= now()
    AND s.fingerprint = %(fingerprint)s
+   AND s.due_at <= now()
    AND j.replayed_at IS NULL
    AND s.policy <> ALL (%(blocked_policies)s::text[])
    AND (s.policy, j.app_id) NOT IN (
@@ -211,10 +221,14 @@ SELECT app_id, type, error_reason, attempts, count(*) AS pending
  GROUP BY app_id, type, error_reason, attempts
 
 -- name: status_event_parked
+-- From the (small) parked set, never from job_dlq.
+WITH parked AS MATERIALIZED (
+    SELECT dlq_id FROM dlqd_entry_state WHERE state = 'parked'
+)
 SELECT j.app_id, j.type, j.error_reason, j.attempts, count(*) AS parked
-  FROM dlqd_entry_state s
-  JOIN job_dlq j ON j.id = s.dlq_id
- WHERE s.state = 'parked' AND j.replayed_at IS NULL
+  FROM parked p
+  JOIN job_dlq j ON j.id = p.dlq_id
+ WHERE j.replayed_at IS NULL
  GROUP BY j.app_id, j.type, j.error_reason, j.attempts
 
 -- name: notification_queue_usage
