@@ -90,7 +90,8 @@ class Listener:
                     await self._consume(conn)
                 finally:
                     self._set_connected(False)
-                    await conn.close()
+                    with anyio.CancelScope(shield=True):  # close even when shutting down
+                        await conn.close()
             except (psycopg.Error, DatabaseUnavailable, ListenerDeaf, OSError) as exc:
                 if up_since is not None:
                     backoff.healthy(anyio.current_time() - up_since)
