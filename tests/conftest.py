@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import hypothesis
 import psycopg
 import pytest
 from psycopg import sql
@@ -29,6 +30,10 @@ from dlqd.db import connect
 from dlqd.migrations import migrate
 from dlqd.pgcluster import Cluster
 from dlqd.queries import sql_dir
+
+# Correctness, not speed: a loaded CI machine must not fail an example on time.
+hypothesis.settings.register_profile("dlqd", deadline=None, print_blob=True)
+hypothesis.settings.load_profile("dlqd")
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 ROOT = Path(__file__).resolve().parent.parent
