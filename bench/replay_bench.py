@@ -176,13 +176,29 @@ poll_interval = "1h"
 name = "ping"
 target = { kind = "notify", channel = "replayed" }
 """
+    samples = daemon_round_trips(url, config, rows, workdir)
+    print(f"insert->replay via dlqd (notify target):   {percentiles(samples)}")
+
+
+def daemon_round_trips(
+    url: str, config: str, rows: int, workdir: Path, waiting: int | None = None
+) -> list[float]:
+    """Start a daemon, wait until ``waiting`` rows are scheduled (if given), measure."""
     process, port = start_daemon(url, config, workdir)
     try:
         wait_ready(port)
-        samples = measure_round_trips(url, rows)
+        if waiting is not None:
+            started = time.perf_counter()
+            query = "SELECT count(*) FROM dlqd_entry_state WHERE state = 'waiting'"
+            wait_for(url, query, waiting)
+            scheduled = time.perf_counter() - started
+            print(
+                f"scheduling {waiting} delayed rows: {scheduled:.1f} s = "
+                f"{waiting / scheduled:,.0f} rows/s"
+            )
+        return measure_round_trips(url, rows)
     finally:
         stop(process)
-    print(f"insert->replay via dlqd (notify target):   {percentiles(samples)}")
 
 
 def latency_with_waiting(
@@ -208,18 +224,7 @@ target = { kind = "notify", channel = "never" }
 name = "ping"
 target = { kind = "notify", channel = "replayed" }
 """
-    process, port = start_daemon(url, config, workdir)
-    try:
-        wait_ready(port)
-        started = time.perf_counter()
-        wait_for(url, "SELECT count(*) FROM dlqd_entry_state WHERE state = 'waiting'", waiting)
-        scheduled = time.perf_counter() - started
-        samples = measure_round_trips(url, rows)
-    finally:
-        stop(process)
-    print(
-        f"scheduling {waiting} delayed rows: {scheduled:.1f} s = {waiting / scheduled:,.0f} rows/s"
-    )
+    samples = daemon_round_trips(url, config, rows, workdir, waiting)
     print(f"insert->replay with {waiting} rows waiting:  {percentiles(samples)}")
 
 

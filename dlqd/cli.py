@@ -21,6 +21,7 @@ from dlqd.config import Settings, load_settings
 from dlqd.errors import ConfigError, DlqdError, NotFound
 from dlqd.logs import configure_logging
 from dlqd.output import print_json, print_table
+from dlqd.repository import PendingFilter
 
 Handler = Callable[[argparse.Namespace, Settings], Awaitable[int]]
 _HANDLERS: dict[str, Handler] = {}
@@ -179,20 +180,16 @@ async def _migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 @command("check")
 async def _check(args: argparse.Namespace, settings: Settings) -> int:
-    from dlqd.db import connection, describe_dsn
+    from dlqd.db import connection
     from dlqd.migrations import require_current_schema
-    from dlqd.queries import q
     from dlqd.replayer import check_supported_targets, sql_target_problems
 
     check_supported_targets(settings)
-    targets = {settings.dsn, settings.listen_dsn}
-    for dsn in sorted(targets):
-        async with connection(dsn, application_name="dlqd check") as conn:
-            cur = await conn.execute(q("ping"))
-            row = await cur.fetchone()
-            version = row["server_version_num"] if row else "?"
-            print(f"database {describe_dsn(dsn)}: reachable (server_version_num {version})")
+    if settings.listen_dsn != settings.dsn:
+        async with connection(settings.listen_dsn, application_name="dlqd check") as conn:
+            await _print_reachable(conn, settings.listen_dsn)
     async with connection(settings.dsn, autocommit=True, application_name="dlqd check") as conn:
+        await _print_reachable(conn, settings.dsn)
         await require_current_schema(conn)
         print("schema: up to date")
         problems = await sql_target_problems(conn, settings)
@@ -202,9 +199,17 @@ async def _check(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _filter(args: argparse.Namespace) -> Any:
-    from dlqd.repository import PendingFilter
+async def _print_reachable(conn: Any, dsn: str) -> None:
+    from dlqd.db import describe_dsn
+    from dlqd.queries import q
 
+    cur = await conn.execute(q("ping"))
+    row = await cur.fetchone()
+    version = row["server_version_num"] if row else "?"
+    print(f"database {describe_dsn(dsn)}: reachable (server_version_num {version})")
+
+
+def _filter(args: argparse.Namespace) -> PendingFilter:
     return PendingFilter(app_id=args.app_id, type=args.type, error_reason=args.error_reason)
 
 
@@ -343,7 +348,7 @@ async def _replay(args: argparse.Namespace, settings: Settings) -> int:
     from dlqd.errors import UsageError
     from dlqd.operations import manual_replay
     from dlqd.replayer import check_supported_targets
-    from dlqd.repository import PendingFilter, parse_entry_id
+    from dlqd.repository import parse_entry_id
 
     filters = args.app_id is not None or args.type is not None or args.error_reason is not None
     chosen = sum([bool(args.ids), filters, args.all])

@@ -5,6 +5,7 @@ Every key and default here is part of the contract in DESIGN section 5.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -313,8 +314,9 @@ class Settings(BaseSettings):
     def target_for(self, policy: Policy) -> SqlTarget | NotifyTarget | HttpTarget | None:
         return policy.target or self.replay.default_target
 
+    @functools.cached_property
     def policies_fingerprint(self) -> str:
-        """A hash of everything that decides a row's schedule.
+        """A hash of everything that decides a row's schedule (computed once: frozen).
 
         Stored beside each computed due time so that a config change (or a
         replica running another config) re-evaluates the rows.

@@ -17,7 +17,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from dlqd import __version__
 from dlqd.config import Settings, load_settings
-from dlqd.db import connect, describe_dsn
+from dlqd.db import connect, describe_dsn, password_of
 from dlqd.errors import ConfigError
 from dlqd.httpserver import Response, serve
 from dlqd.listener import Listener
@@ -66,7 +66,7 @@ class Daemon:
         settings = self._settings
         for dsn in (settings.dsn, settings.listen_dsn):
             register_secret(dsn)
-            register_secret(_password(dsn))
+            register_secret(password_of(dsn))
         check_supported_targets(settings)
         # Refuse to start against a database we cannot reach (exit 69): later
         # outages are ridden out with backoff.
@@ -196,12 +196,12 @@ class Daemon:
         except ConfigError as exc:
             log.error("config reload refused: keeping the running config", error=str(exc))
             return
-        before = self._settings.policies_fingerprint()
+        before = self._settings.policies_fingerprint
         self._settings = new
         log.info(
             "config reloaded",
             policies=len(new.policies),
-            policies_changed=before != new.policies_fingerprint(),
+            policies_changed=before != new.policies_fingerprint,
         )
         self.wakeup.set()  # re-evaluate rows under the new policies
 
@@ -307,16 +307,6 @@ class Daemon:
         if problems:
             return 503, "text/plain; charset=utf-8", ("; ".join(problems) + "\n").encode()
         return 200, "text/plain; charset=utf-8", b"ready\n"
-
-
-def _password(dsn: str) -> str | None:
-    from psycopg.conninfo import conninfo_to_dict
-
-    try:
-        value = conninfo_to_dict(dsn).get("password")
-    except Exception:  # noqa: BLE001 - an invalid DSN has no password to hide
-        return None
-    return str(value) if value else None
 
 
 async def run_daemon(settings: Settings, config_file: str | Path | None) -> int:

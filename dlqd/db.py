@@ -31,15 +31,21 @@ def describe_dsn(dsn: str) -> str:
     return f"{host}:{port}/{dbname}"
 
 
+def password_of(dsn: str) -> str | None:
+    """The password a connection string carries, if any (to keep it out of output)."""
+    try:
+        value = conninfo_to_dict(dsn).get("password")
+    except psycopg.ProgrammingError:
+        return None
+    return str(value) if value else None
+
+
 def scrub(message: str, dsn: str) -> str:
     """Remove the DSN and its password from ``message``, wherever they appear."""
-    try:
-        password = conninfo_to_dict(dsn).get("password")
-    except psycopg.ProgrammingError:
-        password = None
+    password = password_of(dsn)
     message = message.replace(dsn, describe_dsn(dsn))
     if password:
-        message = message.replace(str(password), "***")
+        message = message.replace(password, "***")
     return message
 
 

@@ -121,7 +121,7 @@ async def manual_replay(
             if dry_run:
                 result.replayed += len(items)
                 continue
-            writes = Writes(settings.policies_fingerprint())
+            writes = Writes(settings.policies_fingerprint)
             done, failures = await execute_items(
                 conn, items, writes, None, db_now=pending[0]["db_now"], manual=True
             )

@@ -33,7 +33,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from dlqd.backoff import Backoff
 from dlqd.config import HttpTarget, NotifyTarget, Policy, Settings, SqlTarget
-from dlqd.errors import DatabaseUnavailable
+from dlqd.errors import ConfigError, DatabaseUnavailable
 from dlqd.logs import get_logger
 from dlqd.metrics import Metrics
 from dlqd.models import DlqEntry
@@ -349,7 +349,7 @@ class Replayer:
         config change, or left by a replica running another config).
         """
         settings = self.settings()
-        fingerprint = settings.policies_fingerprint()
+        fingerprint = settings.policies_fingerprint
         result = PassResult()
         batch = settings.replay.batch_size
         # one connection for the whole pass: each page is its own transaction
@@ -723,7 +723,7 @@ class Replayer:
             flag.clear()
             settings = self.settings()
             poll = settings.listen.poll_interval.total_seconds()
-            fingerprint = settings.policies_fingerprint()
+            fingerprint = settings.policies_fingerprint
             started = anyio.current_time()
             # the periodic scan: at start, every poll interval, and when the policies change
             full = fingerprint != last_fingerprint or started - last_full >= poll
@@ -783,7 +783,6 @@ async def sql_target_problems(conn: Connection, settings: Settings) -> list[str]
 
 def check_supported_targets(settings: Settings) -> None:
     """Refuse targets this release cannot replay into (``http`` comes later)."""
-    from dlqd.errors import ConfigError
 
     if isinstance(settings.replay.default_target, HttpTarget):
         raise ConfigError("replay.default_target: kind 'http' is not supported by this release")

@@ -23,7 +23,7 @@ import hypothesis
 import psycopg
 import pytest
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 
 from dlqd.db import connect
@@ -173,8 +173,3 @@ def dlqd_cli(
         check=False,
         cwd=ROOT,
     )
-
-
-def dsn_password(url: str) -> str | None:
-    value = conninfo_to_dict(url).get("password")
-    return str(value) if value is not None else None

@@ -229,5 +229,5 @@ def test_policies_fingerprint_tracks_policy_changes(monkeypatch: pytest.MonkeyPa
     a = load_settings(policies=[park])
     b = load_settings(policies=[park], metrics_port=1)
     c = load_settings(policies=[{**park, "match": {"type": ["x"]}}])
-    assert a.policies_fingerprint() == b.policies_fingerprint()
-    assert a.policies_fingerprint() != c.policies_fingerprint()
+    assert a.policies_fingerprint == b.policies_fingerprint
+    assert a.policies_fingerprint != c.policies_fingerprint

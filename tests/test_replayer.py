@@ -69,12 +69,12 @@ async def test_a_policy_change_re_evaluates_rows_of_the_old_policies(
     replayer = Replayer(pool, lambda: current, Metrics(), Throttle(), anyio.Event())
     await insert(db_url, "x", 7)
     assert (await replayer.run_once(full=True)).parked == 7
-    assert await fingerprints(db_url) == {current.policies_fingerprint()}
+    assert await fingerprints(db_url) == {current.policies_fingerprint}
 
     current = load_settings(database_url=db_url, policies=new, replay={"batch_size": 3})
     assert (await replayer.run_once(full=False)).parked == 0  # only full passes look back
     assert (await replayer.run_once(full=True)).parked == 7
-    assert await fingerprints(db_url) == {current.policies_fingerprint()}
+    assert await fingerprints(db_url) == {current.policies_fingerprint}
 
     current = load_settings(database_url=db_url, policies=NOTIFY_ALL)
     assert (await replayer.run_once(full=True)).replayed == 7
