@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import sys
 import traceback
 from collections.abc import Awaitable, Callable
@@ -18,9 +19,9 @@ import anyio
 
 from dlqd import __version__
 from dlqd.config import Settings, load_settings
-from dlqd.errors import ConfigError, DlqdError, NotFound
+from dlqd.errors import ConfigError, DlqdError, NotFound, SchemaOutdated
 from dlqd.logs import configure_logging
-from dlqd.output import print_json, print_table
+from dlqd.output import print_json, print_raw_json, print_table, safe
 from dlqd.repository import PendingFilter
 
 Handler = Callable[[argparse.Namespace, Settings], Awaitable[int]]
@@ -65,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     list_ = add("list", help="pending rows, keyset-paginated")
     _add_filters(list_)
-    list_.add_argument("--limit", type=_positive_int, default=50)
+    list_.add_argument(
+        "--limit", type=_page_size, default=50, help="rows per page, 1 to 10000 (default 50)"
+    )
     list_.add_argument("--cursor", help="next_cursor printed by the previous page")
     list_.add_argument("--json", action="store_true")
 
@@ -87,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     explain = add("explain", help="which policy matches a row, and when it is due")
     explain.add_argument("id")
+    explain.add_argument("--json", action="store_true")
     return parser
 
 
@@ -96,13 +100,16 @@ def _add_filters(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--error-reason")
 
 
-def _positive_int(text: str) -> int:
+MAX_PAGE = 10_000
+
+
+def _page_size(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text[:40]!r}") from None
+    if not 1 <= value <= MAX_PAGE:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_PAGE}")
     return value
 
 
@@ -110,9 +117,9 @@ def _positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be greater than 0")
+        raise argparse.ArgumentTypeError(f"expected a number, got {text[:40]!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError("must be a finite number greater than 0")
     return value
 
 
@@ -145,12 +152,27 @@ def main(argv: list[str] | None = None) -> int:
 
 async def _unwrapping_groups(handler: Handler, args: argparse.Namespace, settings: Settings) -> int:
     """Task groups wrap errors in exception groups; the operator wants the error."""
+    import psycopg
+
     try:
         return await handler(args, settings)
     except BaseExceptionGroup as group:
         leaves = list(_leaves(group))
         chosen = next((e for e in leaves if isinstance(e, DlqdError)), leaves[0])
         raise chosen from group
+    except (
+        psycopg.errors.UndefinedTable,
+        psycopg.errors.UndefinedFunction,
+        psycopg.errors.UndefinedColumn,
+    ):
+        raise SchemaOutdated("database schema is not up to date: run `dlqd migrate`") from None
+    except psycopg.errors.InsufficientPrivilege as exc:
+        from dlqd.replay.targets import error_line
+
+        raise DlqdError(
+            f"{error_line(exc)}: this role lacks a grant dlqd needs; as an administrator, "
+            "apply sql/roles.sql and connect as role dlqd"
+        ) from None
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
@@ -182,7 +204,7 @@ async def _migrate(args: argparse.Namespace, settings: Settings) -> int:
 async def _check(args: argparse.Namespace, settings: Settings) -> int:
     from dlqd.db import connection
     from dlqd.migrations import require_current_schema
-    from dlqd.replayer import check_supported_targets, sql_target_problems
+    from dlqd.replay.checks import check_supported_targets, sql_target_problems
 
     check_supported_targets(settings)
     if settings.listen_dsn != settings.dsn:
@@ -194,7 +216,7 @@ async def _check(args: argparse.Namespace, settings: Settings) -> int:
         print("schema: up to date")
         problems = await sql_target_problems(conn, settings)
     if problems:
-        raise ConfigError("invalid configuration: " + "; ".join(problems))
+        raise ConfigError("invalid configuration: " + "; ".join(text for text, _ in problems))
     print(f"config: ok ({len(settings.policies)} policies)")
     return 0
 
@@ -221,15 +243,26 @@ async def _list(args: argparse.Namespace, settings: Settings) -> int:
     async with connection(settings.dsn, application_name="dlqd list") as conn:
         page = await Repository(conn).list_pending(args.limit, args.cursor, _filter(args))
     if args.json:
-        print_json(
-            {"entries": [e.to_json() for e in page.entries], "next_cursor": page.next_cursor}
+        import json
+
+        documents = ",".join(row["document"] for row in page.rows)
+        print_raw_json(
+            ['{"entries":[', documents, '],"next_cursor":', json.dumps(page.next_cursor), "}"]
         )
         return 0
     print_table(
         ["id", "dlq_at", "app_id", "type", "error_reason", "attempts", "original_job_id"],
         [
-            [e.id, e.dlq_at, e.app_id, e.type, e.error_reason, e.attempts, e.original_job_id]
-            for e in page.entries
+            [
+                r["id"],
+                r["dlq_at"],
+                r["app_id"],
+                r["type"],
+                r["error_reason"],
+                r["attempts"],
+                r["original_job_id"],
+            ]
+            for r in page.rows
         ],
     )
     if page.next_cursor:
@@ -237,16 +270,22 @@ async def _list(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+_SHOWN_JSON_CHARS = 2000  # a payload on a terminal: its start, then --json for the rest
+
+
 @command("show")
 async def _show(args: argparse.Namespace, settings: Settings) -> int:
+    import json
+
     from dlqd.db import connection
     from dlqd.queries import q
-    from dlqd.repository import Repository, parse_entry_id
+    from dlqd.repository import parse_entry_id
 
     entry_id = parse_entry_id(args.id)
     async with connection(settings.dsn, application_name="dlqd show") as conn:
-        entry = await Repository(conn).get(entry_id)
-        if entry is None:
+        cur = await conn.execute(q("entry_document"), {"id": entry_id})
+        row = await cur.fetchone()
+        if row is None:
             raise NotFound(f"no job_dlq row with id {entry_id}")
         cur = await conn.execute(q("replay_history"), {"id": entry_id})
         history = await cur.fetchall()
@@ -255,25 +294,29 @@ async def _show(args: argparse.Namespace, settings: Settings) -> int:
         for h in history
     ]
     if args.json:
-        print_json({**entry.to_json(), "replays": replays})
+        from dlqd.output import _default
+
+        document = str(row["document"])
+        tail = json.dumps(replays, default=_default, ensure_ascii=False)
+        print_raw_json([document[:-1], ',"replays":', tail, "}"])
         return 0
-    document = entry.to_json()
-    width = max(len(k) for k in document)
-    for key, value in document.items():
-        shown = value if not isinstance(value, dict | list) else _compact_json(value)
-        print(f"{key.ljust(width)}  {'-' if shown is None else shown}")
+    fields = [
+        "id", "original_job_id", "app_id", "type", "payload", "error_reason", "attempts",
+        "error_history", "dlq_at", "replayed_at", "request_id", "user_id",
+    ]  # fmt: skip
+    width = max(len(k) for k in fields)
+    for key in fields:
+        value = row[key]
+        text = "-" if value is None else str(value)
+        if key in ("payload", "error_history") and len(text) > _SHOWN_JSON_CHARS:
+            text = f"{text[:_SHOWN_JSON_CHARS]}… ({len(text)} characters; --json shows all)"
+        print(f"{key.ljust(width)}  {safe(text)}")
     print()
     if replays:
         print_table(["at", "policy", "outcome", "error"], [list(r.values()) for r in replays])
     else:
         print("no replays yet")
     return 0
-
-
-def _compact_json(value: object) -> str:
-    import json
-
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 @command("run")
@@ -330,15 +373,17 @@ def _age(seconds: float | None) -> str:
 async def _explain(args: argparse.Namespace, settings: Settings) -> int:
     from dlqd.db import connection
     from dlqd.operations import explain
-    from dlqd.repository import Repository, parse_entry_id
+    from dlqd.repository import parse_entry_id
 
     entry_id = parse_entry_id(args.id)
     async with connection(settings.dsn, autocommit=True, application_name="dlqd explain") as conn:
-        entry = await Repository(conn).get(entry_id)
-        if entry is None:
-            raise NotFound(f"no job_dlq row with id {entry_id}")
-        lines = await explain(conn, settings, entry)
-    print("\n".join(lines))
+        explanation = await explain(conn, settings, entry_id)
+    if explanation is None:
+        raise NotFound(f"no job_dlq row with id {entry_id}")
+    if args.json:
+        print_json(explanation.to_json())
+    else:
+        print("\n".join(safe(line) for line in explanation.lines))
     return 0
 
 
@@ -347,7 +392,7 @@ async def _replay(args: argparse.Namespace, settings: Settings) -> int:
     from dlqd.db import connection
     from dlqd.errors import UsageError
     from dlqd.operations import manual_replay
-    from dlqd.replayer import check_supported_targets
+    from dlqd.replay.checks import check_supported_targets
     from dlqd.repository import parse_entry_id
 
     filters = args.app_id is not None or args.type is not None or args.error_reason is not None

@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import ipaddress
 import json
+import math
 import os
 import re
 import sys
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -30,30 +33,57 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
 from dlqd.errors import ConfigError
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
+_DURATION_RE = re.compile(r"^(?:\d+(?:\.\d+)?\s*(?:ms|s|m|h|d)\s*)+$")
+_ISO_RE = re.compile(
+    r"^P(?:(?P<d>\d+(?:\.\d+)?)D)?"
+    r"(?:T(?:(?P<h>\d+(?:\.\d+)?)H)?(?:(?P<m>\d+(?:\.\d+)?)M)?(?:(?P<s>\d+(?:\.\d+)?)S)?)?$"
+)
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+# no setting needs more; it keeps every due time representable
+MAX_DURATION_SECONDS = 100 * 365 * 86400
+_DURATION_HELP = "expected a duration like 500ms, 30s, 5m, 1h30m, 7d or PT30S"
+
+
+def _bounded(seconds: float) -> timedelta:
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError("a duration must be a finite, non-negative amount")
+    if seconds > MAX_DURATION_SECONDS:
+        raise ValueError("a duration must not exceed 100 years")
+    return timedelta(seconds=seconds)
 
 
 def parse_duration(value: object) -> timedelta:
-    """Parse ``500ms``, ``30s``, ``5m``, ``1h``, ``7d`` (or a number of seconds)."""
+    """Parse ``500ms``, ``30s``, ``5m``, ``1h30m``, ``7d``, ISO 8601 ``PT30S``, or seconds."""
     if isinstance(value, timedelta):
-        return value
+        return _bounded(value.total_seconds())
     if isinstance(value, bool):
-        raise ValueError("expected a duration like 500ms, 30s, 5m, 1h or 7d")
+        raise ValueError(_DURATION_HELP)
     if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("a duration must not be negative")
-        return timedelta(seconds=value)
+        return _bounded(float(value))
     if isinstance(value, str):
-        match = _DURATION_RE.match(value)
-        if match:
-            return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
-    raise ValueError("expected a duration like 500ms, 30s, 5m, 1h or 7d")
+        text = value.strip()
+        if text and _DURATION_RE.match(text):
+            seconds = sum(
+                float(amount) * _UNIT_SECONDS[unit] for amount, unit in _DURATION_PART.findall(text)
+            )
+            return _bounded(seconds)
+        iso = _ISO_RE.match(text.upper())
+        if iso and text.upper() not in ("P", "PT") and any(iso.groupdict().values()):
+            parts = {k: float(v) for k, v in iso.groupdict().items() if v}
+            return _bounded(
+                parts.get("d", 0) * 86400
+                + parts.get("h", 0) * 3600
+                + parts.get("m", 0) * 60
+                + parts.get("s", 0)
+            )
+    raise ValueError(_DURATION_HELP)
 
 
 def format_duration(value: timedelta) -> str:
@@ -131,7 +161,8 @@ class Match(_Frozen):
         return self
 
 
-_PLACEHOLDER_RE = re.compile(r"%\((\w+)\)s")
+# a literal % is written %%; a placeholder is %(column)s
+_PLACEHOLDER_RE = re.compile(r"%%|%\((\w+)\)s")
 
 
 class SqlTarget(_Frozen):
@@ -143,7 +174,8 @@ class SqlTarget(_Frozen):
     def _known_placeholders(cls, value: str) -> str:
         from dlqd.models import DlqEntry
 
-        unknown = sorted(set(_PLACEHOLDER_RE.findall(value)) - set(DlqEntry.model_fields))
+        named = {m.group(1) for m in _PLACEHOLDER_RE.finditer(value) if m.group(1)}
+        unknown = sorted(named - set(DlqEntry.model_fields))
         if unknown:
             raise ValueError(
                 f"unknown placeholder(s) {', '.join(unknown)}: use job_dlq columns "
@@ -162,6 +194,8 @@ class HttpTarget(_Frozen):
     url: str = Field(pattern=r"^https?://")
     timeout: Duration = timedelta(seconds=10)
     headers: dict[str, str] = Field(default_factory=dict)
+    max_in_flight: int = Field(default=10, ge=1, le=1000)
+    tls_verify: bool = True
 
 
 Target = Annotated[SqlTarget | NotifyTarget | HttpTarget, Field(discriminator="kind")]
@@ -185,6 +219,7 @@ class Policy(_Frozen):
     jitter: float = Field(default=0.0, ge=0.0, lt=1.0)
     retry_delay: Duration = timedelta(seconds=1)
     max_replays: int | None = Field(default=None, ge=0)
+    max_failures: int = Field(default=10, ge=1)
     rate_limit: Annotated[RateLimit | None, BeforeValidator(parse_rate)] = None
     rate_limit_per: Literal["policy", "app_id"] = "policy"
     circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker)
@@ -192,52 +227,126 @@ class Policy(_Frozen):
     target: Target | None = None
 
 
+def _at_least(minimum: timedelta, text: str) -> Any:
+    def check(value: timedelta | None) -> timedelta | None:
+        if value is not None and value < minimum:
+            raise ValueError(f"must be at least {text}")
+        return value
+
+    return check
+
+
 class ListenSettings(_Frozen):
     enabled: bool = True
-    poll_interval: Duration = timedelta(seconds=30)
-    probe_interval: Duration = timedelta(seconds=10)
-
-    @field_validator("poll_interval", "probe_interval")
-    @classmethod
-    def _positive(cls, value: timedelta) -> timedelta:
-        if value <= timedelta(0):
-            raise ValueError("must be greater than 0")
-        return value
+    poll_interval: Annotated[
+        Duration, AfterValidator(_at_least(timedelta(milliseconds=100), "100ms"))
+    ] = timedelta(seconds=30)
+    probe_interval: Annotated[
+        Duration, AfterValidator(_at_least(timedelta(milliseconds=100), "100ms"))
+    ] = timedelta(seconds=10)
 
 
 class ReplaySettings(_Frozen):
     batch_size: int = Field(default=500, ge=1, le=10000)
     concurrency: int = Field(default=1, ge=1, le=64)
     default_target: Target | None = None
+    # bound every replay transaction: a target blocked on a lock fails the
+    # batch (a failed attempt) instead of hanging the replayer
+    statement_timeout: Annotated[
+        Duration, AfterValidator(_at_least(timedelta(milliseconds=10), "10ms"))
+    ] = timedelta(seconds=10)
+    lock_timeout: Annotated[
+        Duration, AfterValidator(_at_least(timedelta(milliseconds=10), "10ms"))
+    ] = timedelta(seconds=2)
 
 
 def _validate_schedule(value: object) -> object:
-    if isinstance(value, str):
-        try:
-            if parse_duration(value) <= timedelta(0):
-                raise ValueError("a purge interval must be greater than 0")
-            return value
-        except ValueError as exc:
-            if len(value.split()) == 5:
-                return value.strip()
-            if "greater than 0" in str(exc):
-                raise
+    """An interval (at least 1s) or a 5-field cron expression checked by cronsim."""
+    if not isinstance(value, str):
         raise ValueError("expected an interval like 1h or a 5-field cron expression")
-    return value
+    text = value.strip()
+    try:
+        interval = parse_duration(text)
+    except ValueError:
+        pass
+    else:
+        if interval < timedelta(seconds=1):
+            raise ValueError("a purge interval must be at least 1s")
+        return text
+    if len(text.split()) != 5:
+        raise ValueError("expected an interval like 1h or a 5-field cron expression")
+    from cronsim import CronSim, CronSimError
+
+    try:
+        CronSim(text, datetime.now(UTC))
+    except CronSimError as exc:
+        raise ValueError(f"invalid cron expression: {exc}") from None
+    return text
 
 
 class PurgeSettings(_Frozen):
     schedule: Annotated[str, BeforeValidator(_validate_schedule)] = "1h"
     replayed_retention: Duration = timedelta(days=7)
-    pending_retention: Duration | None = None
-    batch_size: int = Field(default=10000, ge=1)
-    lock_timeout: Duration = timedelta(seconds=2)
+    pending_retention: Annotated[
+        Duration | None, AfterValidator(_at_least(timedelta(hours=1), "1h"))
+    ] = None
+    batch_size: int = Field(default=10000, ge=1, le=1_000_000)
+    lock_timeout: Annotated[
+        Duration, AfterValidator(_at_least(timedelta(milliseconds=10), "10ms"))
+    ] = timedelta(seconds=2)
+    # replay log rows older than this are trimmed; max_replays counts within it
+    log_retention: Annotated[Duration, AfterValidator(_at_least(timedelta(hours=1), "1h"))] = (
+        timedelta(days=30)
+    )
 
 
 class MetricsSettings(_Frozen):
-    refresh_interval: Duration = timedelta(seconds=5)
-    max_series: int = Field(default=500, ge=1)
+    refresh_interval: Annotated[Duration, AfterValidator(_at_least(timedelta(seconds=1), "1s"))] = (
+        timedelta(seconds=5)
+    )
+    max_series: int = Field(default=500, ge=1, le=100_000)
     tenant_label: bool = True
+
+
+_HOSTNAME_RE = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
+)
+# libpq options whose values must be whole numbers (checked here so that a
+# typo is a config error at once, not a connection failure after a timeout)
+_INT_OPTIONS = (
+    "connect_timeout",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_count",
+    "tcp_user_timeout",
+)
+_SSLMODES = {"disable", "allow", "prefer", "require", "verify-ca", "verify-full"}
+
+
+def dsn_problem(dsn: str) -> str | None:
+    """Why libpq would refuse this connection string, without echoing it; None if fine."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "is not a valid PostgreSQL connection string"
+    for key in _INT_OPTIONS:
+        value = params.get(key)
+        if value is not None and not str(value).strip().lstrip("-").isdigit():
+            return f"option {key} must be a whole number"
+    port = params.get("port")
+    if port is not None:
+        for part in str(port).split(","):
+            if part.strip() and not (part.strip().isdigit() and 0 < int(part) < 65536):
+                return "option port must be a number from 1 to 65535"
+    sslmode = params.get("sslmode")
+    if sslmode is not None and str(sslmode) not in _SSLMODES:
+        return "option sslmode must be one of " + ", ".join(sorted(_SSLMODES))
+    return None
 
 
 def _default_log_format() -> Literal["json", "console"]:
@@ -283,6 +392,21 @@ class Settings(BaseSettings):
             raise ValueError("must not be empty")
         if "://" in text and not text.startswith(("postgres://", "postgresql://")):
             raise ValueError("expected a postgresql:// URL or a libpq connection string")
+        problem = dsn_problem(text)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("metrics_host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+            return value
+        except ValueError:
+            pass
+        if not _HOSTNAME_RE.match(value):
+            raise ValueError("expected an IP address or a host name") from None
         return value
 
     @model_validator(mode="after")
@@ -358,7 +482,7 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
     for item in loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
-        elif item in ("sql", "notify", "http", "function-after[_validate_schedule(), str]"):
+        elif item in ("sql", "notify", "http") or "[" in item:
             continue  # discriminator tags and validator names are noise to an operator
         else:
             parts.append(("." if parts else "") + item)
@@ -396,6 +520,8 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
                 tomllib.load(handle)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path}: invalid TOML: {exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path}: invalid TOML: not UTF-8 text") from None
         except OSError as exc:
             raise ConfigError(f"config file {path}: {exc.strerror}") from None
     _CONFIG_FILE["path"] = path
@@ -403,5 +529,14 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         return Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(f"invalid configuration: {describe_validation_error(exc)}") from None
+    except SettingsError as exc:
+        # an environment variable holding a nested value that is not JSON
+        match = re.search(r'field "(\w+)"', str(exc))
+        name = match.group(1) if match else "config"
+        raise ConfigError(
+            f"invalid configuration: {name}: DLQD_{name.upper()} is not valid JSON"
+        ) from None
+    except (OverflowError, RecursionError, UnicodeError) as exc:
+        raise ConfigError(f"invalid configuration: {type(exc).__name__}") from None
     finally:
         _CONFIG_FILE.pop("path", None)

@@ -25,15 +25,12 @@ from dlqd.logs import get_logger, register_secret
 from dlqd.metrics import Metrics
 from dlqd.migrations import require_current_schema
 from dlqd.queries import q
-from dlqd.replayer import (
-    Replayer,
-    check_supported_targets,
-    sql_target_problems,
-    sweep_orphans,
-)
+from dlqd.replay.checks import check_supported_targets, sql_target_problems
+from dlqd.replay.evaluate import DryRunLedger
+from dlqd.replay.targets import error_line
+from dlqd.replay.worker import Replayer
 from dlqd.sdnotify import sd_notify, watchdog_interval
 from dlqd.status import collect_status
-from dlqd.targets import error_line
 from dlqd.throttle import Throttle
 from dlqd.wake import Wakeup
 
@@ -41,6 +38,19 @@ log = get_logger("dlqd.daemon")
 OTHER = "__other__"
 HEALTH_INTERVAL = 1.0  # seconds between database checks behind /readyz
 HEALTH_TIMEOUT = 2.0
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft limit on open files to the hard one: clients of the
+    metrics port must never starve the database connections of descriptors."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, OSError, ValueError):
+        pass  # not permitted or not POSIX: the HTTP connection cap still holds
 
 
 class Daemon:
@@ -64,6 +74,7 @@ class Daemon:
 
     async def run(self) -> int:
         settings = self._settings
+        raise_fd_limit()
         for dsn in (settings.dsn, settings.listen_dsn):
             register_secret(dsn)
             register_secret(password_of(dsn))
@@ -76,10 +87,15 @@ class Daemon:
         probe = await connect(settings.dsn, autocommit=True, application_name="dlqd preflight")
         try:
             await require_current_schema(probe)
-            # A target the job system has not deployed yet may appear later:
-            # warn, do not refuse (the circuit breaker guards the rest).
-            for problem in await sql_target_problems(probe, settings):
-                log.warning("sql target does not plan", problem=problem)
+            # Anything but exactly one plannable statement is refused. A target
+            # the job system has not deployed yet may appear later: warn only
+            # (failed attempts and the circuit breaker guard the rest).
+            problems = await sql_target_problems(probe, settings)
+            fatal = [text for text, syntax in problems if syntax]
+            if fatal:
+                raise ConfigError("invalid configuration: " + "; ".join(fatal))
+            for text, _ in problems:
+                log.warning("sql target does not plan", problem=text)
         finally:
             await probe.close()
 
@@ -112,7 +128,7 @@ class Daemon:
                     self.listener = Listener(self.settings, pool, self.wakeup, self.metrics)
                     await tg.start(self.listener.run)
                 workers_done: list[anyio.Event] = []
-                dry_run_seen: set[Any] = set()
+                dry_runs = DryRunLedger()
                 for _ in range(settings.replay.concurrency):
                     done = anyio.Event()
                     workers_done.append(done)
@@ -122,7 +138,7 @@ class Daemon:
                         self.metrics,
                         self.throttle,
                         self.stopping,
-                        dry_run_seen=dry_run_seen,
+                        dry_runs=dry_runs,
                     )
                     await tg.start(self._worker, replayer, done)
                 tg.start_soon(self._collector)
@@ -230,7 +246,8 @@ class Daemon:
         while True:
             try:
                 async with self.pool.connection() as conn:
-                    moved = await sweep_orphans(conn)
+                    cur = await conn.execute(q("enqueue_orphans"))
+                    moved = max(0, cur.rowcount)
                 if moved:
                     log.warning("rows found without an inbox entry", rows=moved)
                     self.wakeup.set()

@@ -33,3 +33,9 @@ class MigrationError(DlqdError):
 
 class NotFound(DlqdError, LookupError):
     """The requested row does not exist."""
+
+
+class SchemaOutdated(DlqdError):
+    """The database lacks migrations this release needs: run ``dlqd migrate``."""
+
+    exit_code = 78

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import anyio
-from anyio.abc import SocketAttribute, SocketStream, TaskStatus
+from anyio.abc import Listener, SocketAttribute, SocketStream, TaskStatus
 
 from dlqd.errors import DlqdError
 from dlqd.logs import get_logger
@@ -22,6 +22,11 @@ _REASONS = {
     503: "Service Unavailable",
 }
 _MAX_HEADER_BYTES = 16 * 1024
+# At most this many clients at once; the next waits in the kernel's backlog.
+# Whatever clients do (hold connections open, trickle bytes), the daemon keeps
+# its file descriptors for the database.
+MAX_CONNECTIONS = 64
+CONNECTION_DEADLINE = 10.0  # seconds a client may take for one request
 
 
 async def _read_head(stream: SocketStream) -> bytes:
@@ -59,9 +64,17 @@ async def serve(
             "(set metrics_host / metrics_port)"
         ) from None
 
+    slots = anyio.Semaphore(MAX_CONNECTIONS)
+
     async def handle(stream: SocketStream) -> None:
+        try:
+            await _handle(stream)
+        finally:
+            slots.release()
+
+    async def _handle(stream: SocketStream) -> None:
         async with stream:
-            with anyio.move_on_after(10):
+            with anyio.move_on_after(CONNECTION_DEADLINE):
                 try:
                     request_line = (await _read_head(stream)).split(b"\r\n", 1)[0]
                     parts = request_line.decode("latin-1").split()
@@ -80,9 +93,26 @@ async def serve(
                     await _respond(stream, status, ctype, body, method == "HEAD")
                 except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
                     return
+                except Exception as exc:  # noqa: BLE001 - no client may end the server
+                    log.warning("http request failed", error=type(exc).__name__)
 
-    async with listener:
+    async def accept_loop(sub: Listener[SocketStream]) -> None:
+        async with anyio.create_task_group() as tg:
+            while True:
+                await slots.acquire()  # a free slot before accepting the next client
+                try:
+                    stream = await sub.accept()  # type: ignore[attr-defined]
+                except OSError as exc:
+                    # out of descriptors (EMFILE), buffers, ...: never fatal
+                    slots.release()
+                    log.warning("http accept failed", error=exc.strerror or str(exc))
+                    await anyio.sleep(0.1)
+                    continue
+                tg.start_soon(handle, stream)
+
+    async with listener, anyio.create_task_group() as tg:
         bound = listener.extra(SocketAttribute.local_port)
         log.info("http listening", host=host, port=bound)
         task_status.started(bound)
-        await listener.serve(handle)
+        for sub in listener.listeners:
+            tg.start_soon(accept_loop, sub)

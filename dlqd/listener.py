@@ -25,7 +25,7 @@ from dlqd.db import connect
 from dlqd.errors import DatabaseUnavailable
 from dlqd.logs import get_logger
 from dlqd.metrics import Metrics
-from dlqd.targets import error_line
+from dlqd.replay.targets import error_line
 from dlqd.wake import Wakeup
 
 CHANNEL = "dlqd_job_dlq"

@@ -94,5 +94,10 @@ class Metrics:
             "pg_notification_queue_usage() on the server.",
             registry=r,
         )
+        self.last_pass_success_timestamp_seconds = Gauge(
+            "dlqd_last_pass_success_timestamp_seconds",
+            "Unix time at which a replayer pass last completed (an old value: a stalled replayer).",
+            registry=r,
+        )
         self.build_info = Gauge("dlqd_build_info", "dlqd's version.", ["version"], registry=r)
         self.build_info.labels(version=__version__).set(1)

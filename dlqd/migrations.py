@@ -10,7 +10,7 @@ from typing import Any
 
 import psycopg
 
-from dlqd.errors import MigrationError
+from dlqd.errors import MigrationError, SchemaOutdated
 from dlqd.queries import q, sql_dir
 
 _FILE_RE = re.compile(r"^(\d{3})_(\w+)\.sql$")
@@ -103,6 +103,6 @@ async def require_current_schema(conn: psycopg.AsyncConnection[dict[str, Any]]) 
     missing = await missing_migrations(conn)
     if missing:
         names = ", ".join(f"{m.version:03d}_{m.name}" for m in missing)
-        raise MigrationError(
+        raise SchemaOutdated(
             f"database schema is not up to date (missing {names}): run `dlqd migrate`"
         )

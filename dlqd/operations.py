@@ -14,11 +14,14 @@ import psycopg
 
 from dlqd.config import NotifyTarget, Policy, Settings, SqlTarget
 from dlqd.errors import DlqdError
-from dlqd.models import DlqEntry
-from dlqd.policy import Park, Replay, Unmatched, decide, mismatch
+from dlqd.policy import MatchLike, Park, Replay, Unmatched, decide, matches, mismatch
 from dlqd.queries import q
-from dlqd.replayer import Item, Writes, execute_items, replay_counts
-from dlqd.repository import PendingFilter, Repository
+from dlqd.replay.admission import replay_counts
+from dlqd.replay.batch import Batch, Item, apply, set_replay_timeouts, settle_split
+from dlqd.replay.evaluate import job_key
+from dlqd.replay.report import report
+from dlqd.replay.rows import Candidate
+from dlqd.repository import PendingFilter, decode_cursor
 
 Connection = psycopg.AsyncConnection[dict[str, Any]]
 
@@ -40,24 +43,22 @@ class ManualReplayResult:
 
 
 def manual_target(
-    entry: DlqEntry, settings: Settings
+    row: Candidate, settings: Settings
 ) -> tuple[Policy | None, SqlTarget | NotifyTarget]:
     """The target of the first matching policy that has one, else replay.default_target."""
-    from dlqd.policy import matches
-
-    for policy in settings.policies:
-        if policy.target is not None and matches(policy.match, entry):
-            target = policy.target
+    policy: Policy | None = None
+    target = settings.replay.default_target
+    for candidate in settings.policies:
+        if candidate.target is not None and matches(candidate.match, row):
+            policy, target = candidate, candidate.target
             break
-    else:
-        policy, target = None, settings.replay.default_target  # type: ignore[assignment]
     if target is None:
         raise DlqdError(
-            f"no target for row {entry.id}: no matching policy has a target and "
+            f"no target for row {row.id}: no matching policy has a target and "
             "replay.default_target is not set"
         )
     if not isinstance(target, SqlTarget | NotifyTarget):
-        raise DlqdError(f"row {entry.id}: kind {target.kind!r} is not supported by this release")
+        raise DlqdError(f"row {row.id}: kind {target.kind!r} is not supported by this release")
     return policy, target
 
 
@@ -68,15 +69,30 @@ async def _selected_ids(
         for start in range(0, len(ids), batch):
             yield list(ids[start : start + batch])
         return
-    repo = Repository(conn)
-    cursor = None
+    after: tuple[str | None, UUID | None] = (None, None)
     while True:
-        page = await repo.list_pending(batch, cursor, where)
-        if page.entries:
-            yield [e.id for e in page.entries]
-        cursor = page.next_cursor
-        if cursor is None:
+        cur = await conn.execute(
+            q("pending_ids"),
+            {
+                "after_dlq_at": after[0],
+                "after_id": after[1],
+                "app_id": where.app_id,
+                "type": where.type,
+                "error_reason": where.error_reason,
+                "limit": batch,
+            },
+        )
+        rows = await cur.fetchall()
+        if rows:
+            yield [row["id"] for row in rows]
+        if len(rows) < batch:
             return
+        after = (rows[-1]["dlq_at"], rows[-1]["id"])
+
+
+async def _locked(conn: Connection, ids: list[UUID]) -> list[dict[str, Any]]:
+    cur = await conn.execute(q("lock_entries"), {"ids": ids})
+    return await cur.fetchall()
 
 
 async def manual_replay(
@@ -90,7 +106,9 @@ async def manual_replay(
 ) -> ManualReplayResult:
     """Replay rows now, parked ones included, ignoring delays and max_replays.
 
-    ``conn`` is an autocommit connection: each chunk is its own transaction.
+    ``conn`` is an autocommit connection: each chunk is its own transaction,
+    counted only once it committed. ``rate`` spaces the chunks (never after
+    the last one).
     """
     result = ManualReplayResult(dry_run=dry_run)
     chunk = settings.replay.batch_size if rate is None else max(1, min(500, math.ceil(rate)))
@@ -98,39 +116,49 @@ async def manual_replay(
         # Resolve every target before replaying anything: a row without one is
         # an error for the whole command, never a partial replay.
         async for id_chunk in _selected_ids(conn, ids, where, chunk):
-            cur = await conn.execute(q("get_entries"), {"ids": id_chunk})
-            for row in await cur.fetchall():
-                if row["replayed_at"] is None:
-                    manual_target(DlqEntry.model_validate(row), settings)
+            for row in await _locked(conn, id_chunk):
+                if not row["replayed"]:
+                    manual_target(Candidate.from_row(row), settings)
+    previous: tuple[int, float] | None = None  # size and start of the chunk before
     async for id_chunk in _selected_ids(conn, ids, where, chunk):
+        if rate is not None and previous is not None:
+            size, started = previous
+            await anyio.sleep(max(0.0, size / rate - (anyio.current_time() - started)))
         started = anyio.current_time()
-        async with conn.transaction():
-            cur = await conn.execute(q("lock_entries"), {"ids": id_chunk})
-            rows = await cur.fetchall()
-            found = {row["id"] for row in rows}
-            result.skipped += len(set(id_chunk) - found)
-            pending = [row for row in rows if row["replayed_at"] is None]
-            result.skipped += len(rows) - len(pending)
-            if not pending:
-                continue
-            items = []
-            for row in pending:
-                entry = DlqEntry.model_validate(row)
-                policy, target = manual_target(entry, settings)
-                items.append(Item(entry, policy, target))
-            if dry_run:
-                result.replayed += len(items)
-                continue
-            writes = Writes(settings.policies_fingerprint)
-            done, failures = await execute_items(
-                conn, items, writes, None, db_now=pending[0]["db_now"], manual=True
-            )
-            await writes.flush(conn)
-            result.replayed += len(done)
-            result.failed += len(failures)
-            result.skipped += len(items) - len(done) - len(failures)
-        if rate is not None:
-            await anyio.sleep(max(0.0, len(id_chunk) / rate - (anyio.current_time() - started)))
+        previous = (len(id_chunk), started)
+        batch: Batch | None = None
+        try:
+            async with conn.transaction():
+                await set_replay_timeouts(conn, settings)
+                rows = await _locked(conn, id_chunk)
+                result.skipped += len(set(id_chunk) - {row["id"] for row in rows})
+                pending = [Candidate.from_row(row) for row in rows if not row["replayed"]]
+                result.skipped += len(rows) - len(pending)
+                if not pending:
+                    continue
+                if dry_run:
+                    result.replayed += len(pending)
+                    continue
+                batch = Batch(settings.policies_fingerprint, rows[0]["db_now"], manual=True)
+                for candidate in pending:
+                    policy, target = manual_target(candidate, settings)
+                    batch.replay.append(Item(candidate, policy, target))
+                outcome = await apply(conn, batch, settings)
+        except psycopg.Error as exc:
+            if conn.broken or batch is None or isinstance(exc, psycopg.OperationalError):
+                raise
+            outcome = await settle_split(conn, batch, settings, exc)
+        report(
+            outcome,
+            None,
+            None,
+            anyio.current_time(),
+            duration=anyio.current_time() - started,
+            manual=True,
+        )
+        result.replayed += len(outcome.replayed)
+        result.failed += len(outcome.failed)
+        result.skipped += outcome.skipped
     return result
 
 
@@ -169,62 +197,128 @@ async def purge(conn: Connection, settings: Settings, *, dry_run: bool = False) 
             return total
 
 
-async def explain(conn: Connection, settings: Settings, entry: DlqEntry) -> list[str]:
-    """Which policy matches the row and why, its replay count and when it is due."""
-    lines = [f"row {entry.id} (original job {entry.original_job_id})"]
-    lines.append(
-        f"  app_id={entry.app_id!r} type={entry.type!r} error_reason={entry.error_reason!r} "
-        f"attempts={entry.attempts} dlq_at={entry.dlq_at.isoformat()}"
-    )
-    if entry.replayed_at is not None:
-        lines.append(f"already replayed at {entry.replayed_at.isoformat()}")
-    counts = await replay_counts(conn, [entry.original_job_id])
-    count = counts.get(entry.original_job_id, 0)
-    lines.append(f"replays of original job {entry.original_job_id}: {count}")
-    cur = await conn.execute(q("entry_state"), {"id": entry.id})
-    state = await cur.fetchone()
+@dataclass
+class Explanation:
+    """What ``dlqd explain`` says about one row (DESIGN section 6)."""
+
+    id: UUID
+    state: str  # new | waiting | parked | unmatched | replayed
+    policy: str | None
+    reason: str | None
+    replay_count: int
+    due_at: datetime | None
+    verdict: str  # replay | park | unmatched | replayed
+    lines: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": str(self.id),
+            "state": self.state,
+            "policy": self.policy,
+            "reason": self.reason,
+            "replay_count": self.replay_count,
+            "due_at": self.due_at.isoformat() if self.due_at else None,
+            "verdict": self.verdict,
+        }
+
+
+_STATES = {
+    "waiting": "waiting",
+    "parked_policy": "parked",
+    "parked": "parked",
+    "unmatched": "unmatched",
+}
+
+
+def _match_lines(settings: Settings, row: MatchLike) -> list[str]:
+    lines: list[str] = []
     for index, policy in enumerate(settings.policies):
-        why = mismatch(policy.match, entry)
+        why = mismatch(policy.match, row)
         if why is None:
             lines.append(f"policy #{index} {policy.name!r}: matches (action {policy.action})")
-            break
+            return lines
         lines.append(f"policy #{index} {policy.name!r}: no match: {why}")
-    if not settings.policies:
-        lines.append("no policies configured")
-    cur = await conn.execute("SELECT now() AS now")
-    now_row = await cur.fetchone()
-    now: datetime = now_row["now"] if now_row else entry.dlq_at
-    failures = state["failures"] if state else 0
+    lines.append("no policies configured" if not settings.policies else "no policy matches")
+    return lines
+
+
+async def explain(conn: Connection, settings: Settings, entry_id: UUID) -> Explanation | None:
+    """Which policy matches the row and why, its replay count and when it is due."""
+    cur = await conn.execute(q("entry_narrow"), {"id": entry_id})
+    data = await cur.fetchone()
+    if data is None:
+        return None
+    row = Candidate.from_row(data)
+    recorded = data["state"]
+    state = "replayed" if row.replayed else _STATES.get(recorded or "", "new")
+    lines = [f"row {row.id} (original job {row.original_job_id[:200]})"]
+    lines.append(
+        f"  app_id={row.app_id[:200]!r} type={row.type[:200]!r} "
+        f"error_reason={row.error_reason[:200]!r} attempts={row.attempts} "
+        f"dlq_at={data['dlq_at_text']}"
+    )
+    counts = await replay_counts(conn, [job_key(row)], settings.purge.log_retention)
+    count = counts.get(job_key(row), 0)
+    lines.append(f"replays of job {row.original_job_id[:200]} (app {row.app_id[:200]}): {count}")
+    lines.extend(_match_lines(settings, row))
+    explanation = Explanation(
+        row.id,
+        state,
+        data["scheduled_policy"],
+        data["parked_reason"],
+        count,
+        data["due_at"],
+        "park",
+        lines,
+    )
+    if row.replayed:
+        explanation.verdict = "replayed"
+        lines.append(f"verdict: replayed at {data['replayed_at_text']}: nothing left to do")
+        return explanation
+    if recorded == "parked":
+        lines.append(
+            f"verdict: parked by event ({data['parked_reason']}) until `dlqd replay {row.id}`"
+        )
+        if row.last_error:
+            lines.append(f"last error: {row.last_error}")
+        return explanation
+    if row.problem is not None:
+        explanation.reason = "invalid_row"
+        lines.append(f"verdict: invalid row ({row.problem}): the daemon parks it for a human")
+        return explanation
     decision = decide(
-        entry,
+        row,  # type: ignore[arg-type]  # dlq_at is set whenever problem is None
         settings.policies,
         count,
-        now,
-        failures=failures,
-        last_failure_at=state["last_failure_at"] if state else None,
+        data["db_now"],
+        failures=row.failures,
+        last_failure_at=row.last_failure_at,
     )
-    if state and state["state"] == "parked":
-        lines.append(
-            f"verdict: parked by event ({state['parked_reason']}) until `dlqd replay {entry.id}`"
-        )
-    elif isinstance(decision, Unmatched):
+    if isinstance(decision, Unmatched):
+        explanation.verdict = "unmatched"
         lines.append("verdict: unmatched: stays pending until the policies change")
     elif isinstance(decision, Park):
+        explanation.policy = decision.policy.name
+        explanation.reason = decision.reason
         if decision.reason == "policy":
             lines.append(f"verdict: parked by policy {decision.policy.name!r}")
         else:
             lines.append(f"verdict: parked: max_replays ({decision.policy.max_replays}) reached")
     elif isinstance(decision, Replay):
-        wait = (decision.due_at - now).total_seconds()
+        explanation.verdict = "replay"
+        explanation.policy = decision.policy.name
+        explanation.due_at = decision.due_at
+        wait = (decision.due_at - data["db_now"]).total_seconds()
         when = "now" if wait <= 0 else f"in {wait:.1f}s"
         lines.append(
             f"verdict: replay through policy {decision.policy.name!r} "
             f"at {decision.due_at.isoformat()} ({when})"
         )
-    if failures:
-        lines.append(
-            f"failed attempts: {failures}; last error: {state['last_error'] if state else ''}"
-        )
+    if row.failures:
+        lines.append(f"failed attempts: {row.failures}; last error: {row.last_error}")
     if settings.dry_run or (not isinstance(decision, Unmatched) and decision.policy.dry_run):
         lines.append("dry run: the daemon only logs this decision")
-    return lines
+    return explanation
+
+
+__all__ = ["ManualReplayResult", "decode_cursor", "explain", "manual_replay", "purge"]

@@ -24,6 +24,25 @@ def print_json(document: object, out: TextIO | None = None) -> None:
     out.write("\n")
 
 
+_CONTROL = {i: f"\\x{i:02x}" for i in [*range(0x20), 0x7F]}
+_CONTROL.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+# C1 controls (U+0080-U+009F) start terminal escape sequences too
+_CONTROL.update({i: f"\\u{i:04x}" for i in range(0x80, 0xA0)})
+
+
+def safe(text: str) -> str:
+    """``text`` with control characters escaped: a value can never drive the terminal."""
+    return text.translate(_CONTROL)
+
+
+def print_raw_json(parts: Sequence[str], out: TextIO | None = None) -> None:
+    """Write a document assembled from JSON texts that Postgres rendered (never decoded)."""
+    out = out or sys.stdout
+    for part in parts:
+        out.write(part)
+    out.write("\n")
+
+
 def _cell(value: Any, width: int) -> str:
     if value is None:
         text = "-"
@@ -33,7 +52,7 @@ def _cell(value: Any, width: int) -> str:
         text = f"{value:.1f}"
     else:
         text = str(value)
-    text = text.replace("\n", " ")
+    text = safe(text)
     return text if len(text) <= width else text[: width - 1] + "…"
 
 

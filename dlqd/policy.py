@@ -17,11 +17,9 @@ from uuid import UUID
 from dlqd.config import Match, Policy
 
 
-class EntryLike(Protocol):
-    """The columns a decision reads."""
+class MatchLike(Protocol):
+    """The columns a policy's ``match`` reads."""
 
-    @property
-    def id(self) -> UUID: ...
     @property
     def app_id(self) -> str: ...
     @property
@@ -30,6 +28,13 @@ class EntryLike(Protocol):
     def error_reason(self) -> str: ...
     @property
     def attempts(self) -> int: ...
+
+
+class EntryLike(MatchLike, Protocol):
+    """The columns a decision reads."""
+
+    @property
+    def id(self) -> UUID: ...
     @property
     def dlq_at(self) -> datetime: ...
 
@@ -66,7 +71,7 @@ def _any_glob(value: str, patterns: Sequence[str] | None) -> bool:
     return patterns is None or any(fnmatchcase(value, p) for p in patterns)
 
 
-def mismatch(match: Match, entry: EntryLike) -> str | None:
+def mismatch(match: Match, entry: MatchLike) -> str | None:
     """Why ``entry`` does not match (the first failing field), or None when it does."""
     for field, value, patterns in (
         ("app_id", entry.app_id, match.app_id),
@@ -74,7 +79,7 @@ def mismatch(match: Match, entry: EntryLike) -> str | None:
         ("error_reason", entry.error_reason, match.error_reason),
     ):
         if not _any_glob(value, patterns):
-            return f"{field} {value!r} matches none of {patterns}"
+            return f"{field} {value[:200]!r} matches none of {patterns}"
     if match.min_attempts is not None and entry.attempts < match.min_attempts:
         return f"attempts {entry.attempts} < min_attempts {match.min_attempts}"
     if match.max_attempts is not None and entry.attempts > match.max_attempts:
@@ -82,11 +87,11 @@ def mismatch(match: Match, entry: EntryLike) -> str | None:
     return None
 
 
-def matches(match: Match, entry: EntryLike) -> bool:
+def matches(match: Match, entry: MatchLike) -> bool:
     return mismatch(match, entry) is None
 
 
-def first_match(entry: EntryLike, policies: Sequence[Policy]) -> Policy | None:
+def first_match(entry: MatchLike, policies: Sequence[Policy]) -> Policy | None:
     for policy in policies:
         if matches(policy.match, entry):
             return policy

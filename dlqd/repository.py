@@ -6,7 +6,6 @@ import base64
 import binascii
 import json
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -20,29 +19,49 @@ from dlqd.queries import q
 Connection = psycopg.AsyncConnection[dict[str, Any]]
 
 
-def encode_cursor(dlq_at: datetime, entry_id: UUID) -> str:
-    """An opaque keyset cursor: the (dlq_at, id) of the last row of a page."""
-    raw = json.dumps([dlq_at.isoformat(), str(entry_id)], separators=(",", ":"))
+# A cursor is short: anything longer was not printed by us (and could be a
+# nesting bomb for the JSON decoder).
+_MAX_CURSOR = 256
+
+
+def encode_cursor(dlq_at: str, entry_id: UUID) -> str:
+    """An opaque keyset cursor: the (dlq_at, id) of the last row of a page.
+
+    ``dlq_at`` is Postgres's own ISO 8601 text, so that every timestamp
+    Postgres can store (infinity included) survives the round trip.
+    """
+    raw = json.dumps([dlq_at, str(entry_id)], separators=(",", ":"))
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
+def decode_cursor(cursor: str) -> tuple[str, UUID]:
+    """(dlq_at text, id) from a cursor; UsageError for anything we did not print."""
+    invalid = UsageError("invalid cursor: pass the next_cursor printed by a previous page")
+    if len(cursor) > _MAX_CURSOR:
+        raise invalid
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
-        dlq_at_text, id_text = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        dlq_at = datetime.fromisoformat(dlq_at_text)
-        if dlq_at.tzinfo is None:
-            raise ValueError("naive timestamp")
-        return dlq_at, UUID(id_text)
-    except (ValueError, TypeError, binascii.Error, json.JSONDecodeError):
-        raise UsageError(
-            "invalid cursor: pass the next_cursor printed by a previous page"
-        ) from None
+        value = json.loads(base64.urlsafe_b64decode(padded.encode()))
+    except (ValueError, TypeError, binascii.Error, RecursionError):
+        raise invalid from None
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not all(isinstance(v, str) for v in value)
+        or len(value[0]) > 64
+    ):
+        raise invalid
+    try:
+        return value[0], UUID(value[1])
+    except ValueError:
+        raise invalid from None
 
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    entries: list[DlqEntry]
+    """One page of pending rows, each rendered by Postgres as JSON text."""
+
+    rows: list[dict[str, Any]]
     next_cursor: str | None
 
 
@@ -90,26 +109,35 @@ class Repository:
         cursor: str | None = None,
         where: PendingFilter = PendingFilter(),
     ) -> Page:
-        """One page of pending rows in (dlq_at, id) order, never by OFFSET."""
+        """One page of pending rows in (dlq_at, id) order, never by OFFSET.
+
+        Rows come back as Postgres renders them (``document`` is the row as
+        JSON text): no payload is decoded, no timestamp converted.
+        """
         if limit < 1:
             raise UsageError("limit must be at least 1")
         after_at, after_id = decode_cursor(cursor) if cursor else (None, None)
-        cur = await self.conn.execute(
-            q("list_pending"),
-            {
-                "after_dlq_at": after_at,
-                "after_id": after_id,
-                "app_id": where.app_id,
-                "type": where.type,
-                "error_reason": where.error_reason,
-                # one extra row tells whether another page exists
-                "limit": limit + 1,
-            },
-        )
+        try:
+            cur = await self.conn.execute(
+                q("list_pending"),
+                {
+                    "after_dlq_at": after_at,
+                    "after_id": after_id,
+                    "app_id": where.app_id,
+                    "type": where.type,
+                    "error_reason": where.error_reason,
+                    # one extra row tells whether another page exists
+                    "limit": limit + 1,
+                },
+            )
+        except psycopg.errors.DataError:
+            # a cursor that decodes but whose timestamp Postgres does not accept
+            raise UsageError(
+                "invalid cursor: pass the next_cursor printed by a previous page"
+            ) from None
         rows = await cur.fetchall()
-        entries = [DlqEntry.model_validate(row) for row in rows[:limit]]
+        page = rows[:limit]
         next_cursor = None
         if len(rows) > limit:
-            last = entries[-1]
-            next_cursor = encode_cursor(last.dlq_at, last.id)
-        return Page(entries=entries, next_cursor=next_cursor)
+            next_cursor = encode_cursor(page[-1]["dlq_at"], page[-1]["id"])
+        return Page(rows=page, next_cursor=next_cursor)

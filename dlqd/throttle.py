@@ -35,6 +35,10 @@ class TokenBucket:
             return True
         return False
 
+    def give_back(self) -> None:
+        """A token taken for a row that did not run after all."""
+        self.tokens = min(self.rate.burst, self.tokens + 1.0)
+
     def seconds_until_token(self, now: float) -> float:
         self._refill(now)
         return max(0.0, (1.0 - self.tokens) / self.rate.per_second)
@@ -51,7 +55,8 @@ class Circuit:
     probing: bool = False
 
     def is_open(self, now: float) -> bool:
-        return self.open_until is not None and (now < self.open_until or self.probing)
+        """Open from the failure that opened it until a success closes it (half-open included)."""
+        return self.open_until is not None
 
     def admit(self, now: float) -> bool:
         """May one more row be attempted now?"""
@@ -67,16 +72,31 @@ class Circuit:
             return 0.0
         return max(0.0, self.open_until - now)
 
-    def record(self, success: bool, now: float) -> None:
+    def record(self, success: bool, now: float, *, evidence: bool = True) -> str | None:
+        """Record one attempt; ``"opened"`` or ``"closed"`` when the circuit changed.
+
+        Only ``evidence`` that the target is down counts towards opening it: a
+        timeout, or the failure of a row that never failed before. A row already
+        known to be bad failing again says nothing about the target (its own
+        failures end in ``max_failures``), so it neither opens the circuit nor
+        ends a half-open trial.
+        """
+        was_open = self.open_until is not None
         if success:
             self.consecutive_failures = 0
             self.open_until = None
             self.probing = False
-            return
+            return "closed" if was_open else None
+        if not evidence:
+            if self.probing:
+                self.probing = False  # inconclusive trial: another row may try
+            return None
         self.consecutive_failures += 1
         if self.probing or self.consecutive_failures >= self.config.failures:
             self.open_until = now + self.config.cool_down.total_seconds()
             self.probing = False
+            return None if was_open else "opened"
+        return None
 
 
 class Throttle:

@@ -23,15 +23,17 @@ RETURNING replayed_at
 
 -- name: list_pending
 -- Keyset pagination on (dlq_at, id), served by job_dlq_pending_dlq_at_id_idx.
-SELECT id, original_job_id, app_id, type, payload, error_reason, attempts,
-       error_history, dlq_at, replayed_at, request_id, user_id
-  FROM job_dlq
- WHERE replayed_at IS NULL
-   AND (%(after_dlq_at)s::timestamptz IS NULL OR (dlq_at, id) > (%(after_dlq_at)s, %(after_id)s::uuid))
-   AND (%(app_id)s::text IS NULL OR app_id = %(app_id)s)
-   AND (%(type)s::text IS NULL OR type = %(type)s)
-   AND (%(error_reason)s::text IS NULL OR error_reason = %(error_reason)s)
- ORDER BY dlq_at, id
+-- Rows are rendered by Postgres (see entry_document); dlq_at travels as text.
+SELECT j.id, j.original_job_id, j.app_id, j.type, j.error_reason, j.attempts,
+       to_json(j.dlq_at) #>> '{}' AS dlq_at, to_jsonb(j)::text AS document
+  FROM job_dlq j
+ WHERE j.replayed_at IS NULL
+   AND (%(after_dlq_at)s::timestamptz IS NULL
+        OR (j.dlq_at, j.id) > (%(after_dlq_at)s::timestamptz, %(after_id)s::uuid))
+   AND (%(app_id)s::text IS NULL OR j.app_id = %(app_id)s)
+   AND (%(type)s::text IS NULL OR j.type = %(type)s)
+   AND (%(error_reason)s::text IS NULL OR j.error_reason = %(error_reason)s)
+ ORDER BY j.dlq_at, j.id
  LIMIT %(limit)s
 
 -- name: migrations_lock
@@ -67,17 +69,27 @@ SELECT at, policy, outcome, error, manual
 -- name: ping
 SELECT current_setting('server_version_num')::int AS server_version_num
 
+-- The claim queries below return a *narrow* row: the columns a policy
+-- decides on, never payload or error_history (targets read those inside
+-- Postgres). A row that cannot be decided comes back with `problem` set, its
+-- dlq_at NULL and its key columns cut short, so nothing unreadable crosses
+-- into the daemon (dlqd_row_problem, migration 003).
+
 -- name: inbox_entries
 -- Rows inserted since dlqd last looked, in insertion order. Locked (inbox and
 -- row) so that replicas split them and a manual replay waits for us. Driven by
 -- the inbox's primary key; a candidates CTE would be simpler to plan but lets
 -- replicas collide on the same unlocked candidates.
-SELECT j.id, j.original_job_id, j.app_id, j.type, j.payload, j.error_reason, j.attempts,
-       j.error_history, j.dlq_at, j.replayed_at, j.request_id, j.user_id,
+SELECT j.id, left(j.original_job_id, 2049) AS original_job_id, left(j.app_id, 2049) AS app_id,
+       left(j.type, 2049) AS type, left(j.error_reason, 2049) AS error_reason, j.attempts,
+       CASE WHEN p.problem IS NULL THEN j.dlq_at END AS dlq_at, p.problem,
+       j.replayed_at IS NOT NULL AS replayed,
        coalesce(s.failures, 0) AS failures, s.last_failure_at, s.last_error, s.state,
-       i.seq, now() AS db_now
+       s.policy AS scheduled_policy, i.seq, now() AS db_now
   FROM dlqd_inbox i
   JOIN job_dlq j ON j.id = i.dlq_id
+  CROSS JOIN LATERAL (SELECT dlqd_row_problem(j.dlq_at, j.app_id, j.type, j.error_reason,
+                                              j.original_job_id) AS problem) p
   LEFT JOIN dlqd_entry_state s ON s.dlq_id = i.dlq_id
  WHERE i.seq > %(after_seq)s
  ORDER BY i.seq
@@ -99,13 +111,17 @@ WITH candidates AS MATERIALIZED (
      ORDER BY fingerprint, dlq_id
      LIMIT %(limit)s
 )
-SELECT j.id, j.original_job_id, j.app_id, j.type, j.payload, j.error_reason, j.attempts,
-       j.error_history, j.dlq_at, j.replayed_at, j.request_id, j.user_id,
-       s.failures, s.last_failure_at, s.last_error, s.state, c.fingerprint,
-       NULL::bigint AS seq, now() AS db_now
+SELECT j.id, left(j.original_job_id, 2049) AS original_job_id, left(j.app_id, 2049) AS app_id,
+       left(j.type, 2049) AS type, left(j.error_reason, 2049) AS error_reason, j.attempts,
+       CASE WHEN p.problem IS NULL THEN j.dlq_at END AS dlq_at, p.problem,
+       j.replayed_at IS NOT NULL AS replayed,
+       s.failures, s.last_failure_at, s.last_error, s.state, s.policy AS scheduled_policy,
+       c.fingerprint, NULL::bigint AS seq, now() AS db_now
   FROM candidates c
   JOIN dlqd_entry_state s ON s.dlq_id = c.dlq_id
   JOIN job_dlq j ON j.id = c.dlq_id
+  CROSS JOIN LATERAL (SELECT dlqd_row_problem(j.dlq_at, j.app_id, j.type, j.error_reason,
+                                              j.original_job_id) AS problem) p
  WHERE s.state <> 'parked' AND s.fingerprint <> %(fingerprint)s AND j.replayed_at IS NULL
  ORDER BY c.fingerprint, c.dlq_id
    FOR UPDATE OF s, j SKIP LOCKED
@@ -129,12 +145,16 @@ ON CONFLICT (dlq_id) DO NOTHING
 -- name: due_entries
 -- Scheduled rows whose time has come, oldest due first, skipping the policies
 -- and tenants that are throttled right now (dlqd_entry_state_due_idx).
-SELECT j.id, j.original_job_id, j.app_id, j.type, j.payload, j.error_reason, j.attempts,
-       j.error_history, j.dlq_at, j.replayed_at, j.request_id, j.user_id,
-       s.failures, s.last_failure_at, s.last_error, s.policy AS scheduled_policy,
-       now() AS db_now
+SELECT j.id, left(j.original_job_id, 2049) AS original_job_id, left(j.app_id, 2049) AS app_id,
+       left(j.type, 2049) AS type, left(j.error_reason, 2049) AS error_reason, j.attempts,
+       CASE WHEN p.problem IS NULL THEN j.dlq_at END AS dlq_at, p.problem,
+       false AS replayed,
+       s.failures, s.last_failure_at, s.last_error, s.state, s.policy AS scheduled_policy,
+       NULL::bigint AS seq, now() AS db_now
   FROM dlqd_entry_state s
   JOIN job_dlq j ON j.id = s.dlq_id
+  CROSS JOIN LATERAL (SELECT dlqd_row_problem(j.dlq_at, j.app_id, j.type, j.error_reason,
+                                              j.original_job_id) AS problem) p
  WHERE s.state = 'waiting'
    AND s.fingerprint = %(fingerprint)s
    AND s.due_at <= now()
@@ -155,16 +175,37 @@ SELECT extract(epoch FROM due_at - now())::float8 AS seconds
  LIMIT 1
 
 -- name: replay_counts
-SELECT original_job_id, count(*) AS replays
-  FROM dlqd_replay_log
- WHERE outcome = 'replayed' AND original_job_id = ANY (%(original_job_ids)s::text[])
- GROUP BY original_job_id
+-- Successful replays of each (app_id, original_job_id) within the log's
+-- retention (dlqd_replay_log_job_idx).
+SELECT u.app_id, u.original_job_id, count(*) AS replays
+  FROM unnest(%(app_ids)s::text[], %(original_job_ids)s::text[]) AS u(app_id, original_job_id)
+  JOIN dlqd_replay_log l ON l.app_id = u.app_id AND l.original_job_id = u.original_job_id
+ WHERE l.outcome = 'replayed' AND l.at > now() - %(retention)s::interval
+ GROUP BY u.app_id, u.original_job_id
 
 -- name: lock_original_jobs
--- Serialises replicas replaying returns of the same original job, so that
--- max_replays holds. Keys arrive sorted: no deadlock between replicas.
-SELECT count(pg_advisory_xact_lock(hashtextextended('dlqd:job:' || k, 0)))
-  FROM unnest(%(original_job_ids)s::text[]) WITH ORDINALITY AS u(k, n)
+-- Serialises replicas replaying returns of the same job of the same tenant,
+-- so that max_replays holds. Keys arrive sorted: no deadlock between replicas.
+SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0)))
+  FROM unnest(%(keys)s::text[]) WITH ORDINALITY AS u(k, n)
+
+-- name: relock_rows
+-- After a transaction failed at commit, the rows of one half of its batch,
+-- locked again: still pending, and (for the daemon) not parked meanwhile.
+SELECT j.id
+  FROM job_dlq j
+ WHERE j.id = ANY (%(ids)s::uuid[])
+   AND j.replayed_at IS NULL
+   AND (%(manual)s OR NOT EXISTS (SELECT FROM dlqd_entry_state s
+                                   WHERE s.dlq_id = j.id AND s.state = 'parked'))
+   FOR UPDATE OF j SKIP LOCKED
+
+-- name: replay_timeouts
+SELECT set_config('statement_timeout', %(statement_timeout)s, true),
+       set_config('lock_timeout', %(lock_timeout)s, true)
+
+-- name: constraints_immediate
+SET CONSTRAINTS ALL IMMEDIATE
 
 -- name: finish_replayed
 -- One round trip for the rows whose target succeeded: set replayed_at, drop
@@ -172,7 +213,7 @@ SELECT count(pg_advisory_xact_lock(hashtextextended('dlqd:job:' || k, 0)))
 WITH marked AS (
     UPDATE job_dlq SET replayed_at = now()
      WHERE id = ANY (%(ids)s::uuid[]) AND replayed_at IS NULL
-    RETURNING id, original_job_id, app_id, replayed_at
+    RETURNING id, original_job_id, app_id, dlq_at, replayed_at
 ), cleared AS (
     DELETE FROM dlqd_entry_state WHERE dlq_id IN (SELECT id FROM marked)
 ), logged AS (
@@ -181,13 +222,19 @@ WITH marked AS (
       FROM marked m
       JOIN unnest(%(ids)s::uuid[], %(policies)s::text[]) AS u(id, policy) ON u.id = m.id
 )
-SELECT id, replayed_at FROM marked
+SELECT id, CASE WHEN isfinite(dlq_at)
+                THEN extract(epoch FROM replayed_at - dlq_at)::float8 END AS lag_seconds
+  FROM marked
 
 -- name: log_outcomes
+-- Original job ids and tenants come from job_dlq itself: the daemon may hold
+-- only a shortened copy of an invalid row's key columns.
 INSERT INTO dlqd_replay_log (dlq_id, original_job_id, app_id, policy, outcome, error, manual)
-SELECT * FROM unnest(%(dlq_ids)s::uuid[], %(original_job_ids)s::text[], %(app_ids)s::text[],
-                     %(policies)s::text[], %(outcomes)s::text[], %(errors)s::text[],
-                     %(manual)s::boolean[])
+SELECT u.dlq_id, j.original_job_id, j.app_id, u.policy, u.outcome, u.error, u.manual
+  FROM unnest(%(dlq_ids)s::uuid[], %(policies)s::text[], %(outcomes)s::text[],
+              %(errors)s::text[], %(manual)s::boolean[])
+       AS u(dlq_id, policy, outcome, error, manual)
+  JOIN job_dlq j ON j.id = u.dlq_id
 
 -- name: upsert_states
 INSERT INTO dlqd_entry_state AS s (dlq_id, state, policy, fingerprint, due_at, parked_reason,
@@ -202,13 +249,21 @@ ON CONFLICT (dlq_id) DO UPDATE
        failures = excluded.failures, last_error = excluded.last_error,
        last_failure_at = excluded.last_failure_at, updated_at = now()
 
--- name: notify_many
-SELECT count(pg_notify(%(channel)s, m::text)) FROM jsonb_array_elements(%(messages)s) AS m
+-- name: notify_rows
+-- The notify target: one message per row, built inside Postgres, in batch order.
+SELECT count(pg_notify(%(channel)s, m))
+  FROM (SELECT json_build_object('id', j.id, 'original_job_id', j.original_job_id,
+                                 'app_id', j.app_id, 'type', j.type)::text AS m
+          FROM unnest(%(ids)s::uuid[]) WITH ORDINALITY AS u(id, n)
+          JOIN job_dlq j ON j.id = u.id
+         ORDER BY u.n) AS messages
 
 -- name: status_groups
 -- Index-only over job_dlq_pending_group_idx.
+-- Rows with an infinite dlq_at count as pending but have no age.
 SELECT app_id, type, error_reason, count(*) AS pending,
-       extract(epoch FROM now() - min(dlq_at))::float8 AS oldest_age
+       greatest(0, extract(epoch FROM now() - min(dlq_at) FILTER (WHERE isfinite(dlq_at))))::float8
+           AS oldest_age
   FROM job_dlq
  WHERE replayed_at IS NULL
  GROUP BY app_id, type, error_reason
@@ -241,14 +296,60 @@ SELECT state, policy, fingerprint, due_at, failures, last_error, last_failure_at
  WHERE dlq_id = %(id)s
 
 -- name: lock_entries
--- Manual replay waits for a daemon's batch in flight instead of skipping it,
--- then finds the row replayed and counts it as skipped.
-SELECT id, original_job_id, app_id, type, payload, error_reason, attempts,
-       error_history, dlq_at, replayed_at, request_id, user_id, now() AS db_now
+-- Manual replay: narrow rows like the claims, but waiting for a daemon's batch
+-- in flight instead of skipping it (it then finds the row replayed: skipped).
+SELECT j.id, left(j.original_job_id, 2049) AS original_job_id, left(j.app_id, 2049) AS app_id,
+       left(j.type, 2049) AS type, left(j.error_reason, 2049) AS error_reason, j.attempts,
+       CASE WHEN p.problem IS NULL THEN j.dlq_at END AS dlq_at, p.problem,
+       j.replayed_at IS NOT NULL AS replayed,
+       coalesce(s.failures, 0) AS failures, s.last_failure_at, s.last_error, s.state,
+       s.policy AS scheduled_policy, NULL::bigint AS seq, now() AS db_now
+  FROM job_dlq j
+  CROSS JOIN LATERAL (SELECT dlqd_row_problem(j.dlq_at, j.app_id, j.type, j.error_reason,
+                                              j.original_job_id) AS problem) p
+  LEFT JOIN dlqd_entry_state s ON s.dlq_id = j.id
+ WHERE j.id = ANY (%(ids)s::uuid[])
+ ORDER BY j.id
+   FOR UPDATE OF j
+
+-- name: entry_narrow
+-- One row as `dlqd explain` sees it: what a policy decides on, and its state.
+SELECT j.id, left(j.original_job_id, 2049) AS original_job_id, left(j.app_id, 2049) AS app_id,
+       left(j.type, 2049) AS type, left(j.error_reason, 2049) AS error_reason, j.attempts,
+       CASE WHEN p.problem IS NULL THEN j.dlq_at END AS dlq_at, p.problem,
+       to_json(j.dlq_at) #>> '{}' AS dlq_at_text, to_json(j.replayed_at) #>> '{}' AS replayed_at_text,
+       j.replayed_at IS NOT NULL AS replayed,
+       coalesce(s.failures, 0) AS failures, s.last_failure_at, s.last_error, s.state,
+       s.policy AS scheduled_policy, s.parked_reason, s.due_at, NULL::bigint AS seq,
+       (SELECT true FROM dlqd_inbox i WHERE i.dlq_id = j.id) AS in_inbox, now() AS db_now
+  FROM job_dlq j
+  CROSS JOIN LATERAL (SELECT dlqd_row_problem(j.dlq_at, j.app_id, j.type, j.error_reason,
+                                              j.original_job_id) AS problem) p
+  LEFT JOIN dlqd_entry_state s ON s.dlq_id = j.id
+ WHERE j.id = %(id)s
+
+-- name: entry_document
+-- One row for `dlqd show` and `dlqd list`, rendered by Postgres: the daemon
+-- never decodes a payload (nor a timestamp Python cannot hold). `document`
+-- is the row as JSON text; the other columns feed the human-readable form.
+SELECT j.id, j.original_job_id, j.app_id, j.type, j.error_reason, j.attempts,
+       to_json(j.dlq_at) #>> '{}' AS dlq_at, to_json(j.replayed_at) #>> '{}' AS replayed_at,
+       j.request_id, j.user_id, j.payload::text AS payload, j.error_history::text AS error_history,
+       to_jsonb(j)::text AS document
+  FROM job_dlq j
+ WHERE j.id = %(id)s
+
+-- name: pending_ids
+-- Keyset pages of pending rows for manual replay by filter: ids only.
+SELECT id, to_json(dlq_at) #>> '{}' AS dlq_at
   FROM job_dlq
- WHERE id = ANY (%(ids)s::uuid[])
+ WHERE replayed_at IS NULL
+   AND (%(after_dlq_at)s::timestamptz IS NULL OR (dlq_at, id) > (%(after_dlq_at)s, %(after_id)s::uuid))
+   AND (%(app_id)s::text IS NULL OR app_id = %(app_id)s)
+   AND (%(type)s::text IS NULL OR type = %(type)s)
+   AND (%(error_reason)s::text IS NULL OR error_reason = %(error_reason)s)
  ORDER BY dlq_at, id
-   FOR UPDATE
+ LIMIT %(limit)s
 
 -- name: purge_batch
 SELECT job_dlq_purge(%(replayed_before)s, %(pending_before)s, %(batch_size)s) AS deleted
@@ -259,9 +360,3 @@ SELECT count(*) AS n
  WHERE (replayed_at IS NOT NULL AND replayed_at < now() - %(replayed_before)s::interval)
     OR (%(pending_before)s::interval IS NOT NULL
         AND replayed_at IS NULL AND dlq_at < now() - %(pending_before)s::interval)
-
--- name: get_entries
-SELECT id, original_job_id, app_id, type, payload, error_reason, attempts,
-       error_history, dlq_at, replayed_at, request_id, user_id
-  FROM job_dlq
- WHERE id = ANY (%(ids)s::uuid[])

@@ -36,22 +36,28 @@ $$;
 
 GRANT USAGE ON SCHEMA public TO dlqd, dlqd_app;
 
--- The daemon reads, marks replayed (only that column), and purges.
-GRANT SELECT, DELETE ON job_dlq TO dlqd;
+-- The daemon reads, marks replayed (only that column), and purges through
+-- SECURITY DEFINER functions: it holds no DELETE on job_dlq, and cannot
+-- rewrite or erase its own audit trail (the replay log is insert-only).
+REVOKE DELETE, INSERT, TRUNCATE ON job_dlq FROM dlqd;
+GRANT SELECT ON job_dlq TO dlqd;
 GRANT UPDATE (replayed_at) ON job_dlq TO dlqd;
 GRANT EXECUTE ON FUNCTION job_dlq_purge(interval, interval, integer) TO dlqd;
 GRANT SELECT ON dlqd_schema_migrations TO dlqd;
 
--- Its own state tables (replay log, schedule, inbox), when present.
+-- Its own state: the replay log (append-only), the schedule and the inbox.
 DO $$
-DECLARE
-    t text;
 BEGIN
-    FOREACH t IN ARRAY ARRAY['dlqd_replay_log', 'dlqd_entry_state', 'dlqd_inbox'] LOOP
-        IF to_regclass(t) IS NOT NULL THEN
-            EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %I TO dlqd', t);
-        END IF;
-    END LOOP;
+    IF to_regclass('dlqd_replay_log') IS NOT NULL THEN
+        REVOKE UPDATE, DELETE, TRUNCATE ON dlqd_replay_log FROM dlqd;
+        GRANT SELECT, INSERT ON dlqd_replay_log TO dlqd;
+    END IF;
+    IF to_regclass('dlqd_entry_state') IS NOT NULL THEN
+        GRANT SELECT, INSERT, UPDATE, DELETE ON dlqd_entry_state, dlqd_inbox TO dlqd;
+    END IF;
+    IF to_regprocedure('dlqd_trim_replay_log(interval, integer)') IS NOT NULL THEN
+        GRANT EXECUTE ON FUNCTION dlqd_trim_replay_log(interval, integer) TO dlqd;
+    END IF;
 END
 $$;
 

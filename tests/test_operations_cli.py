@@ -168,17 +168,23 @@ def test_status_json_shape_and_explain(db_url: str, tmp_path: Path) -> None:
     )
     assert "policy #1 'mail': matches (action replay)" in explain.stdout
     assert "verdict: replay through policy 'mail'" in explain.stdout
-    assert "replays of original job 1: 0" in explain.stdout
+    assert "replays of job 1 (app app-a): 0" in explain.stdout
 
 
 def test_run_and_check_refuse_an_unmigrated_database(empty_db_url: str) -> None:
     env = {"DLQD_DATABASE_URL": empty_db_url}
     for command in ("run", "check"):
         result = dlqd_cli(command, env=env)
-        assert result.returncode == 1
+        assert result.returncode == 78
         assert result.stderr.strip() == (
             "dlqd: error: database schema is not up to date "
-            "(missing 001_job_dlq, 002_replay_state): run `dlqd migrate`"
+            "(missing 001_job_dlq, 002_replay_state, 003_poison_proof): run `dlqd migrate`"
+        )
+    for command in (["status"], ["list"], ["show", "00000000-0000-0000-0000-000000000000"]):
+        result = dlqd_cli(*command, env=env)
+        assert result.returncode == 78, (command, result.stderr)
+        assert result.stderr.strip() == (
+            "dlqd: error: database schema is not up to date: run `dlqd migrate`"
         )
     assert dlqd_cli("migrate", env=env).returncode == 0
     assert "schema: up to date" in dlqd_cli("check", env=env).stdout

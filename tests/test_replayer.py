@@ -14,7 +14,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from dlqd.config import load_settings
 from dlqd.metrics import Metrics
-from dlqd.replayer import Replayer
+from dlqd.replay.worker import Replayer
 from dlqd.throttle import Throttle
 from tests.factories import INSERT_MANY, row_json
 

@@ -12,6 +12,7 @@ from psycopg.types.json import Jsonb
 from dlqd.db import connect
 from dlqd.errors import MigrationError
 from dlqd.migrations import available_migrations, migrate
+from dlqd.queries import q
 
 pytestmark = pytest.mark.anyio
 
@@ -196,8 +197,7 @@ async def test_grouped_status_is_an_index_only_scan(conn: Conn) -> None:
     await conn.execute("SET enable_seqscan = off")
     rows = await _rows(
         conn,
-        """EXPLAIN SELECT app_id, type, error_reason, count(*), min(dlq_at)
-             FROM job_dlq WHERE replayed_at IS NULL GROUP BY 1, 2, 3""",
+        "EXPLAIN " + q("status_groups"),
     )
     plan = "\n".join(r["QUERY PLAN"] for r in rows)
     assert "Index Only Scan using job_dlq_pending_group_idx" in plan
@@ -228,9 +228,10 @@ async def test_dlqd_state_tables(conn: Conn) -> None:
     assert defs == {
         "dlqd_replay_log_pkey": "btree (id)",
         "dlqd_replay_log_dlq_id_idx": "btree (dlq_id, at)",
-        "dlqd_replay_log_replayed_idx": (
-            "btree (original_job_id) WHERE (outcome = 'replayed'::text)"
+        "dlqd_replay_log_job_idx": (
+            "btree (app_id, original_job_id, at) WHERE (outcome = 'replayed'::text)"
         ),
+        "dlqd_replay_log_at_idx": "btree (at)",
         "dlqd_entry_state_pkey": "btree (dlq_id)",
         "dlqd_entry_state_due_idx": "btree (fingerprint, due_at) WHERE (state = 'waiting'::text)",
         "dlqd_entry_state_parked_idx": "btree (dlq_id) WHERE (state = 'parked'::text)",

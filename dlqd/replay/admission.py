@@ -1,0 +1,101 @@
+"""Admission: rate limits, circuit breakers and max_replays, before a target runs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+
+from dlqd.queries import q
+from dlqd.replay.batch import Batch, Item
+from dlqd.replay.evaluate import JobKey, _park_max_replays, job_key
+from dlqd.throttle import Throttle
+
+Connection = psycopg.AsyncConnection[dict[str, Any]]
+
+
+async def replay_counts(
+    conn: Connection, keys: Sequence[JobKey], retention: timedelta
+) -> dict[JobKey, int]:
+    """Successful replays per (app_id, original_job_id) within the log's retention."""
+    if not keys:
+        return {}
+    cur = await conn.execute(
+        q("replay_counts"),
+        {
+            "app_ids": [k[0] for k in keys],
+            "original_job_ids": [k[1] for k in keys],
+            "retention": retention,
+        },
+    )
+    return {
+        (row["app_id"], row["original_job_id"]): int(row["replays"]) for row in await cur.fetchall()
+    }
+
+
+class Admission:
+    """Decides which due rows may run now; throttled ones are deferred."""
+
+    def __init__(self, throttle: Throttle) -> None:
+        self.throttle = throttle
+        self.throttled_for: float | None = None  # seconds until a deferred row may go
+
+    def _wait(self, seconds: float) -> None:
+        self.throttled_for = (
+            seconds if self.throttled_for is None else min(self.throttled_for, seconds)
+        )
+
+    def take(self, items: Sequence[Item], now: float) -> tuple[list[Item], list[Item]]:
+        """Token buckets and circuit breakers: (admitted, deferred)."""
+        admitted: list[Item] = []
+        deferred: list[Item] = []
+        for item in items:
+            policy = item.policy
+            if policy is None:
+                admitted.append(item)
+                continue
+            bucket = self.throttle.bucket(policy, item.row.app_id)
+            if bucket is not None and not bucket.try_take(now):
+                deferred.append(item)
+                self._wait(bucket.seconds_until_token(now))
+                continue
+            circuit = self.throttle.circuit(policy)
+            if not circuit.admit(now):
+                if bucket is not None:
+                    bucket.give_back()
+                deferred.append(item)
+                self._wait(max(circuit.seconds_until_trial(now), 0.05))
+                continue
+            admitted.append(item)
+        return admitted, deferred
+
+
+async def enforce_max_replays(
+    conn: Connection, items: list[Item], batch: Batch, retention: timedelta
+) -> list[Item]:
+    """Recount under a per-job advisory lock; rows over their policy's max_replays park."""
+    limited = [i for i in items if i.policy and i.policy.max_replays is not None]
+    if not limited:
+        return items
+    keys = sorted({job_key(i.row) for i in limited})
+    await conn.execute(
+        q("lock_original_jobs"),
+        {"keys": [json.dumps(list(k), separators=(",", ":")) for k in keys]},
+    )
+    counts = await replay_counts(conn, keys, retention)
+    keep: list[Item] = []
+    for item in items:
+        policy = item.policy
+        if policy is None or policy.max_replays is None:
+            keep.append(item)
+            continue
+        key = job_key(item.row)
+        if counts.get(key, 0) >= policy.max_replays:
+            _park_max_replays(batch, item.row, policy)
+            continue
+        counts[key] = counts.get(key, 0) + 1
+        keep.append(item)
+    return keep

@@ -1,0 +1,367 @@
+"""One transaction's work for a page of claimed rows, and what it committed.
+
+A :class:`Batch` says what to do: rows to replay now, schedule rows to write,
+parks to log, inbox entries to drop. :func:`apply` does it inside the
+caller's transaction and returns an :class:`Outcome`, which the caller
+reports (logs, metrics, circuit breakers) only once the transaction has
+committed: nothing is counted as replayed that did not commit.
+
+When the transaction fails as a whole (at COMMIT, say), :func:`settle_split`
+retries each half of the batch in a transaction of its own, down to the one
+row that fails, whose failed attempt is then recorded on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+from uuid import UUID
+
+import anyio
+import psycopg
+
+from dlqd.config import HttpTarget, NotifyTarget, Policy, Settings, SqlTarget
+from dlqd.policy import retry_delay
+from dlqd.queries import q
+from dlqd.replay.rows import Candidate
+from dlqd.replay.targets import Failure, error_line, run_isolated
+
+Connection = psycopg.AsyncConnection[dict[str, Any]]
+Target = SqlTarget | NotifyTarget | HttpTarget
+ParkReason = Literal["max_replays", "max_failures", "invalid_row", "http_4xx"]
+
+
+@dataclass(slots=True)
+class Item:
+    """A row on its way to a target."""
+
+    row: Candidate
+    policy: Policy | None  # None: a manual replay through replay.default_target
+    target: Target
+    due_at: datetime | None = None  # when the schedule said (kept if the throttle defers it)
+
+    @property
+    def label(self) -> str:
+        return self.policy.name if self.policy else "manual"
+
+
+@dataclass(slots=True)
+class StateRow:
+    state: Literal["waiting", "parked_policy", "unmatched", "parked"]
+    policy: str | None
+    due_at: datetime | None = None
+    parked_reason: ParkReason | None = None
+    failures: int = 0
+    last_error: str | None = None
+    last_failure_at: datetime | None = None
+
+
+@dataclass(slots=True)
+class LogRow:
+    dlq_id: UUID
+    policy: str | None
+    outcome: Literal["replayed", "failed", "parked"]
+    error: str | None = None
+    manual: bool = False
+
+
+@dataclass(slots=True)
+class Parked:
+    """A row parked by an event: logged once, counted once."""
+
+    row: Candidate
+    policy: str | None
+    reason: ParkReason
+    error: str | None
+
+
+@dataclass(slots=True)
+class Failed:
+    item: Item
+    failure: Failure
+    attempt: int
+    retry_at: datetime | None
+
+
+@dataclass(slots=True)
+class Decision:
+    """A per-row decision, reported at debug level after commit."""
+
+    row: Candidate
+    policy: str | None
+    outcome: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Batch:
+    fingerprint: str
+    db_now: datetime
+    manual: bool = False
+    replay: list[Item] = field(default_factory=list)
+    states: dict[UUID, StateRow] = field(default_factory=dict)
+    logs: list[LogRow] = field(default_factory=list)
+    parked: list[Parked] = field(default_factory=list)
+    decisions: list[Decision] = field(default_factory=list)
+    policy_parked: list[str] = field(default_factory=list)  # policy names, newly parked
+    inbox_seqs: list[int] = field(default_factory=list)
+
+    def park(
+        self,
+        row: Candidate,
+        policy: str | None,
+        reason: ParkReason,
+        error: str | None,
+        *,
+        failures: int | None = None,
+    ) -> None:
+        self.states[row.id] = StateRow(
+            "parked",
+            policy,
+            parked_reason=reason,
+            failures=row.failures if failures is None else failures,
+            last_error=row.last_error if error is None else error,
+            last_failure_at=row.last_failure_at,
+        )
+        self.logs.append(LogRow(row.id, policy, "parked", error or reason, self.manual))
+        self.parked.append(Parked(row, policy, reason, error))
+
+    def ids(self) -> set[UUID]:
+        found = {i.row.id for i in self.replay} | set(self.states) | {r.dlq_id for r in self.logs}
+        return found
+
+    def only(self, ids: set[UUID], *, with_rest: bool) -> Batch:
+        """The part of this batch about ``ids`` (``with_rest``: and its non-replay writes)."""
+        part = Batch(self.fingerprint, self.db_now, self.manual)
+        part.replay = [i for i in self.replay if i.row.id in ids]
+        if with_rest:
+            replay_ids = {i.row.id for i in self.replay}
+            keep = ids | (self.ids() - replay_ids)
+            part.states = {k: v for k, v in self.states.items() if k in keep}
+            part.logs = [r for r in self.logs if r.dlq_id in keep]
+            part.parked = [p for p in self.parked if p.row.id in keep]
+            part.decisions = self.decisions
+            part.policy_parked = self.policy_parked
+            part.inbox_seqs = self.inbox_seqs
+        return part
+
+
+@dataclass
+class Outcome:
+    """What a committed transaction did; reported only after the commit."""
+
+    replayed: list[tuple[Item, float | None]] = field(default_factory=list)  # item, dlq→replay
+    failed: list[Failed] = field(default_factory=list)
+    parked: list[Parked] = field(default_factory=list)
+    decisions: list[Decision] = field(default_factory=list)
+    policy_parked: list[str] = field(default_factory=list)
+    skipped: int = 0
+    target_seconds: dict[str, tuple[float, int]] = field(default_factory=dict)  # label → (s, rows)
+
+    def merge(self, other: Outcome) -> None:
+        self.replayed += other.replayed
+        self.failed += other.failed
+        self.parked += other.parked
+        self.decisions += other.decisions
+        self.policy_parked += other.policy_parked
+        self.skipped += other.skipped
+        for label, (seconds, rows) in other.target_seconds.items():
+            before = self.target_seconds.get(label, (0.0, 0))
+            self.target_seconds[label] = (before[0] + seconds, before[1] + rows)
+
+
+def _timeout_ms(value: Any) -> str:
+    return f"{max(1, round(value.total_seconds() * 1000))}ms"
+
+
+async def set_replay_timeouts(conn: Connection, settings: Settings) -> None:
+    """Bound every statement of this transaction (targets blocked on a lock included)."""
+    await conn.execute(
+        q("replay_timeouts"),
+        {
+            "statement_timeout": _timeout_ms(settings.replay.statement_timeout),
+            "lock_timeout": _timeout_ms(settings.replay.lock_timeout),
+        },
+    )
+
+
+def _target_key(target: Target) -> str:
+    return target.model_dump_json()
+
+
+async def apply(conn: Connection, batch: Batch, settings: Settings) -> Outcome:
+    """Do ``batch`` in ``conn``'s open transaction; report nothing (the caller does)."""
+    outcome = Outcome(
+        parked=list(batch.parked),
+        decisions=list(batch.decisions),
+        policy_parked=list(batch.policy_parked),
+    )
+    failures: dict[UUID, Failure] = {}
+    groups: dict[str, list[Item]] = {}
+    for item in batch.replay:
+        groups.setdefault(_target_key(item.target), []).append(item)
+    for group in groups.values():
+        target = group[0].target
+        started = anyio.current_time()
+        if isinstance(target, HttpTarget):
+            # refused by config checks before any replay; never reached
+            refused = Failure("http targets are not supported by this release")
+            failures.update(dict.fromkeys((i.row.id for i in group), refused))
+            continue
+        failures.update(
+            await run_isolated(
+                conn,
+                target,
+                [i.row for i in group],
+                in_db=lambda row: row.problem is not None,
+            )
+        )
+        elapsed = anyio.current_time() - started
+        for item in group:
+            seconds, rows = outcome.target_seconds.get(item.label, (0.0, 0))
+            outcome.target_seconds[item.label] = (seconds + elapsed / len(group), rows + 1)
+
+    succeeded = [i for i in batch.replay if i.row.id not in failures]
+    if succeeded:
+        cur = await conn.execute(
+            q("finish_replayed"),
+            {
+                "ids": [i.row.id for i in succeeded],
+                "policies": [i.policy.name if i.policy else None for i in succeeded],
+                "manual": batch.manual,
+            },
+        )
+        lags = {row["id"]: row["lag_seconds"] for row in await cur.fetchall()}
+        outcome.replayed = [(i, lags[i.row.id]) for i in succeeded if i.row.id in lags]
+        outcome.skipped += len(succeeded) - len(outcome.replayed)
+
+    for item in batch.replay:
+        if (failure := failures.get(item.row.id)) is not None:
+            record_failure(batch, item, failure, settings, outcome)
+    await _write(conn, batch)
+    return outcome
+
+
+def record_failure(
+    batch: Batch, item: Item, failure: Failure, settings: Settings, outcome: Outcome
+) -> None:
+    """A failed attempt: logged, and retried later or parked at max_failures."""
+    row, policy = item.row, item.policy
+    name = policy.name if policy else None
+    batch.logs.append(LogRow(row.id, name, "failed", failure.error, batch.manual))
+    attempt = row.failures + 1
+    retry_at = None
+    if policy is not None and not batch.manual:
+        if attempt >= policy.max_failures:
+            batch.park(
+                row,
+                name,
+                "max_failures",
+                f"{attempt} failed attempts, last: {failure.error}",
+                failures=attempt,
+            )
+            outcome.parked.append(batch.parked[-1])
+        else:
+            retry_at = batch.db_now + retry_delay(policy, attempt)
+            batch.states[row.id] = StateRow(
+                "waiting",
+                name,
+                due_at=retry_at,
+                failures=attempt,
+                last_error=failure.error,
+                last_failure_at=batch.db_now,
+            )
+    outcome.failed.append(Failed(item, failure, attempt, retry_at))
+
+
+async def _write(conn: Connection, batch: Batch) -> None:
+    """Schedule rows, log rows and inbox deletions: set-based, one statement each."""
+    if batch.states:
+        rows = list(batch.states.items())
+        await conn.execute(
+            q("upsert_states"),
+            {
+                "dlq_ids": [i for i, _ in rows],
+                "states": [s.state for _, s in rows],
+                "policies": [s.policy for _, s in rows],
+                "fingerprints": [batch.fingerprint] * len(rows),
+                "due_ats": [s.due_at for _, s in rows],
+                "parked_reasons": [s.parked_reason for _, s in rows],
+                "failures": [s.failures for _, s in rows],
+                "last_errors": [s.last_error for _, s in rows],
+                "last_failure_ats": [s.last_failure_at for _, s in rows],
+            },
+        )
+    if batch.logs:
+        await conn.execute(
+            q("log_outcomes"),
+            {
+                "dlq_ids": [r.dlq_id for r in batch.logs],
+                "policies": [r.policy for r in batch.logs],
+                "outcomes": [r.outcome for r in batch.logs],
+                "errors": [r.error for r in batch.logs],
+                "manual": [r.manual for r in batch.logs],
+            },
+        )
+    if batch.inbox_seqs:
+        await conn.execute(q("delete_inbox"), {"seqs": batch.inbox_seqs})
+
+
+async def settle_split(
+    conn: Connection, batch: Batch, settings: Settings, error: BaseException
+) -> Outcome:
+    """``batch``'s transaction failed as a whole: bisect it in fresh transactions.
+
+    Each half locks its rows again (skipping any another replica or a human
+    took meanwhile). A single row that still fails gets a failed attempt
+    recorded on its own, with the error of its transaction.
+    """
+    if len(batch.replay) <= 1:
+        failed = list(batch.replay)
+        part = batch.only({i.row.id for i in failed}, with_rest=True)
+        part.replay = []
+        async with conn.transaction():
+            await set_replay_timeouts(conn, settings)
+            locked = await _relock(conn, part.ids() | {i.row.id for i in failed}, batch.manual)
+            part.states = {k: v for k, v in part.states.items() if k in locked}
+            part.logs = [r for r in part.logs if r.dlq_id in locked]
+            part.parked = [p for p in part.parked if p.row.id in locked]
+            pending = Outcome(
+                parked=list(part.parked),
+                decisions=list(part.decisions),
+                policy_parked=list(part.policy_parked),
+            )
+            for item in failed:
+                if item.row.id in locked:
+                    record_failure(part, item, Failure(error_line(error)), settings, pending)
+            await _write(conn, part)
+        return pending
+    outcome = Outcome()
+    middle = len(batch.replay) // 2
+    halves = [
+        batch.only({i.row.id for i in batch.replay[:middle]}, with_rest=True),
+        batch.only({i.row.id for i in batch.replay[middle:]}, with_rest=False),
+    ]
+    for half in halves:
+        try:
+            async with conn.transaction():
+                await set_replay_timeouts(conn, settings)
+                locked = await _relock(conn, half.ids(), batch.manual)
+                half.replay = [i for i in half.replay if i.row.id in locked]
+                half.states = {k: v for k, v in half.states.items() if k in locked}
+                half.logs = [r for r in half.logs if r.dlq_id in locked]
+                result = await apply(conn, half, settings)
+        except psycopg.Error as exc:
+            if conn.broken:
+                raise
+            result = await settle_split(conn, half, settings, exc)
+        outcome.merge(result)
+    return outcome
+
+
+async def _relock(conn: Connection, ids: set[UUID], manual: bool) -> set[UUID]:
+    if not ids:
+        return set()
+    cur = await conn.execute(q("relock_rows"), {"ids": sorted(ids), "manual": manual})
+    return {row["id"] for row in await cur.fetchall()}

@@ -1,0 +1,155 @@
+"""Reporting a committed transaction: metrics, circuit breakers, logs.
+
+Called only after COMMIT succeeded, so counters and logs say what happened.
+At ``info``: one ``batch`` event per transaction that did anything (counts by
+policy and outcome), one event per row parked by an event, one warning per
+failed attempt, one per circuit change. Per-row decisions and replays are
+``debug``: the per-row audit trail is the replay log table.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+from dlqd.logs import get_logger
+from dlqd.metrics import Metrics
+from dlqd.replay.batch import Outcome
+from dlqd.replay.rows import Candidate
+from dlqd.throttle import Throttle
+
+log = get_logger("dlqd.replayer")
+
+
+def _row_fields(row: Candidate) -> dict[str, Any]:
+    # ids and labels only, never the payload; key columns cut for the log line
+    return {"dlq_id": str(row.id), "app_id": row.app_id[:200], "type": row.type[:200]}
+
+
+def report(
+    outcome: Outcome,
+    metrics: Metrics | None,
+    throttle: Throttle | None,
+    now: float,
+    *,
+    duration: float,
+    manual: bool = False,
+) -> Counter[tuple[str, str]]:
+    """Count, record and log ``outcome``; return its counts by (policy, outcome)."""
+    counts: Counter[tuple[str, str]] = Counter()
+    debug = log.is_enabled_for(logging.DEBUG)
+
+    for item, lag in outcome.replayed:
+        counts[(item.label, "replayed")] += 1
+        if metrics is not None and lag is not None:
+            metrics.dlq_to_replay_seconds.labels(item.label).observe(max(0.0, lag))
+        if debug:
+            log.debug(
+                "replay",
+                **_row_fields(item.row),
+                policy=item.label,
+                outcome="replayed",
+                manual=manual,
+            )
+    if metrics is not None:
+        for label, (seconds, rows) in outcome.target_seconds.items():
+            child = metrics.replay_duration_seconds.labels(label)
+            per_row = seconds / rows if rows else 0.0
+            for _ in range(rows):
+                child.observe(per_row)
+
+    for failed in outcome.failed:
+        item = failed.item
+        counts[(item.label, "failed")] += 1
+        log.warning(
+            "replay failed",
+            **_row_fields(item.row),
+            policy=item.label,
+            outcome="failed",
+            error=failed.failure.error,
+            attempt=failed.attempt,
+            retry_at=failed.retry_at.isoformat() if failed.retry_at else None,
+            manual=manual,
+        )
+
+    for parked in outcome.parked:
+        label = parked.policy or "none"
+        counts[(label, "parked")] += 1
+        log.info(
+            "parked",
+            **_row_fields(parked.row),
+            policy=parked.policy,
+            outcome="parked",
+            reason=parked.reason,
+            error=parked.error,
+        )
+    for name in outcome.policy_parked:
+        counts[(name, "parked")] += 1
+
+    for decision in outcome.decisions:
+        if decision.outcome == "dry_run":
+            counts[(decision.policy or "unmatched", "dry_run")] += 1
+            log.info(
+                "decision",
+                **_row_fields(decision.row),
+                policy=decision.policy,
+                outcome="dry_run",
+                **decision.extra,
+            )
+        elif debug:
+            log.debug(
+                "decision",
+                **_row_fields(decision.row),
+                policy=decision.policy,
+                outcome=decision.outcome,
+                **decision.extra,
+            )
+
+    if metrics is not None:
+        for (label, kind), n in counts.items():
+            metrics.replays_total.labels(label, kind).inc(n)
+
+    if throttle is not None and not manual:
+        _record_circuits(outcome, throttle, now)
+
+    if counts:
+        by_policy: dict[str, dict[str, int]] = {}
+        for (label, kind), n in sorted(counts.items()):
+            by_policy.setdefault(label, {})[kind] = n
+        log.info(
+            "batch",
+            replayed=sum(n for (_, k), n in counts.items() if k == "replayed"),
+            failed=sum(n for (_, k), n in counts.items() if k == "failed"),
+            parked=sum(n for (_, k), n in counts.items() if k == "parked"),
+            policies=by_policy,
+            duration_ms=round(duration * 1000, 1),
+            manual=manual,
+        )
+    return counts
+
+
+def _record_circuits(outcome: Outcome, throttle: Throttle, now: float) -> None:
+    events: list[tuple[str, bool, bool]] = [
+        (item.policy.name, True, True) for item, _ in outcome.replayed if item.policy
+    ]
+    for failed in outcome.failed:
+        policy = failed.item.policy
+        if policy is None:
+            continue
+        # evidence that the target is down: a timeout, or a row that never failed before
+        evidence = failed.failure.timeout or failed.item.row.failures == 0
+        events.append((policy.name, False, evidence))
+    policies = {i.policy.name: i.policy for i, _ in outcome.replayed if i.policy}
+    policies.update({f.item.policy.name: f.item.policy for f in outcome.failed if f.item.policy})
+    for name, success, evidence in events:
+        change = throttle.circuit(policies[name]).record(success, now, evidence=evidence)
+        if change == "opened":
+            policy = policies[name]
+            log.warning(
+                "circuit opened",
+                policy=name,
+                cool_down_s=policy.circuit_breaker.cool_down.total_seconds(),
+            )
+        elif change == "closed":
+            log.info("circuit closed", policy=name)

@@ -1,0 +1,178 @@
+"""Replay targets that run inside the transaction that sets ``replayed_at``.
+
+Each kind runs a whole group of rows in one round trip (``executemany`` in a
+pipeline for ``sql``; one ``pg_notify`` statement for ``notify``) under a
+savepoint. Deferred constraints are checked inside that savepoint (``SET
+CONSTRAINTS ALL IMMEDIATE``), so a row that would fail at COMMIT fails here,
+where it can be isolated. A failing group is bisected: k bad rows among n
+cost O(k log n) statements, and the good rows still replay. A timeout is not
+bisected: it says the target is blocked, not that a row is bad.
+
+Column values the daemon does not hold (``payload``, ``error_history``,
+timestamps, ...) are read by the statement itself, inside Postgres: a
+``%(payload)s`` placeholder runs as ``(SELECT payload FROM job_dlq WHERE id =
+%(id)s)``. No payload ever crosses into the process.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+from uuid import UUID
+
+import psycopg
+
+from dlqd.config import NotifyTarget, SqlTarget
+from dlqd.queries import q
+
+Connection = psycopg.AsyncConnection[dict[str, Any]]
+
+# Columns bound from the narrow row; every other column is read in Postgres.
+_BOUND = ("id", "original_job_id", "app_id", "type", "error_reason", "attempts")
+_TOKEN = re.compile(r"%%|%\((\w+)\)s")
+_QUOTED = re.compile(r'"[^"]*"')
+TIMEOUT_ERRORS = (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable)
+
+
+class RowValues(Protocol):
+    """What a target binds from a claimed row."""
+
+    @property
+    def id(self) -> UUID: ...
+    @property
+    def original_job_id(self) -> str: ...
+    @property
+    def app_id(self) -> str: ...
+    @property
+    def type(self) -> str: ...
+    @property
+    def error_reason(self) -> str: ...
+    @property
+    def attempts(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """One row's failed attempt: a one-line error, and whether it was a timeout."""
+
+    error: str
+    timeout: bool = False
+
+
+def error_line(exc: BaseException) -> str:
+    """The first line of an error, for logs and the replay log.
+
+    A data error quotes the offending value (``invalid input syntax for type
+    json: "..."``), which may be part of a payload: quoted text is elided.
+    """
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    sqlstate = getattr(exc, "sqlstate", None)
+    if isinstance(sqlstate, str) and sqlstate.startswith("22"):
+        first = _QUOTED.sub('"…"', first)
+    return first[:500]
+
+
+@functools.lru_cache(maxsize=256)
+def compile_statement(statement: str, *, all_in_db: bool = False) -> tuple[bytes, tuple[str, ...]]:
+    """The statement as run, and the names it binds.
+
+    Placeholders of columns the daemon does not hold become scalar subqueries
+    on the row's primary key. ``all_in_db`` reads every column that way (a
+    manual replay of an invalid row, whose key columns the daemon holds only
+    shortened).
+    """
+    bound = ("id",) if all_in_db else _BOUND
+
+    def rewrite(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name is None or name in bound:
+            return match.group(0)
+        return f"(SELECT {name} FROM job_dlq WHERE id = %(id)s)"
+
+    text = _TOKEN.sub(rewrite, statement)
+    names = tuple(sorted({m.group(1) for m in _TOKEN.finditer(text) if m.group(1)}))
+    return text.encode(), names
+
+
+def sql_params(row: RowValues, names: Sequence[str]) -> dict[str, Any]:
+    return {name: getattr(row, name) for name in names}
+
+
+class Runner(Protocol):
+    async def __call__(self, conn: Connection, rows: Sequence[Any], all_in_db: bool) -> None: ...
+
+
+async def _run_sql(
+    target: SqlTarget, conn: Connection, rows: Sequence[RowValues], all_in_db: bool
+) -> None:
+    text, names = compile_statement(target.statement, all_in_db=all_in_db)
+    async with conn.cursor() as cur:
+        await cur.executemany(text, [sql_params(r, names) for r in rows])
+
+
+async def _run_notify(
+    target: NotifyTarget, conn: Connection, rows: Sequence[RowValues], all_in_db: bool
+) -> None:
+    await conn.execute(q("notify_rows"), {"channel": target.channel, "ids": [r.id for r in rows]})
+
+
+def runner_for(target: SqlTarget | NotifyTarget) -> Callable[..., Awaitable[None]]:
+    if isinstance(target, SqlTarget):
+        return functools.partial(_run_sql, target)
+    return functools.partial(_run_notify, target)
+
+
+async def run_isolated(
+    conn: Connection,
+    target: SqlTarget | NotifyTarget,
+    rows: Sequence[RowValues],
+    *,
+    in_db: Callable[[Any], bool] = lambda _: False,
+) -> dict[UUID, Failure]:
+    """Run ``target`` for ``rows`` in ``conn``'s transaction; the rows that failed.
+
+    ``in_db(row)`` says whether a row's key columns must be read inside
+    Postgres too (an invalid row replayed by hand).
+    """
+    run = runner_for(target)
+    failures: dict[UUID, Failure] = {}
+    plain = [r for r in rows if not in_db(r)]
+    special = [r for r in rows if in_db(r)]
+    for group, all_in_db in ((plain, False), (special, True)):
+        if group:
+            await _bisect(conn, run, group, all_in_db, failures)
+    return failures
+
+
+async def _bisect(
+    conn: Connection,
+    run: Callable[..., Awaitable[None]],
+    rows: Sequence[RowValues],
+    all_in_db: bool,
+    failures: dict[UUID, Failure],
+) -> None:
+    try:
+        async with conn.transaction():  # a savepoint
+            await run(conn, rows, all_in_db)
+            await conn.execute(q("constraints_immediate"))
+        return
+    except TIMEOUT_ERRORS as exc:
+        if conn.broken:
+            raise
+        # blocked, not bad: every row of the group failed this attempt
+        failure = Failure(error_line(exc), timeout=True)
+        failures.update(dict.fromkeys((r.id for r in rows), failure))
+        return
+    except Exception as exc:
+        if conn.broken:
+            raise
+        if len(rows) == 1:
+            failures[rows[0].id] = Failure(error_line(exc))
+            return
+    middle = len(rows) // 2
+    await _bisect(conn, run, rows[:middle], all_in_db, failures)
+    await _bisect(conn, run, rows[middle:], all_in_db, failures)

@@ -1,0 +1,423 @@
+"""The replay worker: evaluates fresh rows by policy and replays due rows exactly once.
+
+One pass (``run_once``) is a series of short transactions, one per page:
+
+1. *new rows* — entries of ``dlqd_inbox`` (written by the insert trigger), in
+   insertion order, locked ``FOR UPDATE SKIP LOCKED``: each row is decided;
+   rows due now replay in that same transaction, the others get a schedule
+   row in ``dlqd_entry_state`` (waiting with ``due_at``, parked, unmatched);
+2. on a full pass (at start, every poll interval, after a policy change), rows
+   scheduled under other policies are decided again;
+3. *due rows* — scheduled rows whose ``due_at`` has come, claimed the same way.
+
+A replay runs the target, sets ``replayed_at`` and writes the replay log in one
+transaction, so a row is replayed exactly once whatever the number of
+replicas, and a crash or a cancelled batch leaves no row half-replayed.
+Every transaction runs under ``replay.statement_timeout`` and
+``replay.lock_timeout``; its outcome is counted and logged only after COMMIT.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import anyio
+import psycopg
+from anyio.abc import TaskStatus
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from dlqd.backoff import Backoff
+from dlqd.config import Settings
+from dlqd.errors import DatabaseUnavailable
+from dlqd.logs import get_logger
+from dlqd.metrics import Metrics
+from dlqd.queries import q
+from dlqd.replay.admission import Admission, enforce_max_replays, replay_counts
+from dlqd.replay.batch import (
+    Batch,
+    Item,
+    Outcome,
+    StateRow,
+    apply,
+    set_replay_timeouts,
+    settle_split,
+)
+from dlqd.replay.evaluate import DryRunLedger, evaluate, needs_replay_count
+from dlqd.replay.report import report
+from dlqd.replay.rows import Candidate
+from dlqd.replay.targets import error_line
+from dlqd.throttle import Throttle
+from dlqd.wake import WakeFlag
+
+Connection = psycopg.AsyncConnection[dict[str, Any]]
+log = get_logger("dlqd.replayer")
+
+# errors after which a pass is abandoned and retried with backoff
+TRANSIENT_ERRORS = (psycopg.OperationalError, DatabaseUnavailable, PoolTimeout)
+# after a wake-up that found nothing to do, the next pass waits this long:
+# a flood of notifications (from anyone: pg_notify needs no privilege) then
+# costs at most one pass per interval, while real work never waits
+SPURIOUS_WAKE_COALESCE = 0.05
+
+_NIL = UUID(int=0)
+_MAX_UUID = UUID(int=2**128 - 1)
+
+
+@dataclass
+class PassResult:
+    claimed: int = 0  # rows this pass locked: 0 means the wake-up found nothing
+    replayed: int = 0
+    failed: int = 0
+    parked: int = 0
+    scheduled: int = 0
+    unmatched: int = 0
+    dry_run: int = 0
+    skipped: int = 0
+    # seconds until the throttle lets a blocked policy go again (None: nothing blocked)
+    throttled_for: float | None = None
+    # seconds until the next scheduled row is due (None: none waiting)
+    next_due_in: float | None = None
+
+    def add_throttle(self, seconds: float | None) -> None:
+        if seconds is None:
+            return
+        self.throttled_for = (
+            seconds if self.throttled_for is None else min(self.throttled_for, seconds)
+        )
+
+
+def _is_due(seconds: float | None) -> bool:
+    return seconds is not None and seconds <= 0
+
+
+Claim = Callable[[Connection], Awaitable[list[dict[str, Any]]]]
+
+
+class Replayer:
+    """Claims and replays rows; one instance per claiming worker."""
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[Any],
+        settings: Callable[[], Settings],
+        metrics: Metrics,
+        throttle: Throttle,
+        stopping: anyio.Event,
+        *,
+        dry_runs: DryRunLedger | None = None,
+    ) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.metrics = metrics
+        self.throttle = throttle
+        self.stopping = stopping
+        self.dry_runs = dry_runs if dry_runs is not None else DryRunLedger()
+
+    # ------------------------------------------------------------------ one pass
+
+    async def run_once(self, *, full: bool = True) -> PassResult:
+        """Evaluate new rows, replay due rows; report when to look again.
+
+        ``full`` also re-evaluates rows scheduled under other policies (after a
+        config change, or left by a replica running another config).
+        """
+        settings = self.settings()
+        fingerprint = settings.policies_fingerprint
+        result = PassResult()
+        batch_size = settings.replay.batch_size
+        # one connection for the whole pass: each page is its own transaction
+        async with self.pool.connection() as conn:
+            after_seq = 0
+            while not self.stopping.is_set():
+                rows = await self._page(conn, settings, self._inbox_claim(after_seq), result)
+                if rows:
+                    after_seq = int(rows[-1]["seq"])
+                if len(rows) < batch_size:
+                    break
+            if full:
+                # fingerprints below ours, then above: both index range scans
+                ranges: list[tuple[tuple[str, UUID], str | None]] = [
+                    (("", _NIL), fingerprint),
+                    ((fingerprint, _MAX_UUID), None),
+                ]
+                for start, below in ranges:
+                    after = start
+                    while not self.stopping.is_set():
+                        claim = self._stale_claim(fingerprint, after, below, batch_size)
+                        rows = await self._page(conn, settings, claim, result)
+                        if rows:
+                            after = (rows[-1]["fingerprint"], rows[-1]["id"])
+                        if len(rows) < batch_size:
+                            break
+            result.next_due_in = await self._next_due(conn, fingerprint)
+            while not self.stopping.is_set() and _is_due(result.next_due_in):
+                claim = self._due_claim(settings, fingerprint, result)
+                rows = await self._page(conn, settings, claim, result, due=True)
+                if len(rows) < batch_size:
+                    result.next_due_in = await self._next_due(conn, fingerprint)
+                    break
+        now = anyio.current_time()
+        for name, is_open in self.throttle.open_circuits(now).items():
+            self.metrics.circuit_open.labels(name).set(1 if is_open else 0)
+        self.metrics.last_pass_success_timestamp_seconds.set(time.time())
+        return result
+
+    @staticmethod
+    async def _next_due(conn: Connection, fingerprint: str) -> float | None:
+        """Seconds until the next scheduled row is due (<= 0: due now; None: none)."""
+        cur = await conn.execute(q("next_due"), {"fingerprint": fingerprint})
+        row = await cur.fetchone()
+        return None if row is None or row["seconds"] is None else float(row["seconds"])
+
+    def _inbox_claim(self, after_seq: int) -> Claim:
+        async def claim(conn: Connection) -> list[dict[str, Any]]:
+            cur = await conn.execute(
+                q("inbox_entries"),
+                {"after_seq": after_seq, "limit": self.settings().replay.batch_size},
+            )
+            return await cur.fetchall()
+
+        return claim
+
+    @staticmethod
+    def _stale_claim(
+        fingerprint: str, after: tuple[str, UUID], below: str | None, limit: int
+    ) -> Claim:
+        async def claim(conn: Connection) -> list[dict[str, Any]]:
+            cur = await conn.execute(
+                q("stale_entries"),
+                {
+                    "fingerprint": fingerprint,
+                    "after_fingerprint": after[0],
+                    "after_id": after[1],
+                    "below": below,
+                    "limit": limit,
+                },
+            )
+            return await cur.fetchall()
+
+        return claim
+
+    def _due_claim(self, settings: Settings, fingerprint: str, result: PassResult) -> Claim:
+        blocked_policies, blocked_pairs = self._blocked(settings, anyio.current_time(), result)
+
+        async def claim(conn: Connection) -> list[dict[str, Any]]:
+            cur = await conn.execute(
+                q("due_entries"),
+                {
+                    "fingerprint": fingerprint,
+                    "blocked_policies": sorted(blocked_policies),
+                    "blocked_pair_policies": [p for p, _ in blocked_pairs],
+                    "blocked_pair_apps": [a for _, a in blocked_pairs],
+                    "limit": settings.replay.batch_size,
+                },
+            )
+            return await cur.fetchall()
+
+        return claim
+
+    async def _page(
+        self,
+        conn: Connection,
+        settings: Settings,
+        claim: Claim,
+        result: PassResult,
+        *,
+        due: bool = False,
+    ) -> list[dict[str, Any]]:
+        """One transaction: claim a page, decide, replay, write; report after COMMIT."""
+        started = anyio.current_time()
+        batch: Batch | None = None
+        rows: list[dict[str, Any]] = []
+        try:
+            async with conn.transaction():
+                await set_replay_timeouts(conn, settings)
+                rows = await claim(conn)
+                if not rows:
+                    return rows
+                batch = await self._prepare(conn, rows, settings, result, due=due)
+                outcome = await apply(conn, batch, settings)
+        except psycopg.Error as exc:
+            if conn.broken or batch is None or isinstance(exc, psycopg.OperationalError):
+                raise
+            # the transaction failed as a whole (at COMMIT, say): nothing of it
+            # happened; find the row responsible by halves
+            log.warning(
+                "batch failed as a whole: retrying it in halves",
+                error=error_line(exc),
+                rows=len(batch.replay),
+            )
+            outcome = await settle_split(conn, batch, settings, exc)
+        result.claimed += len(rows)
+        self._tally(outcome, batch, result)
+        report(
+            outcome,
+            self.metrics,
+            self.throttle,
+            anyio.current_time(),
+            duration=anyio.current_time() - started,
+        )
+        return rows
+
+    @staticmethod
+    def _tally(outcome: Outcome, batch: Batch | None, result: PassResult) -> None:
+        result.replayed += len(outcome.replayed)
+        result.failed += len(outcome.failed)
+        result.parked += len(outcome.parked) + len(outcome.policy_parked)
+        result.skipped += outcome.skipped
+        for decision in outcome.decisions:
+            if decision.outcome == "scheduled":
+                result.scheduled += 1
+            elif decision.outcome == "unmatched":
+                result.unmatched += 1
+            elif decision.outcome == "dry_run":
+                result.dry_run += 1
+
+    async def _prepare(
+        self,
+        conn: Connection,
+        rows: list[dict[str, Any]],
+        settings: Settings,
+        result: PassResult,
+        *,
+        due: bool,
+    ) -> Batch:
+        """Decide (new and stale rows) or look up (due rows), then admit."""
+        db_now: datetime = rows[0]["db_now"]
+        batch = Batch(settings.policies_fingerprint, db_now)
+        candidates = [Candidate.from_row(row) for row in rows]
+        retention = settings.purge.log_retention
+        if due:
+            by_name = {p.name: p for p in settings.policies}
+            for row in candidates:
+                policy = by_name.get(row.scheduled_policy or "")
+                target = settings.target_for(policy) if policy else None
+                if row.problem is not None:
+                    batch.park(row, row.scheduled_policy, "invalid_row", row.problem)
+                elif policy is not None and target is not None:
+                    batch.replay.append(Item(row, policy, target))
+        else:
+            keys = needs_replay_count(candidates, settings.policies)
+            counts = await replay_counts(conn, keys, retention)
+            evaluate(candidates, settings, counts, batch, self.dry_runs)
+
+        admission = Admission(self.throttle)
+        admitted, deferred = admission.take(batch.replay, anyio.current_time())
+        result.add_throttle(admission.throttled_for)
+        for item in deferred:
+            if item.due_at is not None:
+                # a new row held back by the throttle: scheduled as due, claimed once it allows
+                assert item.policy is not None  # noqa: S101 - automatic replays have one
+                batch.states[item.row.id] = StateRow(
+                    "waiting",
+                    item.policy.name,
+                    due_at=item.due_at,
+                    failures=item.row.failures,
+                    last_error=item.row.last_error,
+                    last_failure_at=item.row.last_failure_at,
+                )
+        batch.replay = await enforce_max_replays(conn, admitted, batch, retention)
+        return batch
+
+    def _blocked(
+        self, settings: Settings, now: float, result: PassResult
+    ) -> tuple[set[str], set[tuple[str, str]]]:
+        """Policies (and per-tenant buckets) that cannot replay right now.
+
+        Their rows are left out of the claim, and ``result`` learns when the
+        first of them may go again, so the loop sleeps exactly that long.
+        """
+        policies: set[str] = set()
+        for policy in settings.policies:
+            circuit = self.throttle.circuit(policy)
+            trial_in = circuit.seconds_until_trial(now)
+            if circuit.is_open(now) and trial_in > 0:
+                policies.add(policy.name)
+                result.add_throttle(trial_in)
+            elif policy.rate_limit is not None and policy.rate_limit_per == "policy":
+                bucket = self.throttle.bucket(policy, "")
+                token_in = bucket.seconds_until_token(now) if bucket else 0.0
+                if token_in > 0:
+                    policies.add(policy.name)
+                    result.add_throttle(token_in)
+        pairs = self.throttle.empty_tenant_buckets(now)
+        if pairs:
+            result.add_throttle(self.throttle.next_tenant_token(now))
+        return policies, pairs
+
+    # ------------------------------------------------------------------ the loop
+
+    async def run(
+        self,
+        flag: WakeFlag,
+        *,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Replay until ``stopping`` is set; never let one failure end the loop."""
+        backoff = Backoff(base=0.2, cap=15.0)
+        last_full = -math.inf
+        last_fingerprint = ""
+        woken = False
+        task_status.started()
+        while not self.stopping.is_set():
+            # Clear the wake-up *before* looking for work: a notification that
+            # lands while the pass runs then leaves the flag set and the loop
+            # goes round again at once instead of sleeping on it.
+            flag.clear()
+            settings = self.settings()
+            poll = settings.listen.poll_interval.total_seconds()
+            fingerprint = settings.policies_fingerprint
+            started = anyio.current_time()
+            # the periodic scan: at start, every poll interval, and when the policies change
+            full = fingerprint != last_fingerprint or started - last_full >= poll
+            idle = False
+            try:
+                result = await self.run_once(full=full)
+                if full:
+                    last_full, last_fingerprint = started, fingerprint
+            except TRANSIENT_ERRORS as exc:
+                wait = backoff.next()
+                log.warning("replayer pass failed", error=error_line(exc), retry_in=round(wait, 3))
+            except Exception as exc:  # one bad pass must not end the daemon
+                wait = backoff.next()
+                log.error(
+                    "replayer pass failed",
+                    error=error_line(exc),
+                    error_type=type(exc).__name__,
+                    retry_in=round(wait, 3),
+                    exc_info=not isinstance(exc, psycopg.Error),
+                )
+            else:
+                backoff.reset()
+                wait = self._next_wait(result, poll)
+                idle = woken and result.claimed == 0
+            if self.stopping.is_set():
+                break
+            woken = False
+            with anyio.move_on_after(wait):
+                if idle:
+                    # a wake-up that found nothing: the wake-ups of the next
+                    # interval coalesce into one pass
+                    await anyio.sleep(SPURIOUS_WAKE_COALESCE)
+                await flag.wait()
+                woken = True
+
+    @staticmethod
+    def _next_wait(result: PassResult, poll: float) -> float:
+        wait = poll
+        if result.next_due_in is not None:
+            if result.next_due_in > 0:
+                wait = min(wait, result.next_due_in)
+            elif result.throttled_for is None:
+                # due rows left that this pass could not claim (locked by another
+                # replica's batch in flight): look again shortly
+                wait = min(wait, 0.25)
+        if result.throttled_for is not None:
+            wait = min(wait, max(result.throttled_for, 0.01))
+        return max(0.0, wait) if math.isfinite(wait) else poll
