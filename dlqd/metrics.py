@@ -99,5 +99,10 @@ class Metrics:
             "Unix time at which a replayer pass last completed (an old value: a stalled replayer).",
             registry=r,
         )
+        self.replayer_passes_total = Counter(
+            "dlqd_replayer_passes",
+            "Replayer passes (a flood of wake-ups must not multiply them).",
+            registry=r,
+        )
         self.build_info = Gauge("dlqd_build_info", "dlqd's version.", ["version"], registry=r)
         self.build_info.labels(version=__version__).set(1)

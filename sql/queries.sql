@@ -232,9 +232,10 @@ SELECT id, CASE WHEN isfinite(dlq_at)
 INSERT INTO dlqd_replay_log (dlq_id, original_job_id, app_id, policy, outcome, error, manual)
 SELECT u.dlq_id, j.original_job_id, j.app_id, u.policy, u.outcome, u.error, u.manual
   FROM unnest(%(dlq_ids)s::uuid[], %(policies)s::text[], %(outcomes)s::text[],
-              %(errors)s::text[], %(manual)s::boolean[])
-       AS u(dlq_id, policy, outcome, error, manual)
+              %(errors)s::text[], %(manual)s::boolean[]) WITH ORDINALITY
+       AS u(dlq_id, policy, outcome, error, manual, n)
   JOIN job_dlq j ON j.id = u.dlq_id
+ ORDER BY u.n
 
 -- name: upsert_states
 INSERT INTO dlqd_entry_state AS s (dlq_id, state, policy, fingerprint, due_at, parked_reason,

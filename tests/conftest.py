@@ -92,12 +92,18 @@ def template_db(admin_url: str) -> Iterator[str]:
 
     async def prepare() -> None:
         conn = await connect(url, autocommit=True)
+        # Roles are cluster-wide: suites running side by side (xdist workers,
+        # two checkouts) would update the same catalog rows at once. A lock
+        # in the server's own postgres database serialises them.
+        guard = await connect(admin_url, autocommit=True)
         try:
             await migrate(conn)
+            await guard.execute("SELECT pg_advisory_lock(hashtextextended('dlqd:roles', 0))")
             roles = (sql_dir() / "roles.sql").read_text()
             await conn.execute(roles.encode())
         finally:
             await conn.close()
+            await guard.close()
 
     try:
         anyio.run(prepare)
@@ -126,6 +132,17 @@ def db_url(admin_url: str, template_db: str) -> Iterator[str]:
             admin_url,
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)),
         )
+
+
+def as_role(url: str, role: str) -> str:
+    """``url`` logging in as ``role`` (the test server trusts local connections)."""
+    return make_conninfo(url, user=role, password="")
+
+
+@pytest.fixture
+def dlqd_url(db_url: str) -> str:
+    """This test's database, as the least-privileged ``dlqd`` role of sql/roles.sql."""
+    return as_role(db_url, "dlqd")
 
 
 @pytest.fixture

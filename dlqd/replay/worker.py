@@ -166,6 +166,7 @@ class Replayer:
         for name, is_open in self.throttle.open_circuits(now).items():
             self.metrics.circuit_open.labels(name).set(1 if is_open else 0)
         self.metrics.last_pass_success_timestamp_seconds.set(time.time())
+        self.metrics.replayer_passes_total.inc()
         return result
 
     @staticmethod
