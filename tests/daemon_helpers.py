@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -17,8 +18,6 @@ import anyio
 import psycopg
 from psycopg.rows import dict_row
 
-from dlqd.pgcluster import free_port
-
 ROOT = Path(__file__).resolve().parent.parent
 
 SINK_DDL = """
@@ -32,6 +31,9 @@ CREATE TABLE IF NOT EXISTS sink (
 SINK_STATEMENT = "INSERT INTO sink (dlq_id, type, payload) VALUES (%(id)s, %(type)s, %(payload)s)"
 
 
+_serial = itertools.count(1)
+
+
 def write_config(path: Path, body: str) -> Path:
     path.write_text(body)
     return path
@@ -41,14 +43,16 @@ class DaemonProcess:
     """``python -m dlqd run`` with its own config, port and log file."""
 
     def __init__(self, db_url: str, config: Path, log_dir: Path, **env: str) -> None:
-        self.port = free_port()
-        self.log_path = log_dir / f"dlqd-{self.port}.log"
+        # port 0: the daemon binds a free port itself and logs it ("http listening"),
+        # so no other process can take it between a pick and the bind
+        self._port: int | None = None
+        self.log_path = log_dir / f"dlqd-{next(_serial)}.log"
         base = {k: v for k, v in os.environ.items() if not k.startswith("DLQD_")}
         self.env = {
             **base,
             "DLQD_DATABASE_URL": db_url,
             "DLQD_METRICS_HOST": "127.0.0.1",
-            "DLQD_METRICS_PORT": str(self.port),
+            "DLQD_METRICS_PORT": "0",
             "DLQD_LOG_FORMAT": "json",
             **env,
         }
@@ -67,7 +71,19 @@ class DaemonProcess:
         log.close()
         return self
 
+    @property
+    def port(self) -> int:
+        """The metrics port the daemon bound (0 until it logged it)."""
+        if self._port is None:
+            for event in self.events():
+                if event.get("event") == "http listening":
+                    self._port = int(event["port"])
+                    break
+        return self._port or 0
+
     def http(self, path: str) -> tuple[int, str]:
+        if not self.port:
+            return 0, ""
         try:
             with urllib.request.urlopen(
                 f"http://127.0.0.1:{self.port}{path}", timeout=2
@@ -89,7 +105,11 @@ class DaemonProcess:
         await wait_until(ready, within)
 
     def metric(self, name: str) -> float:
-        _, text = self.http("/metrics")
+        """A metric's value; NaN when the scrape itself failed (a slow scrape inside
+        wait_until then just means "not yet"); an error when it is not exported."""
+        status, text = self.http("/metrics")
+        if status != 200:
+            return float("nan")
         for line in text.splitlines():
             if line.startswith(name + " ") or line.startswith(name + "{"):
                 return float(line.rsplit(" ", 1)[1])

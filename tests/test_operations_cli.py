@@ -10,7 +10,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from dlqd.pgcluster import free_port
-from tests.conftest import dlqd_cli
+from tests.conftest import as_role, dlqd_cli
 from tests.daemon_helpers import SINK_DDL, SINK_STATEMENT, write_config
 from tests.factories import INSERT_MANY, row_json
 
@@ -18,6 +18,7 @@ from tests.factories import INSERT_MANY, row_json
 def seed(db_url: str, rows: list[dict[str, object]]) -> None:
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute(SINK_DDL)
+        conn.execute("GRANT SELECT, INSERT ON sink TO dlqd")
         conn.execute(INSERT_MANY, {"rows": Jsonb(rows)})
 
 
@@ -39,7 +40,7 @@ def test_manual_replay_by_filter_dry_run_then_real(db_url: str, tmp_path: Path) 
         [row_json(original_job_id=f"a{i}", app_id="a") for i in range(5)]
         + [row_json(original_job_id=f"b{i}", app_id="b") for i in range(3)],
     )
-    env = {"DLQD_DATABASE_URL": db_url}
+    env = {"DLQD_DATABASE_URL": as_role(db_url, "dlqd")}  # the operator runs as dlqd
     cfg = str(config(tmp_path, SINK_POLICY))
     dry = dlqd_cli("replay", "--app-id", "a", "--dry-run", "--json", "--config", cfg, env=env)
     assert dry.returncode == 0, dry.stderr
@@ -86,7 +87,7 @@ def test_manual_replay_by_id_counts_skipped_and_failed(db_url: str, tmp_path: Pa
         "--json",
         "--config",
         str(cfg),
-        env={"DLQD_DATABASE_URL": db_url},
+        env={"DLQD_DATABASE_URL": as_role(db_url, "dlqd")},
     )
     assert result.returncode == 1  # failed > 0
     assert json.loads(result.stdout) == {"replayed": 1, "failed": 1, "skipped": 2, "dry_run": False}
@@ -118,7 +119,7 @@ def test_purge_json_and_dry_run(db_url: str, tmp_path: Path) -> None:
                       CASE WHEN g <= 7 THEN now() - interval '8 days' END
                  FROM generate_series(1, 10) g"""
         )
-    env = {"DLQD_DATABASE_URL": db_url, "DLQD_PURGE__BATCH_SIZE": "3"}
+    env = {"DLQD_DATABASE_URL": as_role(db_url, "dlqd"), "DLQD_PURGE__BATCH_SIZE": "3"}
     dry = dlqd_cli("purge", "--dry-run", "--json", env=env)
     assert json.loads(dry.stdout) == {"deleted": 7, "dry_run": True}
     real = dlqd_cli("purge", "--json", env=env)

@@ -545,7 +545,7 @@ async def test_a_notification_flood_costs_a_bounded_number_of_passes(
 ) -> None:
     """Finding 8c: any role can pg_notify('dlqd_job_dlq', ''): wake-ups coalesce."""
     daemon = await start(daemons, sink_db, config(tmp_path, SINK_POLICY), tmp_path)
-    before = metric(daemon, "dlqd_replayer_passes_total")
+    before = daemon.metric("dlqd_replayer_passes_total")  # must be exported
     started = anyio.current_time()
     async with await psycopg.AsyncConnection.connect(
         as_role(sink_db, "dlqd_app"), autocommit=True

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -127,7 +130,25 @@ def test_fixed_schedule_ignores_the_replay_count(delay: int, n: int) -> None:
 
 def test_jitter_is_the_same_on_every_replica() -> None:
     row_id = uuid.UUID("12345678-1234-5678-1234-567812345678")
-    assert jitter_factor(row_id, 0.1) == jitter_factor(uuid.UUID(str(row_id)), 0.1)
+    # pinned values: every replica, version and process computes exactly these
+    # (sha256 of the id's bytes; no per-process hash seed is involved)
+    assert jitter_factor(uuid.UUID("0f8fad5b-d9cb-469f-a165-70867728950e"), 0.1) == (
+        1.060708885534992
+    )
+    assert jitter_factor(uuid.UUID(int=1), 0.5) == 0.9853027501917451
+    other = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"from dlqd.policy import jitter_factor; import uuid; "
+            f"print(repr(jitter_factor(uuid.UUID('{row_id}'), 0.1)))",
+        ],
+        env={**os.environ, "PYTHONHASHSEED": "12345"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert float(other.stdout) == jitter_factor(row_id, 0.1)  # another process agrees
     spread = {round(jitter_factor(uuid.uuid4(), 0.5), 3) for _ in range(200)}
     assert len(spread) > 100  # ids really spread the due times
     assert jitter_factor(row_id, 0.0) == 1.0
