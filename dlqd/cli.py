@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     purge.add_argument("--dry-run", action="store_true")
     purge.add_argument("--json", action="store_true")
 
+    sql_ = add("sql", help="print SQL an administrator runs (roles)")
+    sql_.add_argument("what", choices=["roles"], help="roles: the role script (sql/roles.sql)")
+
     explain = add("explain", help="which policy matches a row, and when it is due")
     explain.add_argument("id")
     explain.add_argument("--json", action="store_true")
@@ -126,6 +129,12 @@ def _positive_float(text: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "sql":
+        # needs no configuration: an administrator runs it before dlqd has any
+        from dlqd.queries import sql_dir
+
+        sys.stdout.write((sql_dir() / f"{args.what}.sql").read_text(encoding="utf-8"))
+        return 0
     handler = _HANDLERS[args.command]
     try:
         settings = load_settings(args.config)
@@ -171,7 +180,7 @@ async def _unwrapping_groups(handler: Handler, args: argparse.Namespace, setting
 
         raise DlqdError(
             f"{error_line(exc)}: this role lacks a grant dlqd needs; as an administrator, "
-            "apply sql/roles.sql and connect as role dlqd"
+            "apply the role script (`dlqd sql roles`) and connect as role dlqd"
         ) from None
 
 

@@ -148,3 +148,19 @@ def test_usage_errors_exit_2(db_url: str) -> None:
     assert bad_cursor.returncode == 2
     assert "invalid cursor" in bad_cursor.stderr
     assert dlqd_cli("frobnicate", env=env).returncode == 2
+
+
+def test_sql_roles_prints_the_role_script_without_config() -> None:
+    result = dlqd_cli("sql", "roles")
+    assert result.returncode == 0, result.stderr
+    assert "CREATE ROLE dlqd LOGIN" in result.stdout
+    assert "GRANT UPDATE (replayed_at) ON job_dlq TO dlqd" in result.stdout
+
+
+def test_a_role_without_grants_gets_a_hint(db_url: str) -> None:
+    from tests.conftest import as_role
+
+    result = dlqd_cli("status", env={"DLQD_DATABASE_URL": as_role(db_url, "dlqd_app")})
+    assert result.returncode == 1
+    assert "dlqd sql roles" in result.stderr
+    assert result.stderr.count("\n") == 1
