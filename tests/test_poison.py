@@ -692,3 +692,52 @@ def test_password_never_printed_with_a_bad_dsn_option() -> None:
     assert result.returncode == 78
     assert secret not in result.stderr + result.stdout
     assert "sslmode" in result.stderr
+
+
+async def test_a_transaction_failing_as_a_whole_is_retried_by_halves(
+    sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    """Finding 3, the general case: whatever fails outside a target's savepoint (here
+    a trigger on the replay log refusing one row's replay) rolls the whole
+    transaction back. The batch is retried by halves; the rest replays, and only
+    what committed is counted."""
+    async with await psycopg.AsyncConnection.connect(sink_db, autocommit=True) as conn:
+        await conn.execute(
+            """CREATE FUNCTION refuse_doomed() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN
+                   IF NEW.original_job_id = 'doomed' AND NEW.outcome = 'replayed' THEN
+                       RAISE EXCEPTION 'refused by the audit trigger';
+                   END IF;
+                   RETURN NEW;
+               END $$;
+               CREATE TRIGGER refuse_doomed BEFORE INSERT ON dlqd_replay_log
+                   FOR EACH ROW EXECUTE FUNCTION refuse_doomed()"""
+        )
+    cfg = config(tmp_path, SINK_POLICY.replace('name = "all"', 'name = "all"\nmax_failures = 2'))
+    await insert_rows(
+        sink_db,
+        [row_json(original_job_id=f"fine{i}") for i in range(7)]
+        + [row_json(original_job_id="doomed")]
+        + [row_json(original_job_id=f"also{i}") for i in range(8)],
+    )
+    daemon = await start(daemons, sink_db, cfg, tmp_path)
+
+    async def settled() -> bool:
+        parked = await scalar(
+            sink_db, "SELECT count(*) FROM dlqd_entry_state WHERE parked_reason = 'max_failures'"
+        )
+        return int(parked) == 1
+
+    await wait_until(settled, within=60)
+    assert await scalar(sink_db, "SELECT count(*) FROM job_dlq WHERE replayed_at IS NOT NULL") == 15
+    # the sink holds exactly the committed replays: the doomed row's inserts rolled back
+    assert await scalar(sink_db, "SELECT count(*) FROM sink") == 15
+    assert metric(daemon, 'dlqd_replays_total{outcome="replayed",policy="all"}') == 15
+    assert metric(daemon, 'dlqd_replays_total{outcome="failed",policy="all"}') == 2
+    errors = await scalar(
+        sink_db, "SELECT array_agg(error) FROM dlqd_replay_log WHERE outcome = 'failed'"
+    )
+    assert all("refused by the audit trigger" in e for e in errors)
+    assert any(
+        e.get("event") == "batch failed as a whole: retrying it in halves" for e in daemon.events()
+    )
