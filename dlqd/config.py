@@ -227,23 +227,27 @@ class Policy(_Frozen):
     target: Target | None = None
 
 
-def _at_least(minimum: timedelta, text: str) -> Any:
+def _at_least(text: str) -> AfterValidator:
+    minimum = parse_duration(text)
+
     def check(value: timedelta | None) -> timedelta | None:
         if value is not None and value < minimum:
             raise ValueError(f"must be at least {text}")
         return value
 
-    return check
+    return AfterValidator(check)
+
+
+# Durations with a floor: below it a setting would spin the CPU or make no sense.
+Interval = Annotated[Duration, _at_least("100ms")]
+Timeout = Annotated[Duration, _at_least("10ms")]
+Retention = Annotated[Duration, _at_least("1h")]
 
 
 class ListenSettings(_Frozen):
     enabled: bool = True
-    poll_interval: Annotated[
-        Duration, AfterValidator(_at_least(timedelta(milliseconds=100), "100ms"))
-    ] = timedelta(seconds=30)
-    probe_interval: Annotated[
-        Duration, AfterValidator(_at_least(timedelta(milliseconds=100), "100ms"))
-    ] = timedelta(seconds=10)
+    poll_interval: Interval = timedelta(seconds=30)
+    probe_interval: Interval = timedelta(seconds=10)
 
 
 class ReplaySettings(_Frozen):
@@ -252,12 +256,8 @@ class ReplaySettings(_Frozen):
     default_target: Target | None = None
     # bound every replay transaction: a target blocked on a lock fails the
     # batch (a failed attempt) instead of hanging the replayer
-    statement_timeout: Annotated[
-        Duration, AfterValidator(_at_least(timedelta(milliseconds=10), "10ms"))
-    ] = timedelta(seconds=10)
-    lock_timeout: Annotated[
-        Duration, AfterValidator(_at_least(timedelta(milliseconds=10), "10ms"))
-    ] = timedelta(seconds=2)
+    statement_timeout: Timeout = timedelta(seconds=10)
+    lock_timeout: Timeout = timedelta(seconds=2)
 
 
 def _validate_schedule(value: object) -> object:
@@ -287,23 +287,15 @@ def _validate_schedule(value: object) -> object:
 class PurgeSettings(_Frozen):
     schedule: Annotated[str, BeforeValidator(_validate_schedule)] = "1h"
     replayed_retention: Duration = timedelta(days=7)
-    pending_retention: Annotated[
-        Duration | None, AfterValidator(_at_least(timedelta(hours=1), "1h"))
-    ] = None
+    pending_retention: Retention | None = None
     batch_size: int = Field(default=10000, ge=1, le=1_000_000)
-    lock_timeout: Annotated[
-        Duration, AfterValidator(_at_least(timedelta(milliseconds=10), "10ms"))
-    ] = timedelta(seconds=2)
+    lock_timeout: Timeout = timedelta(seconds=2)
     # replay log rows older than this are trimmed; max_replays counts within it
-    log_retention: Annotated[Duration, AfterValidator(_at_least(timedelta(hours=1), "1h"))] = (
-        timedelta(days=30)
-    )
+    log_retention: Retention = timedelta(days=30)
 
 
 class MetricsSettings(_Frozen):
-    refresh_interval: Annotated[Duration, AfterValidator(_at_least(timedelta(seconds=1), "1s"))] = (
-        timedelta(seconds=5)
-    )
+    refresh_interval: Annotated[Duration, _at_least("1s")] = timedelta(seconds=5)
     max_series: int = Field(default=500, ge=1, le=100_000)
     tenant_label: bool = True
 

@@ -190,3 +190,24 @@ def dlqd_cli(
         check=False,
         cwd=ROOT,
     )
+
+
+@pytest.fixture
+def sink_db(db_url: str) -> str:
+    """This test's database with the sink table that test targets replay into,
+    writable by the dlqd role."""
+    from tests.daemon_helpers import SINK_DDL
+
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(SINK_DDL)
+        conn.execute("GRANT SELECT, INSERT ON sink TO dlqd")
+    return db_url
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Any]]:
+    """Daemon processes a test starts; stopped (SIGTERM, then SIGKILL) after it."""
+    started: list[Any] = []
+    yield started
+    for daemon in started:
+        daemon.stop()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ from psycopg.types.json import Jsonb
 
 from tests.conftest import as_role, dlqd_cli
 from tests.daemon_helpers import (
-    SINK_DDL,
     SINK_STATEMENT,
     DaemonProcess,
     scalar,
@@ -62,22 +60,6 @@ target = {{ kind = "sql", statement = "{SINK_STATEMENT}" }}
         extra=extra,
         listen=listen,
     )
-
-
-@pytest.fixture
-def sink_db(db_url: str) -> str:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute(SINK_DDL)
-        conn.execute("GRANT SELECT, INSERT ON sink TO dlqd")
-    return db_url
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for daemon in started:
-        daemon.stop()
 
 
 def operator_env(db_url: str) -> dict[str, str]:

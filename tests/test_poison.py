@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,6 @@ from psycopg.types.json import Jsonb
 
 from tests.conftest import ROOT, as_role, dlqd_cli
 from tests.daemon_helpers import (
-    SINK_DDL,
     SINK_STATEMENT,
     DaemonProcess,
     scalar,
@@ -56,22 +54,6 @@ SINK_POLICY = f"""
 name = "all"
 target = {{ kind = "sql", statement = "{SINK_STATEMENT}" }}
 """
-
-
-@pytest.fixture
-def sink_db(db_url: str) -> str:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute(SINK_DDL)
-        conn.execute("GRANT SELECT, INSERT ON sink TO dlqd")
-    return db_url
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for daemon in started:
-        daemon.stop()
 
 
 async def start(

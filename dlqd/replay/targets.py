@@ -26,6 +26,7 @@ from uuid import UUID
 import psycopg
 
 from dlqd.config import NotifyTarget, SqlTarget
+from dlqd.policy import MatchLike
 from dlqd.queries import q
 
 Connection = psycopg.AsyncConnection[dict[str, Any]]
@@ -37,21 +38,13 @@ _QUOTED = re.compile(r'"[^"]*"')
 TIMEOUT_ERRORS = (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable)
 
 
-class RowValues(Protocol):
+class RowValues(MatchLike, Protocol):
     """What a target binds from a claimed row."""
 
     @property
     def id(self) -> UUID: ...
     @property
     def original_job_id(self) -> str: ...
-    @property
-    def app_id(self) -> str: ...
-    @property
-    def type(self) -> str: ...
-    @property
-    def error_reason(self) -> str: ...
-    @property
-    def attempts(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,10 +93,6 @@ def compile_statement(statement: str, *, all_in_db: bool = False) -> tuple[bytes
 
 def sql_params(row: RowValues, names: Sequence[str]) -> dict[str, Any]:
     return {name: getattr(row, name) for name in names}
-
-
-class Runner(Protocol):
-    async def __call__(self, conn: Connection, rows: Sequence[Any], all_in_db: bool) -> None: ...
 
 
 async def _run_sql(
