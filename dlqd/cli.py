@@ -82,6 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--all", action="store_true", help="every pending row")
     replay.add_argument("--dry-run", action="store_true")
     replay.add_argument("--rate", type=_positive_float, help="at most N rows a second")
+    replay.add_argument(
+        "--via",
+        metavar="POLICY",
+        help="replay through this policy's target, whatever policy matches the rows",
+    )
+    replay.add_argument(
+        "--reason",
+        metavar="TEXT",
+        help="why, kept in the replay log with your name ($DLQD_ACTOR, else the login name)",
+    )
     replay.add_argument("--json", action="store_true")
 
     purge = add("purge", help="one purge pass now")
@@ -299,7 +309,14 @@ async def _show(args: argparse.Namespace, settings: Settings) -> int:
         cur = await conn.execute(q("replay_history"), {"id": entry_id})
         history = await cur.fetchall()
     replays = [
-        {"at": h["at"], "policy": h["policy"], "outcome": h["outcome"], "error": h["error"]}
+        {
+            "at": h["at"],
+            "policy": h["policy"],
+            "outcome": h["outcome"],
+            "error": h["error"],
+            "actor": h["actor"],
+            "reason": h["reason"],
+        }
         for h in history
     ]
     if args.json:
@@ -322,7 +339,10 @@ async def _show(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{key.ljust(width)}  {safe(text)}")
     print()
     if replays:
-        print_table(["at", "policy", "outcome", "error"], [list(r.values()) for r in replays])
+        print_table(
+            ["at", "policy", "outcome", "error", "actor", "reason"],
+            [list(r.values()) for r in replays],
+        )
     else:
         print("no replays yet")
     return 0
@@ -413,7 +433,15 @@ async def _replay(args: argparse.Namespace, settings: Settings) -> int:
     where = _filter(args) if filters else PendingFilter() if args.all else None
     async with connection(settings.dsn, autocommit=True, application_name="dlqd replay") as conn:
         result = await manual_replay(
-            conn, settings, ids=ids, where=where, dry_run=args.dry_run, rate=args.rate
+            conn,
+            settings,
+            ids=ids,
+            where=where,
+            dry_run=args.dry_run,
+            rate=args.rate,
+            via=args.via,
+            actor=_actor(),
+            reason=args.reason,
         )
     if args.json:
         print_json(result.to_json())
@@ -421,6 +449,19 @@ async def _replay(args: argparse.Namespace, settings: Settings) -> int:
         verb = "would replay" if args.dry_run else "replayed"
         print(f"{verb} {result.replayed}, failed {result.failed}, skipped {result.skipped}")
     return 1 if result.failed else 0
+
+
+def _actor() -> str:
+    """Who runs a manual replay: $DLQD_ACTOR, else the login name."""
+    import getpass
+    import os
+
+    if actor := os.environ.get("DLQD_ACTOR"):
+        return actor
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
 
 
 @command("purge")

@@ -1,5 +1,7 @@
-"""``dlqd run``: one task group owning the listener, the replay workers, the
-metrics collector and the HTTP server; signals; systemd notifications."""
+"""``dlqd run``: the pool, start-up checks, signals, reload, and one task group
+owning the HTTP server, the replay workers and the background services
+(``dlqd/services/``: listener, collector, sweeper, health, leader with the
+purger, watchdog); systemd notifications."""
 
 from __future__ import annotations
 
@@ -20,17 +22,20 @@ from dlqd.config import Settings, load_settings
 from dlqd.db import connect, describe_dsn, password_of
 from dlqd.errors import ConfigError
 from dlqd.httpserver import Response, serve
-from dlqd.listener import Listener
 from dlqd.logs import get_logger, register_secret
 from dlqd.metrics import Metrics
 from dlqd.migrations import require_current_schema
-from dlqd.queries import q
 from dlqd.replay.checks import check_supported_targets, sql_target_problems
 from dlqd.replay.evaluate import DryRunLedger
-from dlqd.replay.targets import error_line
 from dlqd.replay.worker import Replayer
 from dlqd.sdnotify import sd_notify, watchdog_interval
-from dlqd.status import collect_status
+from dlqd.services.collector import Collector
+from dlqd.services.health import Health
+from dlqd.services.leader import LeaderElector
+from dlqd.services.listener import Listener
+from dlqd.services.purger import Purger
+from dlqd.services.sweeper import Sweeper
+from dlqd.services.watchdog import Watchdog
 from dlqd.throttle import Throttle
 from dlqd.wake import Wakeup
 
@@ -62,9 +67,10 @@ class Daemon:
         self.wakeup = Wakeup()
         self.stopping = anyio.Event()
         self.listener: Listener | None = None
+        self.health: Health | None = None
+        self.leader: LeaderElector | None = None
         self.pool: AsyncConnectionPool[Any] | None = None
         self.http_port: int | None = None
-        self.database_ok = False
         self.started = False
 
     def settings(self) -> Settings:
@@ -141,11 +147,21 @@ class Daemon:
                         dry_runs=dry_runs,
                     )
                     await tg.start(self._worker, replayer, done)
-                tg.start_soon(self._collector)
-                tg.start_soon(self._sweeper)
-                await tg.start(self._health)
+                # the background services, one shape each (dlqd/services/)
+                self.health = Health(pool)
+                self.leader = LeaderElector(
+                    self.settings, self.metrics, [Purger(pool, self.settings, self.metrics)]
+                )
+                services: list[Any] = [
+                    Collector(pool, self.settings, self.metrics),
+                    Sweeper(pool, self.settings, self.wakeup),
+                    self.health,
+                    self.leader,
+                ]
                 if (interval := watchdog_interval()) is not None:
-                    tg.start_soon(self._watchdog, interval)
+                    services.append(Watchdog(interval))
+                for service in services:
+                    await tg.start(service.run, name=service.name)
                 self.started = True
                 sd_notify("READY=1")
                 log.info(
@@ -221,90 +237,6 @@ class Daemon:
         )
         self.wakeup.set()  # re-evaluate rows under the new policies
 
-    async def _health(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Keep ``database_ok`` fresh, so /readyz answers at once without a query."""
-        assert self.pool is not None  # noqa: S101 - set before any task starts
-        started = False
-        while True:
-            try:
-                with anyio.fail_after(HEALTH_TIMEOUT):
-                    async with self.pool.connection(timeout=HEALTH_TIMEOUT) as conn:
-                        await conn.execute("SELECT 1")
-                self.database_ok = True
-            except Exception:  # noqa: BLE001 - any failure means not reachable now
-                self.database_ok = False
-            if not started:
-                started = True
-                task_status.started()
-            await anyio.sleep(HEALTH_INTERVAL)
-
-    async def _sweeper(self) -> None:
-        """The periodic scan for rows that reached job_dlq without the insert
-        trigger (a restore with session_replication_role = replica, a disabled
-        trigger): they join the inbox and the workers are woken."""
-        assert self.pool is not None  # noqa: S101 - set before any task starts
-        while True:
-            try:
-                async with self.pool.connection() as conn:
-                    cur = await conn.execute(q("enqueue_orphans"))
-                    moved = max(0, cur.rowcount)
-                if moved:
-                    log.warning("rows found without an inbox entry", rows=moved)
-                    self.wakeup.set()
-            except Exception as exc:  # noqa: BLE001 - the sweeper must outlive any error
-                log.warning("orphan sweep failed", error=error_line(exc))
-            await anyio.sleep(self._settings.listen.poll_interval.total_seconds())
-
-    async def _watchdog(self, interval: float) -> None:
-        while True:
-            sd_notify("WATCHDOG=1")
-            await anyio.sleep(interval)
-
-    # ------------------------------------------------------------------ metrics
-
-    async def _collector(self) -> None:
-        """Refresh the gauges in the background, so a scrape never runs a query."""
-        while True:
-            try:
-                await self.refresh_gauges()
-            except Exception as exc:  # noqa: BLE001 - the collector must outlive any error
-                log.warning("metrics refresh failed", error=error_line(exc))
-            await anyio.sleep(self._settings.metrics.refresh_interval.total_seconds())
-
-    async def refresh_gauges(self) -> None:
-        assert self.pool is not None  # noqa: S101 - set before any task starts
-        settings = self._settings
-        async with self.pool.connection() as conn:
-            status = await collect_status(conn, settings.policies)
-            cur = await conn.execute(q("notification_queue_usage"))
-            row = await cur.fetchone()
-        m = self.metrics
-        m.notification_queue_usage_ratio.set(row["usage"] if row else 0.0)
-        m.unmatched_entries.set(status.unmatched)
-        tenant = settings.metrics.tenant_label
-        pending: dict[tuple[str, str, str], list[float]] = {}
-        oldest: dict[tuple[str, str], float] = {}
-        # the largest groups keep their labels; the rest fold into __other__
-        ranked = sorted(status.groups, key=lambda g: g.pending, reverse=True)
-        for index, group in enumerate(ranked):
-            keep = index < settings.metrics.max_series - 1
-            app = group.app_id if tenant else ""
-            key = (app, group.type, group.error_reason) if keep else (OTHER, OTHER, OTHER)
-            counts = pending.setdefault(key, [0.0, 0.0])
-            counts[0] += group.pending
-            counts[1] += group.parked
-            age_key = (key[0], key[1])
-            age = group.oldest_pending_age_seconds or 0.0
-            oldest[age_key] = max(oldest.get(age_key, 0.0), age)
-        m.pending_entries.clear()
-        m.parked_entries.clear()
-        m.oldest_pending_age_seconds.clear()
-        for (app, type_, reason), (n_pending, n_parked) in pending.items():
-            m.pending_entries.labels(app, type_, reason).set(n_pending)
-            m.parked_entries.labels(app, type_, reason).set(n_parked)
-        for (app, type_), age in oldest.items():
-            m.oldest_pending_age_seconds.labels(app, type_).set(age)
-
     # ------------------------------------------------------------------ HTTP routes
 
     async def _metrics(self) -> Response:
@@ -317,7 +249,7 @@ class Daemon:
         problems: list[str] = []
         if self._settings.listen.enabled and not (self.listener and self.listener.connected):
             problems.append("listener not connected")
-        if not self.database_ok:
+        if not (self.health and self.health.database_ok):
             problems.append("database unreachable")
         if self.stopping.is_set():
             problems.append("stopping")

@@ -87,7 +87,7 @@ class Metrics:
             registry=r,
         )
         self.leader = Gauge(
-            "dlqd_leader", "1 on the replica that holds the purge lock.", registry=r
+            "dlqd_leader", "1 on the replica that is the leader (it runs the purge).", registry=r
         )
         self.notification_queue_usage_ratio = Gauge(
             "dlqd_notification_queue_usage_ratio",
@@ -104,5 +104,8 @@ class Metrics:
             "Replayer passes (a flood of wake-ups must not multiply them).",
             registry=r,
         )
+        # series that alerts compare must exist before their first event
+        for outcome in ("success", "error"):
+            self.purge_runs_total.labels(outcome)
         self.build_info = Gauge("dlqd_build_info", "dlqd's version.", ["version"], registry=r)
         self.build_info.labels(version=__version__).set(1)

@@ -13,7 +13,7 @@ import anyio
 import psycopg
 
 from dlqd.config import NotifyTarget, Policy, Settings, SqlTarget
-from dlqd.errors import DlqdError
+from dlqd.errors import DlqdError, UsageError
 from dlqd.policy import MatchLike, Park, Replay, Unmatched, decide, matches, mismatch
 from dlqd.queries import q
 from dlqd.replay.admission import replay_counts
@@ -21,7 +21,8 @@ from dlqd.replay.batch import Batch, Item, apply, set_replay_timeouts, settle_sp
 from dlqd.replay.evaluate import job_key
 from dlqd.replay.report import report
 from dlqd.replay.rows import Candidate
-from dlqd.repository import PendingFilter, decode_cursor
+from dlqd.repository import PendingFilter
+from dlqd.services.purger import purge_rows
 
 Connection = psycopg.AsyncConnection[dict[str, Any]]
 
@@ -42,16 +43,33 @@ class ManualReplayResult:
         }
 
 
+def via_policy(settings: Settings, name: str) -> Policy:
+    """The policy ``replay --via NAME`` sends rows through (it must have a target)."""
+    for policy in settings.policies:
+        if policy.name == name:
+            if settings.target_for(policy) is None:
+                raise UsageError(
+                    f"--via {name}: the policy has no target and replay.default_target is not set"
+                )
+            return policy
+    known = ", ".join(p.name for p in settings.policies) or "none configured"
+    raise UsageError(f"--via {name}: no such policy (policies: {known})")
+
+
 def manual_target(
-    row: Candidate, settings: Settings
+    row: Candidate, settings: Settings, via: Policy | None = None
 ) -> tuple[Policy | None, SqlTarget | NotifyTarget]:
-    """The target of the first matching policy that has one, else replay.default_target."""
+    """``via``'s target; else that of the first matching policy that has one; else
+    replay.default_target."""
     policy: Policy | None = None
     target = settings.replay.default_target
-    for candidate in settings.policies:
-        if candidate.target is not None and matches(candidate.match, row):
-            policy, target = candidate, candidate.target
-            break
+    if via is not None:
+        policy, target = via, settings.target_for(via)
+    else:
+        for candidate in settings.policies:
+            if candidate.target is not None and matches(candidate.match, row):
+                policy, target = candidate, candidate.target
+                break
     if target is None:
         raise DlqdError(
             f"no target for row {row.id}: no matching policy has a target and "
@@ -103,6 +121,9 @@ async def manual_replay(
     where: PendingFilter | None = None,
     dry_run: bool = False,
     rate: float | None = None,
+    via: str | None = None,
+    actor: str | None = None,
+    reason: str | None = None,
 ) -> ManualReplayResult:
     """Replay rows now, parked ones included, ignoring delays and max_replays.
 
@@ -111,8 +132,9 @@ async def manual_replay(
     the last one).
     """
     result = ManualReplayResult(dry_run=dry_run)
+    through = via_policy(settings, via) if via is not None else None
     chunk = settings.replay.batch_size if rate is None else max(1, min(500, math.ceil(rate)))
-    if settings.replay.default_target is None:
+    if settings.replay.default_target is None and through is None:
         # Resolve every target before replaying anything: a row without one is
         # an error for the whole command, never a partial replay.
         async for id_chunk in _selected_ids(conn, ids, where, chunk):
@@ -139,9 +161,15 @@ async def manual_replay(
                 if dry_run:
                     result.replayed += len(pending)
                     continue
-                batch = Batch(settings.policies_fingerprint, rows[0]["db_now"], manual=True)
+                batch = Batch(
+                    settings.policies_fingerprint,
+                    rows[0]["db_now"],
+                    manual=True,
+                    actor=actor,
+                    reason=reason,
+                )
                 for candidate in pending:
-                    policy, target = manual_target(candidate, settings)
+                    policy, target = manual_target(candidate, settings, through)
                     batch.replay.append(Item(candidate, policy, target))
                 outcome = await apply(conn, batch, settings)
         except psycopg.Error as exc:
@@ -163,38 +191,18 @@ async def manual_replay(
 
 
 async def purge(conn: Connection, settings: Settings, *, dry_run: bool = False) -> int:
-    """One purge pass in batches (one transaction each); the number of rows deleted."""
-    params = {
-        "replayed_before": settings.purge.replayed_retention,
-        "pending_before": settings.purge.pending_retention,
-        "batch_size": settings.purge.batch_size,
-    }
+    """One purge pass of job_dlq in batches (one transaction each); rows deleted."""
     if dry_run:
-        cur = await conn.execute(q("purge_count"), params)
+        cur = await conn.execute(
+            q("purge_count"),
+            {
+                "replayed_before": settings.purge.replayed_retention,
+                "pending_before": settings.purge.pending_retention,
+            },
+        )
         row = await cur.fetchone()
         return int(row["n"]) if row else 0
-    timeout_ms = int(settings.purge.lock_timeout.total_seconds() * 1000)
-    total = 0
-    batch = settings.purge.batch_size
-    while True:
-        try:
-            async with conn.transaction():
-                await conn.execute(
-                    "SELECT set_config('lock_timeout', %s, true), "
-                    "set_config('statement_timeout', %s, true)",
-                    [f"{timeout_ms}ms", f"{timeout_ms * 5}ms"],
-                )
-                cur = await conn.execute(q("purge_batch"), {**params, "batch_size": batch})
-                row = await cur.fetchone()
-        except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled):
-            if batch == 1:
-                raise
-            batch = max(1, batch // 2)  # a batch that times out shrinks, the run goes on
-            continue
-        deleted = int(row["deleted"]) if row else 0
-        total += deleted
-        if deleted < batch:
-            return total
+    return (await purge_rows(conn, settings)).deleted
 
 
 @dataclass
@@ -321,4 +329,4 @@ async def explain(conn: Connection, settings: Settings, entry_id: UUID) -> Expla
     return explanation
 
 
-__all__ = ["ManualReplayResult", "decode_cursor", "explain", "manual_replay", "purge"]
+__all__ = ["ManualReplayResult", "explain", "manual_replay", "purge"]

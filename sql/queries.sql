@@ -61,7 +61,7 @@ INSERT INTO dlqd_schema_migrations (version, name, checksum)
 VALUES (%(version)s, %(name)s, %(checksum)s)
 
 -- name: replay_history
-SELECT at, policy, outcome, error, manual
+SELECT at, policy, outcome, error, manual, actor, reason
   FROM dlqd_replay_log
  WHERE dlq_id = %(id)s
  ORDER BY at, id
@@ -217,8 +217,10 @@ WITH marked AS (
 ), cleared AS (
     DELETE FROM dlqd_entry_state WHERE dlq_id IN (SELECT id FROM marked)
 ), logged AS (
-    INSERT INTO dlqd_replay_log (dlq_id, original_job_id, app_id, policy, outcome, manual)
-    SELECT m.id, m.original_job_id, m.app_id, u.policy, 'replayed', %(manual)s
+    INSERT INTO dlqd_replay_log (dlq_id, original_job_id, app_id, policy, outcome, manual,
+                                 actor, reason)
+    SELECT m.id, m.original_job_id, m.app_id, u.policy, 'replayed', %(manual)s,
+           %(actor)s, %(reason)s
       FROM marked m
       JOIN unnest(%(ids)s::uuid[], %(policies)s::text[]) AS u(id, policy) ON u.id = m.id
 )
@@ -229,8 +231,10 @@ SELECT id, CASE WHEN isfinite(dlq_at)
 -- name: log_outcomes
 -- Original job ids and tenants come from job_dlq itself: the daemon may hold
 -- only a shortened copy of an invalid row's key columns.
-INSERT INTO dlqd_replay_log (dlq_id, original_job_id, app_id, policy, outcome, error, manual)
-SELECT u.dlq_id, j.original_job_id, j.app_id, u.policy, u.outcome, u.error, u.manual
+INSERT INTO dlqd_replay_log (dlq_id, original_job_id, app_id, policy, outcome, error, manual,
+                             actor, reason)
+SELECT u.dlq_id, j.original_job_id, j.app_id, u.policy, u.outcome, u.error, u.manual,
+       %(actor)s, %(reason)s
   FROM unnest(%(dlq_ids)s::uuid[], %(policies)s::text[], %(outcomes)s::text[],
               %(errors)s::text[], %(manual)s::boolean[]) WITH ORDINALITY
        AS u(dlq_id, policy, outcome, error, manual, n)
@@ -361,3 +365,14 @@ SELECT count(*) AS n
  WHERE (replayed_at IS NOT NULL AND replayed_at < now() - %(replayed_before)s::interval)
     OR (%(pending_before)s::interval IS NOT NULL
         AND replayed_at IS NULL AND dlq_at < now() - %(pending_before)s::interval)
+
+-- name: leader_try_lock
+-- The leader holds this session-level lock on a connection of its own.
+SELECT pg_try_advisory_lock(hashtextextended('dlqd:leader', 0)) AS locked
+
+-- name: purge_timeouts
+SELECT set_config('lock_timeout', %(lock_timeout)s, true),
+       set_config('statement_timeout', %(statement_timeout)s, true)
+
+-- name: trim_replay_log
+SELECT dlqd_trim_replay_log(%(older_than)s, %(batch_size)s) AS deleted

@@ -92,7 +92,7 @@ def test_show_json_and_table(db_url: str) -> None:
     assert document["id"] == entry_id
     assert document["payload"] == {"job": "only"}
     [replay] = document["replays"]
-    assert set(replay) == {"at", "policy", "outcome", "error"}
+    assert set(replay) == {"at", "policy", "outcome", "error", "actor", "reason"}
     assert (replay["policy"], replay["outcome"], replay["error"]) == ("transient", "failed", "boom")
 
     table = dlqd_cli("show", entry_id, env=env)

@@ -179,7 +179,8 @@ def test_run_and_check_refuse_an_unmigrated_database(empty_db_url: str) -> None:
         assert result.returncode == 78
         assert result.stderr.strip() == (
             "dlqd: error: database schema is not up to date "
-            "(missing 001_job_dlq, 002_replay_state, 003_poison_proof): run `dlqd migrate`"
+            "(missing 001_job_dlq, 002_replay_state, 003_poison_proof, 004_replay_actor): "
+            "run `dlqd migrate`"
         )
     for command in (["status"], ["list"], ["show", "00000000-0000-0000-0000-000000000000"]):
         result = dlqd_cli(*command, env=env)
@@ -255,3 +256,49 @@ def test_check_plans_sql_targets_without_running_them(db_url: str, tmp_path: Pat
     result = dlqd_cli("check", "--config", str(broken), env=env)
     assert result.returncode == 78
     assert 'policies[0].target.statement: relation "snik" does not exist' in result.stderr
+
+
+def test_replay_via_a_policy_with_a_reason_and_an_actor(db_url: str, tmp_path: Path) -> None:
+    """A row parked by a park policy goes out through another policy's target,
+    without editing the config; who and why stay in the replay log."""
+    seed(db_url, [row_json(original_job_id="held", type="sms.send", error_reason="poison")])
+    cfg = str(
+        config(
+            tmp_path,
+            '[[policies]]\nname = "quarantine"\nmatch = { error_reason = ["poison"] }\n'
+            'action = "park"\n' + SINK_POLICY,
+        )
+    )
+    env = {"DLQD_DATABASE_URL": as_role(db_url, "dlqd"), "DLQD_ACTOR": "alice"}
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute("SELECT id::text FROM job_dlq").fetchone()
+        assert row is not None
+    entry_id = row[0]
+    plain = dlqd_cli("replay", entry_id, "--json", "--config", cfg, env=env)
+    # no matching policy has a target (quarantine parks; mail is for email.*)
+    assert plain.returncode == 1
+    assert "no matching policy has a target" in plain.stderr
+    unknown = dlqd_cli("replay", entry_id, "--via", "nope", "--config", cfg, env=env)
+    assert unknown.returncode == 2
+    assert "--via nope: no such policy (policies: quarantine, mail)" in unknown.stderr
+    targetless = dlqd_cli("replay", entry_id, "--via", "quarantine", "--config", cfg, env=env)
+    assert targetless.returncode == 2
+    via = dlqd_cli(
+        "replay", entry_id, "--via", "mail", "--reason", "fixed upstream", "--json",
+        "--config", cfg, env=env,
+    )  # fmt: skip
+    assert via.returncode == 0, via.stderr
+    assert json.loads(via.stdout)["replayed"] == 1
+    shown = json.loads(dlqd_cli("show", entry_id, "--json", env=env).stdout)
+    last = shown["replays"][-1]
+    assert (last["policy"], last["outcome"], last["actor"], last["reason"]) == (
+        "mail",
+        "replayed",
+        "alice",
+        "fixed upstream",
+    )
+    table = dlqd_cli("show", entry_id, env=env).stdout
+    assert "alice" in table
+    assert "fixed upstream" in table
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM sink").fetchone() == (1,)

@@ -212,7 +212,9 @@ async def test_dlqd_state_tables(conn: Conn) -> None:
             GROUP BY table_name""",
     )
     assert {r["table_name"]: r["cols"] for r in columns} == {
-        "dlqd_replay_log": "id,dlq_id,original_job_id,app_id,policy,outcome,error,manual,at",
+        "dlqd_replay_log": (
+            "id,dlq_id,original_job_id,app_id,policy,outcome,error,manual,at,actor,reason"
+        ),
         "dlqd_entry_state": (
             "dlq_id,state,policy,fingerprint,due_at,failures,last_error,last_failure_at,"
             "parked_reason,updated_at"

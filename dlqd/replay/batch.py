@@ -99,6 +99,8 @@ class Batch:
     fingerprint: str
     db_now: datetime
     manual: bool = False
+    actor: str | None = None  # a manual replay: who, and why (kept in the replay log)
+    reason: str | None = None
     replay: list[Item] = field(default_factory=list)
     states: dict[UUID, StateRow] = field(default_factory=dict)
     logs: list[LogRow] = field(default_factory=list)
@@ -133,7 +135,7 @@ class Batch:
 
     def only(self, ids: set[UUID], *, with_rest: bool) -> Batch:
         """The part of this batch about ``ids`` (``with_rest``: and its non-replay writes)."""
-        part = Batch(self.fingerprint, self.db_now, self.manual)
+        part = Batch(self.fingerprint, self.db_now, self.manual, self.actor, self.reason)
         part.replay = [i for i in self.replay if i.row.id in ids]
         if with_rest:
             replay_ids = {i.row.id for i in self.replay}
@@ -230,6 +232,8 @@ async def apply(conn: Connection, batch: Batch, settings: Settings) -> Outcome:
                 "ids": [i.row.id for i in succeeded],
                 "policies": [i.policy.name if i.policy else None for i in succeeded],
                 "manual": batch.manual,
+                "actor": batch.actor,
+                "reason": batch.reason,
             },
         )
         lags = {row["id"]: row["lag_seconds"] for row in await cur.fetchall()}
@@ -302,6 +306,8 @@ async def _write(conn: Connection, batch: Batch) -> None:
                 "outcomes": [r.outcome for r in batch.logs],
                 "errors": [r.error for r in batch.logs],
                 "manual": [r.manual for r in batch.logs],
+                "actor": batch.actor,
+                "reason": batch.reason,
             },
         )
     if batch.inbox_seqs:

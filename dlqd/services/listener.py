@@ -45,6 +45,10 @@ class ListenerDeaf(Exception):
 
 
 class Listener:
+    """A dedicated LISTEN connection; wakes the replayers on every notification."""
+
+    name = "listener"
+
     def __init__(
         self,
         settings: Callable[[], Settings],

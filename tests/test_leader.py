@@ -1,0 +1,238 @@
+"""One leader through Postgres, and the scheduled purge it runs."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from dlqd.config import load_settings
+from dlqd.services.purger import purge_rows, seconds_until, trim_log
+from tests.conftest import as_role
+from tests.daemon_helpers import SINK_STATEMENT, DaemonProcess, scalar, wait_until, write_config
+from tests.factories import INSERT_MANY, row_json
+
+pytestmark = pytest.mark.anyio
+
+PROBE = "500ms"
+
+
+def config(tmp_path: Path, schedule: str = "1h") -> Path:
+    return write_config(
+        tmp_path / "dlqd.toml",
+        f"""
+[listen]
+poll_interval = "1h"
+probe_interval = "{PROBE}"
+[purge]
+schedule = "{schedule}"
+replayed_retention = "1h"
+[[policies]]
+name = "all"
+target = {{ kind = "sql", statement = "{SINK_STATEMENT}" }}
+""",
+    )
+
+
+def leaders(daemons: list[DaemonProcess]) -> list[DaemonProcess]:
+    return [d for d in daemons if d.process and d.process.poll() is None and _is_leader(d)]
+
+
+def _is_leader(daemon: DaemonProcess) -> bool:
+    value = daemon.metric("dlqd_leader")
+    return value == 1
+
+
+async def one_leader(daemons: list[DaemonProcess]) -> DaemonProcess:
+    found: list[DaemonProcess] = []
+
+    async def exactly_one() -> bool:
+        found[:] = await anyio.to_thread.run_sync(leaders, daemons)
+        return len(found) == 1
+
+    await wait_until(exactly_one, within=30)
+    return found[0]
+
+
+async def start(daemons: list[DaemonProcess], db: str, cfg: Path, tmp: Path, n: int) -> None:
+    for _ in range(n):
+        daemons.append(DaemonProcess(as_role(db, "dlqd"), cfg, tmp).start())
+    for daemon in daemons:
+        await daemon.wait_ready()
+
+
+async def test_exactly_one_leader_and_it_moves_when_the_leader_is_killed(
+    sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    await start(daemons, sink_db, config(tmp_path), tmp_path, 3)
+    first = await one_leader(daemons)
+    assert first.process is not None
+    killed_at = time.monotonic()
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait()
+    second = await one_leader([d for d in daemons if d is not first])
+    moved = time.monotonic() - killed_at
+    print(f"leadership moved {moved:.2f}s after SIGKILL (probe_interval {PROBE})")
+    assert second is not first
+    assert any(e.get("event") == "leadership acquired" for e in second.events())
+    # the others replay as before
+    async with await psycopg.AsyncConnection.connect(sink_db, autocommit=True) as conn:
+        await conn.execute(INSERT_MANY, {"rows": Jsonb([row_json(original_job_id="after")])})
+
+    async def replayed() -> bool:
+        return int(await scalar(sink_db, "SELECT count(*) FROM sink")) == 1
+
+    await wait_until(replayed, within=30)
+
+
+async def test_leadership_moves_when_the_leaders_connection_is_cut(
+    sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    await start(daemons, sink_db, config(tmp_path), tmp_path, 2)
+    first = await one_leader(daemons)
+    async with await psycopg.AsyncConnection.connect(sink_db, autocommit=True) as conn:
+        cur = await conn.execute(
+            """SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                WHERE application_name = 'dlqd leader' AND datname = current_database()
+                  AND pid = (SELECT pid FROM pg_locks WHERE locktype = 'advisory'
+                               AND granted AND database = (SELECT oid FROM pg_database
+                                                            WHERE datname = current_database()))"""
+        )
+        assert await cur.fetchone() == (1,)
+
+    async def deposed() -> bool:
+        return any(e.get("event") == "leadership lost" for e in first.events())
+
+    await wait_until(deposed, within=30)
+    await one_leader(daemons)  # someone leads again: exactly one
+
+
+async def test_the_purge_runs_on_the_leader_only(
+    sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    async with await psycopg.AsyncConnection.connect(sink_db, autocommit=True) as conn:
+        await conn.execute(
+            """INSERT INTO job_dlq (original_job_id, app_id, type, payload, error_reason,
+                                    attempts, dlq_at, replayed_at)
+               SELECT 'old' || g, 'a', 't', '{}', 'r', 1, now() - interval '3 days',
+                      now() - interval '2 days'
+                 FROM generate_series(1, 25) g"""
+        )
+        await conn.execute(
+            """INSERT INTO dlqd_replay_log (dlq_id, original_job_id, app_id, outcome, at)
+               SELECT gen_random_uuid(), 'j' || g, 'a', 'replayed',
+                      now() - CASE WHEN g <= 4 THEN interval '40 days' ELSE interval '1 day' END
+                 FROM generate_series(1, 6) g"""
+        )
+    await start(daemons, sink_db, config(tmp_path, schedule="1s"), tmp_path, 2)
+    leader = await one_leader(daemons)
+
+    async def purged() -> bool:
+        return int(await scalar(sink_db, "SELECT count(*) FROM job_dlq")) == 0
+
+    await wait_until(purged, within=30)
+    assert await scalar(sink_db, "SELECT count(*) FROM dlqd_replay_log") == 2  # 30d retention
+
+    async def counted() -> bool:
+        return leader.metric("dlqd_purged_entries_total") == 25
+
+    await wait_until(counted, within=30)
+    assert leader.metric('dlqd_purge_runs_total{outcome="success"}') >= 1
+    assert leader.metric("dlqd_last_purge_success_timestamp_seconds") > time.time() - 60
+    runs = [e for e in leader.events() if e.get("event") == "purge"]
+    assert runs
+    assert runs[0]["deleted"] == 25
+    assert runs[0]["log_trimmed"] == 4
+    for daemon in daemons:
+        if daemon is not leader:
+            assert not any(e.get("event") == "purge" for e in daemon.events())
+            assert daemon.metric('dlqd_purge_runs_total{outcome="success"}') == 0
+
+
+def test_cron_schedule_times() -> None:
+    now = datetime(2026, 11, 28, 21, 59, 30, tzinfo=UTC)
+    assert seconds_until("0 22 * * *", now) == 30.0
+    assert seconds_until("*/15 * * * *", now) == 30.0
+    assert seconds_until("0 3 * * *", now) == 5 * 3600 + 30
+    assert seconds_until("1h", now) is None  # an interval, not a cron expression
+
+
+@pytest.fixture
+async def owner_conn(db_url: str) -> AsyncIterator[psycopg.AsyncConnection[dict[str, Any]]]:
+    conn = await psycopg.AsyncConnection.connect(db_url, autocommit=True, row_factory=dict_row)
+    yield conn
+    await conn.close()
+
+
+async def test_a_batch_that_times_out_shrinks_and_the_run_goes_on(
+    db_url: str, dlqd_url: str, owner_conn: psycopg.AsyncConnection[dict[str, Any]]
+) -> None:
+    await owner_conn.execute(
+        """INSERT INTO job_dlq (original_job_id, app_id, type, payload, error_reason,
+                                attempts, dlq_at, replayed_at)
+           SELECT 'old' || g, 'a', 't', '{}', 'r', 1, now() - interval '9 days',
+                  now() - interval '8 days'
+             FROM generate_series(1, 20) g"""
+    )
+    settings = load_settings(
+        database_url=dlqd_url, purge={"batch_size": 8, "lock_timeout": "100ms"}
+    )
+    blocker = await psycopg.AsyncConnection.connect(db_url)
+    await blocker.execute("LOCK TABLE job_dlq IN SHARE MODE")  # DELETE must wait for it
+    purger = await psycopg.AsyncConnection.connect(
+        dlqd_url, autocommit=True, row_factory=dict_row, application_name="purge-under-test"
+    )
+    result: list[Any] = []
+
+    async def purge() -> None:
+        result.append(await purge_rows(purger, settings))
+
+    waits: set[Any] = set()
+
+    async def two_timeouts() -> bool:
+        cur = await owner_conn.execute(
+            """SELECT query_start FROM pg_stat_activity
+                WHERE application_name = 'purge-under-test' AND wait_event_type = 'Lock'"""
+        )
+        waits.update(row["query_start"] for row in await cur.fetchall())
+        return len(waits) >= 3  # the third attempt waits: two have timed out
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(purge)
+            await wait_until(two_timeouts, within=30, interval=0.01)
+            await blocker.rollback()
+    finally:
+        await blocker.close()
+        await purger.close()
+    [batched] = result
+    assert batched.deleted == 20
+    assert batched.batch_size == 2  # 8 → 4 → 2 after two lock timeouts
+
+
+async def test_log_retention_trims_only_old_rows(
+    dlqd_url: str, owner_conn: psycopg.AsyncConnection[dict[str, Any]]
+) -> None:
+    await owner_conn.execute(
+        """INSERT INTO dlqd_replay_log (dlq_id, original_job_id, app_id, outcome, at)
+           SELECT gen_random_uuid(), 'j' || g, 'a', 'replayed',
+                  now() - make_interval(days => g)
+             FROM generate_series(1, 10) g"""
+    )
+    settings = load_settings(database_url=dlqd_url, purge={"log_retention": "5d", "batch_size": 2})
+    async with await psycopg.AsyncConnection.connect(
+        dlqd_url, autocommit=True, row_factory=dict_row
+    ) as conn:
+        trimmed = await trim_log(conn, settings)
+    assert trimmed.deleted == 6  # days 5 (just past 5d) to 10
+    cur = await owner_conn.execute("SELECT count(*) AS n FROM dlqd_replay_log")
+    assert await cur.fetchone() == {"n": 4}
