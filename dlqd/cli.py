@@ -223,9 +223,9 @@ async def _migrate(args: argparse.Namespace, settings: Settings) -> int:
 async def _check(args: argparse.Namespace, settings: Settings) -> int:
     from dlqd.db import connection
     from dlqd.migrations import require_current_schema
-    from dlqd.replay.checks import check_supported_targets, sql_target_problems
+    from dlqd.replay.checks import check_targets, sql_target_problems
 
-    check_supported_targets(settings)
+    check_targets(settings)
     if settings.listen_dsn != settings.dsn:
         async with connection(settings.listen_dsn, application_name="dlqd check") as conn:
             await _print_reachable(conn, settings.listen_dsn)
@@ -421,14 +421,14 @@ async def _replay(args: argparse.Namespace, settings: Settings) -> int:
     from dlqd.db import connection
     from dlqd.errors import UsageError
     from dlqd.operations import manual_replay
-    from dlqd.replay.checks import check_supported_targets
+    from dlqd.replay.checks import check_targets
     from dlqd.repository import parse_entry_id
 
     filters = args.app_id is not None or args.type is not None or args.error_reason is not None
     chosen = sum([bool(args.ids), filters, args.all])
     if chosen != 1:
         raise UsageError("replay takes IDs, or --app-id/--type/--error-reason, or --all (one)")
-    check_supported_targets(settings)
+    check_targets(settings)
     ids = [parse_entry_id(text) for text in args.ids]
     where = _filter(args) if filters else PendingFilter() if args.all else None
     async with connection(settings.dsn, autocommit=True, application_name="dlqd replay") as conn:

@@ -25,8 +25,9 @@ from dlqd.httpserver import Response, serve
 from dlqd.logs import get_logger, register_secret
 from dlqd.metrics import Metrics
 from dlqd.migrations import require_current_schema
-from dlqd.replay.checks import check_supported_targets, sql_target_problems
+from dlqd.replay.checks import check_targets, sql_target_problems
 from dlqd.replay.evaluate import DryRunLedger
+from dlqd.replay.http import HttpDeliverer
 from dlqd.replay.worker import Replayer
 from dlqd.sdnotify import sd_notify, watchdog_interval
 from dlqd.services.collector import Collector
@@ -84,7 +85,7 @@ class Daemon:
         for dsn in (settings.dsn, settings.listen_dsn):
             register_secret(dsn)
             register_secret(password_of(dsn))
-        check_supported_targets(settings)
+        check_targets(settings)
         # Refuse to start against a database we cannot reach (exit 69): later
         # outages are ridden out with backoff.
         if settings.listen.enabled and settings.listen_dsn != settings.dsn:
@@ -135,6 +136,8 @@ class Daemon:
                     await tg.start(self.listener.run)
                 workers_done: list[anyio.Event] = []
                 dry_runs = DryRunLedger()
+                http = HttpDeliverer()
+                stack.push_async_callback(http.aclose)
                 for _ in range(settings.replay.concurrency):
                     done = anyio.Event()
                     workers_done.append(done)
@@ -145,6 +148,7 @@ class Daemon:
                         self.throttle,
                         self.stopping,
                         dry_runs=dry_runs,
+                        http=http,
                     )
                     await tg.start(self._worker, replayer, done)
                 # the background services, one shape each (dlqd/services/)
@@ -224,7 +228,7 @@ class Daemon:
     def _reload(self) -> None:
         try:
             new = load_settings(self.config_file)
-            check_supported_targets(new)
+            check_targets(new)
         except ConfigError as exc:
             log.error("config reload refused: keeping the running config", error=str(exc))
             return

@@ -12,13 +12,14 @@ from uuid import UUID
 import anyio
 import psycopg
 
-from dlqd.config import NotifyTarget, Policy, Settings, SqlTarget
+from dlqd.config import HttpTarget, NotifyTarget, Policy, Settings, SqlTarget
 from dlqd.errors import DlqdError, UsageError
 from dlqd.policy import MatchLike, Park, Replay, Unmatched, decide, matches, mismatch
 from dlqd.queries import q
 from dlqd.replay.admission import replay_counts
 from dlqd.replay.batch import Batch, Item, apply, set_replay_timeouts, settle_split
 from dlqd.replay.evaluate import job_key
+from dlqd.replay.http import HttpDeliverer, deliver_all
 from dlqd.replay.report import report
 from dlqd.replay.rows import Candidate
 from dlqd.repository import PendingFilter
@@ -58,7 +59,7 @@ def via_policy(settings: Settings, name: str) -> Policy:
 
 def manual_target(
     row: Candidate, settings: Settings, via: Policy | None = None
-) -> tuple[Policy | None, SqlTarget | NotifyTarget]:
+) -> tuple[Policy | None, SqlTarget | NotifyTarget | HttpTarget]:
     """``via``'s target; else that of the first matching policy that has one; else
     replay.default_target."""
     policy: Policy | None = None
@@ -75,8 +76,6 @@ def manual_target(
             f"no target for row {row.id}: no matching policy has a target and "
             "replay.default_target is not set"
         )
-    if not isinstance(target, SqlTarget | NotifyTarget):
-        raise DlqdError(f"row {row.id}: kind {target.kind!r} is not supported by this release")
     return policy, target
 
 
@@ -142,6 +141,7 @@ async def manual_replay(
                 if not row["replayed"]:
                     manual_target(Candidate.from_row(row), settings)
     previous: tuple[int, float] | None = None  # size and start of the chunk before
+    http = HttpDeliverer()
     async for id_chunk in _selected_ids(conn, ids, where, chunk):
         if rate is not None and previous is not None:
             size, started = previous
@@ -171,22 +171,20 @@ async def manual_replay(
                 for candidate in pending:
                     policy, target = manual_target(candidate, settings, through)
                     batch.replay.append(Item(candidate, policy, target))
+                # http targets answer while this transaction holds the rows
+                calls = [i for i in batch.replay if isinstance(i.target, HttpTarget)]
+                if calls:
+                    batch.deliveries = await deliver_all(http, conn, calls)
                 outcome = await apply(conn, batch, settings)
         except psycopg.Error as exc:
             if conn.broken or batch is None or isinstance(exc, psycopg.OperationalError):
                 raise
             outcome = await settle_split(conn, batch, settings, exc)
-        report(
-            outcome,
-            None,
-            None,
-            anyio.current_time(),
-            duration=anyio.current_time() - started,
-            manual=True,
-        )
+        report(outcome, None, duration=anyio.current_time() - started, manual=True)
         result.replayed += len(outcome.replayed)
         result.failed += len(outcome.failed)
         result.skipped += outcome.skipped
+    await http.aclose()
     return result
 
 

@@ -1,144 +1,230 @@
-"""Per-process rate limits (token buckets) and circuit breakers.
+"""Rate limits and circuit breakers for the whole deployment.
 
-Times are anyio's monotonic clock in seconds, passed in by the caller so that
-tests can drive them.
+Their state lives in Postgres (``dlqd_rate_buckets``, ``dlqd_circuits``,
+migration 005), so the limits hold whatever the number of replicas: three
+replicas at ``10/s`` replay ten rows a second between them, and one replica's
+failures open a policy's circuit for all, with a single trial row
+cluster-wide after the cool-down.
+
+Tokens are taken in the claim transaction (the bucket row stays locked until
+it commits; other replicas skip it for that moment). Circuits are read before
+admitting rows and written after a transaction committed. This process keeps
+only what the last answers said — when a bucket has a token again, which
+circuits are open — to leave throttled rows out of its claims and to sleep
+exactly until the next one may go.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Protocol
 
-from dlqd.config import CircuitBreaker, Policy, RateLimit
+import psycopg
 
+from dlqd.config import Policy
+from dlqd.queries import q
 
-@dataclass
-class TokenBucket:
-    """Holds one second of tokens (at least one); refills continuously."""
-
-    rate: RateLimit
-    tokens: float = field(init=False)
-    updated: float | None = None
-
-    def __post_init__(self) -> None:
-        self.tokens = self.rate.burst
-
-    def _refill(self, now: float) -> None:
-        if self.updated is not None:
-            elapsed = max(0.0, now - self.updated)
-            self.tokens = min(self.rate.burst, self.tokens + elapsed * self.rate.per_second)
-        self.updated = now
-
-    def try_take(self, now: float) -> bool:
-        self._refill(now)
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
-
-    def give_back(self) -> None:
-        """A token taken for a row that did not run after all."""
-        self.tokens = min(self.rate.burst, self.tokens + 1.0)
-
-    def seconds_until_token(self, now: float) -> float:
-        self._refill(now)
-        return max(0.0, (1.0 - self.tokens) / self.rate.per_second)
+Connection = psycopg.AsyncConnection[dict[str, Any]]
+#: a bucket or a trial another replica holds right now: look again this soon
+CONTENDED_WAIT = 0.05
 
 
-@dataclass
-class Circuit:
-    """Opens after ``failures`` consecutive target failures; after the cool-down
-    one row is tried (half-open) and its outcome closes or reopens it."""
+class Admissible(Protocol):
+    """What admission needs of an item: its policy and its tenant."""
 
-    config: CircuitBreaker
-    consecutive_failures: int = 0
-    open_until: float | None = None
-    probing: bool = False
+    @property
+    def policy(self) -> Policy | None: ...
+    @property
+    def app_id(self) -> str: ...
 
-    def is_open(self, now: float) -> bool:
-        """Open from the failure that opened it until a success closes it (half-open included)."""
-        return self.open_until is not None
 
-    def admit(self, now: float) -> bool:
-        """May one more row be attempted now?"""
-        if self.open_until is None:
-            return True
-        if now < self.open_until or self.probing:
-            return False
-        self.probing = True  # the single half-open trial
-        return True
+@dataclass(slots=True)
+class CircuitView:
+    open: bool = False
+    cool_down_left: float = 0.0
+    trial_running: bool = False
+    read_at: float = 0.0
 
-    def seconds_until_trial(self, now: float) -> float:
-        if self.open_until is None:
-            return 0.0
-        return max(0.0, self.open_until - now)
 
-    def record(self, success: bool, now: float, *, evidence: bool = True) -> str | None:
-        """Record one attempt; ``"opened"`` or ``"closed"`` when the circuit changed.
-
-        Only ``evidence`` that the target is down counts towards opening it: a
-        timeout, or the failure of a row that never failed before. A row already
-        known to be bad failing again says nothing about the target (its own
-        failures end in ``max_failures``), so it neither opens the circuit nor
-        ends a half-open trial.
-        """
-        was_open = self.open_until is not None
-        if success:
-            self.consecutive_failures = 0
-            self.open_until = None
-            self.probing = False
-            return "closed" if was_open else None
-        if not evidence:
-            if self.probing:
-                self.probing = False  # inconclusive trial: another row may try
-            return None
-        self.consecutive_failures += 1
-        if self.probing or self.consecutive_failures >= self.config.failures:
-            self.open_until = now + self.config.cool_down.total_seconds()
-            self.probing = False
-            return None if was_open else "opened"
-        return None
+def _scope(policy: Policy, app_id: str) -> str:
+    return app_id if policy.rate_limit_per == "app_id" else ""
 
 
 class Throttle:
-    """Rate limits and circuits for every policy, shared by a process's workers."""
+    """This replica's view of the shared limits, and the calls that change them."""
 
     def __init__(self) -> None:
-        self._buckets: dict[tuple[str, str, RateLimit], TokenBucket] = {}
-        self._circuits: dict[tuple[str, CircuitBreaker], Circuit] = {}
+        self._token_at: dict[tuple[str, str], float] = {}  # monotonic time of the next token
+        self._circuits: dict[str, CircuitView] = {}
 
-    def circuit(self, policy: Policy) -> Circuit:
-        key = (policy.name, policy.circuit_breaker)
-        circuit = self._circuits.get(key)
-        if circuit is None:
-            circuit = self._circuits[key] = Circuit(policy.circuit_breaker)
-        return circuit
+    # ------------------------------------------------------------------ local knowledge
 
-    def bucket(self, policy: Policy, app_id: str) -> TokenBucket | None:
-        if policy.rate_limit is None:
-            return None
-        scope = app_id if policy.rate_limit_per == "app_id" else ""
-        key = (policy.name, scope, policy.rate_limit)
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            bucket = self._buckets[key] = TokenBucket(policy.rate_limit)
-        return bucket
+    def circuit_view(self, name: str) -> CircuitView:
+        return self._circuits.setdefault(name, CircuitView())
 
-    def open_circuits(self, now: float) -> dict[str, bool]:
-        return {name: c.is_open(now) for (name, _), c in self._circuits.items()}
+    def open_circuits(self) -> dict[str, bool]:
+        return {name: view.open for name, view in self._circuits.items()}
 
-    def empty_tenant_buckets(self, now: float) -> set[tuple[str, str]]:
-        """(policy, app_id) pairs whose per-tenant bucket has no token now."""
-        return {
-            (name, scope)
-            for (name, scope, _), bucket in self._buckets.items()
-            if scope and bucket.seconds_until_token(now) > 0
-        }
+    def blocked(
+        self, policies: Iterable[Policy], now: float
+    ) -> tuple[set[str], set[tuple[str, str]], float | None]:
+        """Policies and (policy, app_id) pairs that cannot replay now, and the
+        seconds until the first of them may go again (None: nothing blocked)."""
+        names: set[str] = set()
+        pairs: set[tuple[str, str]] = set()
+        waits: list[float] = []
+        for policy in policies:
+            view = self._circuits.get(policy.name)
+            if view is not None and view.open:
+                left = view.cool_down_left - (now - view.read_at)
+                if left > 0:
+                    names.add(policy.name)
+                    waits.append(left)
+                    continue
+            if policy.rate_limit is None:
+                continue
+            for (name, scope), at in self._token_at.items():
+                if name == policy.name and at > now:
+                    if scope:
+                        pairs.add((name, scope))
+                    else:
+                        names.add(name)
+                    waits.append(at - now)
+        return names, pairs, min(waits) if waits else None
 
-    def next_tenant_token(self, now: float) -> float:
-        """Seconds until the first empty per-tenant bucket has a token again."""
-        waits = [
-            bucket.seconds_until_token(now)
-            for (_, scope, _), bucket in self._buckets.items()
-            if scope and bucket.seconds_until_token(now) > 0
-        ]
-        return min(waits, default=0.0)
+    # ------------------------------------------------------------------ Postgres
+
+    async def read_circuits(self, conn: Connection, names: Sequence[str], now: float) -> None:
+        if not names:
+            return
+        await conn.execute(q("circuits_ensure"), {"policies": list(names)})
+        cur = await conn.execute(q("circuits_read"), {"policies": list(names)})
+        for row in await cur.fetchall():
+            self._circuits[row["policy"]] = CircuitView(
+                row["open"], row["cool_down_left"], row["trial_running"], now
+            )
+
+    async def admit(
+        self, conn: Connection, items: Sequence[Any], now: float, *, trial_lease: timedelta
+    ) -> tuple[list[Any], list[Any], float | None]:
+        """(admitted, deferred, seconds until a deferred one may go) for ``items``
+        (each with ``.policy`` and ``.row.app_id``), in ``conn``'s transaction."""
+        policies = {i.policy.name: i.policy for i in items if i.policy is not None}
+        await self.read_circuits(conn, sorted(policies), now)
+        admitted: list[Any] = []
+        deferred: list[Any] = []
+        waits: list[float] = []
+        trials: dict[str, bool] = {}
+        for item in items:
+            policy = item.policy
+            if policy is None:
+                admitted.append(item)
+                continue
+            view = self.circuit_view(policy.name)  # unknown yet: closed
+            if not view.open:
+                admitted.append(item)
+                continue
+            if view.cool_down_left > 0 or view.trial_running:
+                deferred.append(item)
+                waits.append(max(view.cool_down_left, CONTENDED_WAIT))
+                continue
+            if policy.name not in trials:  # half-open: one trial row, cluster-wide
+                cur = await conn.execute(
+                    q("circuit_trial"), {"policy": policy.name, "lease": trial_lease}
+                )
+                trials[policy.name] = await cur.fetchone() is not None
+                if trials[policy.name]:
+                    admitted.append(item)
+                    view.trial_running = True
+                    continue
+            deferred.append(item)
+            waits.append(CONTENDED_WAIT)
+        admitted, limited, wait = await self._take_tokens(conn, admitted, now)
+        if wait is not None:
+            waits.append(wait)
+        return admitted, deferred + limited, min(waits) if waits else None
+
+    async def _take_tokens(
+        self, conn: Connection, items: list[Any], now: float
+    ) -> tuple[list[Any], list[Any], float | None]:
+        wanted: dict[tuple[str, str], list[Any]] = {}
+        policies: dict[str, Policy] = {}
+        for item in items:
+            policy = item.policy
+            if policy is not None and policy.rate_limit is not None:
+                wanted.setdefault((policy.name, _scope(policy, item.row.app_id)), []).append(item)
+                policies[policy.name] = policy
+        if not wanted:
+            return items, [], None
+        keys = sorted(wanted)
+        rates = [policies[p].rate_limit.per_second for p, _ in keys]  # type: ignore[union-attr]
+        bursts = [policies[p].rate_limit.burst for p, _ in keys]  # type: ignore[union-attr]
+        common = {"policies": [p for p, _ in keys], "scopes": [s for _, s in keys]}
+        await conn.execute(q("buckets_ensure"), {**common, "bursts": bursts})
+        cur = await conn.execute(
+            q("buckets_take"),
+            {**common, "rates": rates, "bursts": bursts, "wanted": [len(wanted[k]) for k in keys]},
+        )
+        granted: dict[tuple[str, str], int] = {}
+        waits: list[float] = []
+        for row in await cur.fetchall():
+            key = (row["policy"], row["scope"])
+            granted[key] = int(row["granted"])
+            if granted[key] < len(wanted[key]):
+                self._token_at[key] = now + float(row["next_token_in"])
+                waits.append(float(row["next_token_in"]))
+            else:
+                self._token_at.pop(key, None)
+        admitted = [i for i in items if i.policy is None or i.policy.rate_limit is None]
+        limited: list[Any] = []
+        for key in keys:
+            take = granted.get(key)
+            if take is None:  # another replica holds this bucket right now
+                waits.append(CONTENDED_WAIT)
+                take = 0
+            admitted += wanted[key][:take]
+            limited += wanted[key][take:]
+        return admitted, limited, min(waits) if waits else None
+
+    async def record(
+        self, conn: Connection, attempts: Sequence[tuple[Policy, bool, bool]], now: float
+    ) -> list[tuple[str, str]]:
+        """Record committed attempts (policy, succeeded, evidence the target is down),
+        in order; the circuits that ``opened`` or ``closed`` because of them."""
+        by_policy: dict[str, tuple[Policy, bool, int, bool]] = {}
+        for policy, success, evidence in attempts:
+            _, reset, failures, _ = by_policy.get(policy.name, (policy, False, 0, False))
+            if success:
+                reset, failures = True, 0
+            elif evidence:
+                failures += 1
+            by_policy[policy.name] = (policy, reset, failures, True)
+        changes: list[tuple[str, str]] = []
+        await conn.execute(q("circuits_ensure"), {"policies": sorted(by_policy)})
+        for name, (policy, reset, failures, _) in sorted(by_policy.items()):
+            cur = await conn.execute(
+                q("circuit_record"),
+                {
+                    "policy": name,
+                    "reset": reset,
+                    "failures": failures,
+                    "threshold": policy.circuit_breaker.failures,
+                    "cool_down": policy.circuit_breaker.cool_down,
+                },
+            )
+            row = await cur.fetchone()
+            if row is None:
+                continue
+            view = self.circuit_view(name)
+            view.open = bool(row["is_open"])
+            view.trial_running = False
+            if row["is_open"]:
+                view.cool_down_left = policy.circuit_breaker.cool_down.total_seconds()
+                view.read_at = now
+            if row["is_open"] and not row["was_open"]:
+                changes.append((name, "opened"))
+            elif row["was_open"] and not row["is_open"]:
+                changes.append((name, "closed"))
+        return changes

@@ -190,9 +190,10 @@ SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0)))
   FROM unnest(%(keys)s::text[]) WITH ORDINALITY AS u(k, n)
 
 -- name: relock_rows
--- After a transaction failed at commit, the rows of one half of its batch,
--- locked again: still pending, and (for the daemon) not parked meanwhile.
-SELECT j.id
+-- Rows taken up again in a new transaction (one half of a batch that failed
+-- at commit; rows an http target has answered for): still pending, and (for
+-- the daemon) not parked meanwhile.
+SELECT j.id, now() AS db_now
   FROM job_dlq j
  WHERE j.id = ANY (%(ids)s::uuid[])
    AND j.replayed_at IS NULL
@@ -376,3 +377,95 @@ SELECT set_config('lock_timeout', %(lock_timeout)s, true),
 
 -- name: trim_replay_log
 SELECT dlqd_trim_replay_log(%(older_than)s, %(batch_size)s) AS deleted
+
+-- name: http_body
+-- An http target's request body: every column, payload as an object, rendered
+-- by Postgres (the daemon never decodes it).
+SELECT to_jsonb(j)::text AS body FROM job_dlq j WHERE j.id = %(id)s AND j.replayed_at IS NULL
+
+-- name: buckets_ensure
+-- Only buckets that do not exist yet, and only by the replica that wins a
+-- try-lock on the key: an insert meeting another transaction's uncommitted
+-- insert of the same key would wait for it. The loser finds no bucket this
+-- time (no tokens) and the committed one next time.
+INSERT INTO dlqd_rate_buckets (policy, scope, tokens, updated_at)
+SELECT w.policy, w.scope, w.burst, clock_timestamp()
+  FROM unnest(%(policies)s::text[], %(scopes)s::text[], %(bursts)s::float8[])
+       AS w(policy, scope, burst)
+ WHERE NOT EXISTS (SELECT FROM dlqd_rate_buckets b
+                    WHERE b.policy = w.policy AND b.scope = w.scope)
+   AND pg_try_advisory_xact_lock(
+           hashtextextended('dlqd:bucket:' || jsonb_build_array(w.policy, w.scope)::text, 0))
+ON CONFLICT (policy, scope) DO NOTHING
+
+-- name: buckets_take
+-- Refill each bucket for the time since it was last touched, take what is
+-- wanted (whole tokens, at most what it holds), and say how long until the
+-- next token. Buckets another replica holds right now are skipped: no tokens.
+WITH wanted AS (
+    SELECT * FROM unnest(%(policies)s::text[], %(scopes)s::text[], %(rates)s::float8[],
+                         %(bursts)s::float8[], %(wanted)s::int[])
+             AS w(policy, scope, rate, burst, wanted)
+), held AS (
+    SELECT b.policy, b.scope, w.rate, w.wanted,
+           least(w.burst, b.tokens + greatest(0, extract(epoch FROM clock_timestamp() - b.updated_at))
+                                     * w.rate) AS available
+      FROM dlqd_rate_buckets b
+      JOIN wanted w ON w.policy = b.policy AND w.scope = b.scope
+       FOR UPDATE OF b SKIP LOCKED
+)
+UPDATE dlqd_rate_buckets b
+   SET tokens = h.available - least(floor(h.available), h.wanted), updated_at = clock_timestamp()
+  FROM held h
+ WHERE b.policy = h.policy AND b.scope = h.scope
+RETURNING b.policy, b.scope, least(floor(h.available), h.wanted)::int AS granted,
+          greatest(0, (1 - b.tokens) / h.rate)::float8 AS next_token_in
+
+-- name: circuits_ensure
+-- As buckets_ensure: never waits for another replica's uncommitted insert.
+INSERT INTO dlqd_circuits (policy)
+SELECT p FROM unnest(%(policies)s::text[]) AS p
+ WHERE NOT EXISTS (SELECT FROM dlqd_circuits c WHERE c.policy = p)
+   AND pg_try_advisory_xact_lock(hashtextextended('dlqd:circuit:' || p, 0))
+ON CONFLICT (policy) DO NOTHING
+
+-- name: circuits_read
+SELECT policy, open_until IS NOT NULL AS open,
+       greatest(0, extract(epoch FROM open_until - now()))::float8 AS cool_down_left,
+       coalesce(trial_until > now(), false) AS trial_running
+  FROM dlqd_circuits
+ WHERE policy = ANY (%(policies)s::text[])
+
+-- name: circuit_trial
+-- The one trial of a half-open circuit, cluster-wide: whoever sets trial_until.
+-- A replica already deciding (its transaction holds the row) is skipped, never waited for.
+UPDATE dlqd_circuits SET trial_until = now() + %(lease)s::interval, updated_at = now()
+ WHERE policy = (SELECT policy FROM dlqd_circuits
+                  WHERE policy = %(policy)s AND open_until IS NOT NULL AND open_until <= now()
+                    AND (trial_until IS NULL OR trial_until <= now())
+                    FOR UPDATE SKIP LOCKED)
+RETURNING policy
+
+-- name: circuit_record
+-- After a commit: `reset` when a row of the policy succeeded (then `failures`
+-- counts evidence after the last success), else `failures` evidence failures
+-- more. A failed trial reopens at once; any attempt ends a trial.
+WITH before AS (
+    SELECT policy, consecutive_failures, open_until, trial_until
+      FROM dlqd_circuits WHERE policy = %(policy)s FOR UPDATE
+), counted AS (
+    SELECT b.*, CASE WHEN %(reset)s THEN 0 ELSE b.consecutive_failures END + %(failures)s AS n
+      FROM before b
+)
+UPDATE dlqd_circuits c
+   SET consecutive_failures = k.n,
+       open_until = CASE
+           WHEN %(failures)s > 0 AND (k.trial_until IS NOT NULL OR k.n >= %(threshold)s)
+               THEN now() + %(cool_down)s::interval
+           WHEN %(reset)s THEN NULL
+           ELSE k.open_until END,
+       trial_until = NULL,
+       updated_at = now()
+  FROM counted k
+ WHERE c.policy = k.policy
+RETURNING k.open_until IS NOT NULL AS was_open, c.open_until IS NOT NULL AS is_open

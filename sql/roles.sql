@@ -55,6 +55,9 @@ BEGIN
     IF to_regclass('dlqd_entry_state') IS NOT NULL THEN
         GRANT SELECT, INSERT, UPDATE, DELETE ON dlqd_entry_state, dlqd_inbox TO dlqd;
     END IF;
+    IF to_regclass('dlqd_circuits') IS NOT NULL THEN
+        GRANT SELECT, INSERT, UPDATE, DELETE ON dlqd_rate_buckets, dlqd_circuits TO dlqd;
+    END IF;
     IF to_regprocedure('dlqd_trim_replay_log(interval, integer)') IS NOT NULL THEN
         GRANT EXECUTE ON FUNCTION dlqd_trim_replay_log(interval, integer) TO dlqd;
     END IF;

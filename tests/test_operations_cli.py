@@ -179,8 +179,8 @@ def test_run_and_check_refuse_an_unmigrated_database(empty_db_url: str) -> None:
         assert result.returncode == 78
         assert result.stderr.strip() == (
             "dlqd: error: database schema is not up to date "
-            "(missing 001_job_dlq, 002_replay_state, 003_poison_proof, 004_replay_actor): "
-            "run `dlqd migrate`"
+            "(missing 001_job_dlq, 002_replay_state, 003_poison_proof, 004_replay_actor, "
+            "005_shared_limits): run `dlqd migrate`"
         )
     for command in (["status"], ["list"], ["show", "00000000-0000-0000-0000-000000000000"]):
         result = dlqd_cli(*command, env=env)
@@ -206,11 +206,15 @@ def test_run_exit_codes(tmp_path: Path, db_url: str) -> None:
     assert "replay.batch_size" in invalid.stderr
 
     http = config(
-        tmp_path, '[[policies]]\nname = "h"\ntarget = { kind = "http", url = "http://x/" }\n'
+        tmp_path,
+        '[[policies]]\nname = "h"\n'
+        'target = { kind = "http", url = "http://x/", headers = { X = "env:NOPE" } }\n',
     )
     unsupported = dlqd_cli("run", "--config", str(http), env={"DLQD_DATABASE_URL": db_url})
     assert unsupported.returncode == 78
-    assert "policies[0].target: kind 'http' is not supported" in unsupported.stderr
+    assert "policies[0].target: http target header X: environment variable NOPE is not set" in (
+        unsupported.stderr
+    )
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

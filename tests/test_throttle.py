@@ -1,64 +1,142 @@
-"""Token buckets and circuit breakers, driven by an explicit clock."""
+"""Rate limits and circuit breakers shared through Postgres: two Throttle
+instances on two connections play two replicas."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
 
 from dlqd.config import CircuitBreaker, Policy, RateLimit
-from dlqd.throttle import Circuit, Throttle, TokenBucket
+from dlqd.throttle import Throttle
+from tests.daemon_helpers import wait_until
+
+pytestmark = pytest.mark.anyio
+LEASE = timedelta(seconds=10)
 
 
-def test_bucket_holds_one_second_and_refills() -> None:
-    bucket = TokenBucket(RateLimit(per_second=5))
-    assert sum(bucket.try_take(0.0) for _ in range(10)) == 5  # burst = one second's worth
-    assert not bucket.try_take(0.1)
-    assert abs(bucket.seconds_until_token(0.1) - 0.1) < 1e-9
-    assert bucket.try_take(0.2)
-    assert sum(bucket.try_take(10.0) for _ in range(10)) == 5  # never more than the burst
+@dataclass
+class Row:
+    app_id: str
 
 
-def test_slow_rates_still_allow_one() -> None:
-    bucket = TokenBucket(RateLimit(per_second=0.5))  # 30/m
-    assert bucket.try_take(0.0)
-    assert not bucket.try_take(1.0)
-    assert bucket.try_take(2.0)
+@dataclass
+class Item:
+    policy: Policy | None
+    row: Row
 
 
-def test_circuit_opens_cools_down_and_tries_one() -> None:
-    circuit = Circuit(CircuitBreaker(failures=3, cool_down=timedelta(seconds=10)))
-    for t in range(3):
-        assert circuit.admit(t)
-        circuit.record(False, t)
-    assert circuit.is_open(3)
-    assert not circuit.admit(5)
-    assert circuit.seconds_until_trial(5) == 7
-    assert circuit.admit(12)  # the half-open trial
-    assert not circuit.admit(12)  # only one
-    circuit.record(False, 12)  # trial failed: open again for a full cool-down
-    assert not circuit.admit(21)
-    assert circuit.admit(22)
-    circuit.record(True, 22)
-    assert not circuit.is_open(22)
-    assert all(circuit.admit(23) for _ in range(5))
+def items(policy: Policy, n: int, app_id: str = "a") -> list[Item]:
+    return [Item(policy, Row(app_id)) for _ in range(n)]
 
 
-def test_success_resets_the_count() -> None:
-    circuit = Circuit(CircuitBreaker(failures=2))
-    circuit.record(False, 0)
-    circuit.record(True, 0)
-    circuit.record(False, 0)
-    assert not circuit.is_open(0)
+@pytest.fixture
+async def replicas(dlqd_url: str) -> AsyncIterator[list[psycopg.AsyncConnection[Any]]]:
+    conns = [
+        await psycopg.AsyncConnection.connect(dlqd_url, autocommit=True, row_factory=dict_row)
+        for _ in range(2)
+    ]
+    yield conns
+    for conn in conns:
+        await conn.close()
 
 
-def test_per_tenant_buckets() -> None:
+async def cooled_down(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Until the circuit's cool-down is over, as Postgres's clock says."""
+
+    async def over() -> bool:
+        cur = await conn.execute("SELECT bool_and(open_until <= now()) AS over FROM dlqd_circuits")
+        row = await cur.fetchone()
+        return bool(row and row["over"])
+
+    await wait_until(over, within=10)
+
+
+async def test_a_bucket_holds_one_second_for_the_whole_deployment(
+    replicas: list[psycopg.AsyncConnection[Any]],
+) -> None:
+    policy = Policy(name="p", rate_limit=RateLimit(per_second=5), target=None, action="park")
+    one, two = Throttle(), Throttle()
+    admitted, deferred, wait = await one.admit(
+        replicas[0], items(policy, 8), 0.0, trial_lease=LEASE
+    )
+    assert (len(admitted), len(deferred)) == (5, 3)  # the burst: one second's worth
+    assert wait is not None
+    assert 0 < wait <= 0.2
+    # the other replica finds the same bucket empty
+    admitted, deferred, _ = await two.admit(replicas[1], items(policy, 3), 0.0, trial_lease=LEASE)
+    assert (len(admitted), len(deferred)) == (0, 3)
+    names, _, wait = two.blocked([policy], 0.0)
+    assert names == {"p"}
+    assert wait is not None
+
+
+async def test_a_bucket_held_by_a_replicas_open_transaction_is_skipped(
+    replicas: list[psycopg.AsyncConnection[Any]],
+) -> None:
+    policy = Policy(name="p", rate_limit=RateLimit(per_second=100), action="park")
+    one, two = Throttle(), Throttle()
+    async with replicas[0].transaction():
+        admitted, _, _ = await one.admit(replicas[0], items(policy, 1), 0.0, trial_lease=LEASE)
+        assert len(admitted) == 1
+        admitted, deferred, wait = await two.admit(
+            replicas[1], items(policy, 2), 0.0, trial_lease=LEASE
+        )
+        assert (len(admitted), len(deferred), wait) == (0, 2, 0.05)  # no waiting on a lock
+
+
+async def test_per_tenant_buckets_are_separate(
+    replicas: list[psycopg.AsyncConnection[Any]],
+) -> None:
+    policy = Policy(
+        name="p", rate_limit=RateLimit(per_second=1), rate_limit_per="app_id", action="park"
+    )
     throttle = Throttle()
-    p = Policy(name="p", action="park", rate_limit=RateLimit(per_second=1), rate_limit_per="app_id")
-    a, b = throttle.bucket(p, "a"), throttle.bucket(p, "b")
-    assert a is not None
-    assert b is not None
-    assert a is not b
-    assert a.try_take(0.0)
-    assert b.try_take(0.0)
-    assert throttle.empty_tenant_buckets(0.0) == {("p", "a"), ("p", "b")}
-    shared = Policy(name="q", action="park", rate_limit=RateLimit(per_second=1))
-    assert throttle.bucket(shared, "a") is throttle.bucket(shared, "b")
+    batch = items(policy, 2, "a") + items(policy, 2, "b")
+    admitted, deferred, _ = await throttle.admit(replicas[0], batch, 0.0, trial_lease=LEASE)
+    assert sorted(i.row.app_id for i in admitted) == ["a", "b"]
+    assert len(deferred) == 2
+    _, pairs, _ = throttle.blocked([policy], 0.0)
+    assert pairs == {("p", "a"), ("p", "b")}
+
+
+async def test_one_replicas_failures_open_the_circuit_for_all_with_one_trial(
+    replicas: list[psycopg.AsyncConnection[Any]],
+) -> None:
+    breaker = CircuitBreaker(failures=3, cool_down=timedelta(milliseconds=300))
+    policy = Policy(name="c", circuit_breaker=breaker, action="park")
+    one, two = Throttle(), Throttle()
+    # known-bad rows failing again are no evidence: the circuit stays closed
+    assert await one.record(replicas[0], [(policy, False, False)] * 10, 0.0) == []
+    changes = await one.record(replicas[0], [(policy, False, True)] * 3, 0.0)
+    assert changes == [("c", "opened")]
+    admitted, deferred, wait = await two.admit(
+        replicas[1], items(policy, 2), 0.0, trial_lease=LEASE
+    )
+    assert (admitted, len(deferred)) == ([], 2)  # open for the other replica too
+    assert wait is not None
+    assert 0 < wait <= 0.3
+    await cooled_down(replicas[0])
+    first, _, _ = await one.admit(replicas[0], items(policy, 3), 1.0, trial_lease=LEASE)
+    second, _, _ = await two.admit(replicas[1], items(policy, 3), 1.0, trial_lease=LEASE)
+    assert (len(first), len(second)) == (1, 0)  # one trial row, cluster-wide
+    assert await one.record(replicas[0], [(policy, False, True)], 1.0) == []  # reopened
+    await cooled_down(replicas[0])
+    trial, _, _ = await two.admit(replicas[1], items(policy, 3), 2.0, trial_lease=LEASE)
+    assert len(trial) == 1
+    assert await two.record(replicas[1], [(policy, True, True)], 2.0) == [("c", "closed")]
+    admitted, _, _ = await one.admit(replicas[0], items(policy, 3), 3.0, trial_lease=LEASE)
+    assert len(admitted) == 3
+
+
+async def test_a_success_resets_the_count(replicas: list[psycopg.AsyncConnection[Any]]) -> None:
+    policy = Policy(name="r", circuit_breaker=CircuitBreaker(failures=2), action="park")
+    throttle = Throttle()
+    attempts = [(policy, False, True), (policy, True, True), (policy, False, True)]
+    assert await throttle.record(replicas[0], attempts, 0.0) == []
+    assert throttle.open_circuits() == {"r": False}

@@ -1,4 +1,4 @@
-"""Admission: rate limits, circuit breakers and max_replays, before a target runs."""
+"""Admission: max_replays before a target runs (rate limits and circuits: ``dlqd.throttle``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import psycopg
 from dlqd.queries import q
 from dlqd.replay.batch import Batch, Item
 from dlqd.replay.evaluate import JobKey, _park_max_replays, job_key
-from dlqd.throttle import Throttle
 
 Connection = psycopg.AsyncConnection[dict[str, Any]]
 
@@ -34,43 +33,6 @@ async def replay_counts(
     return {
         (row["app_id"], row["original_job_id"]): int(row["replays"]) for row in await cur.fetchall()
     }
-
-
-class Admission:
-    """Decides which due rows may run now; throttled ones are deferred."""
-
-    def __init__(self, throttle: Throttle) -> None:
-        self.throttle = throttle
-        self.throttled_for: float | None = None  # seconds until a deferred row may go
-
-    def _wait(self, seconds: float) -> None:
-        self.throttled_for = (
-            seconds if self.throttled_for is None else min(self.throttled_for, seconds)
-        )
-
-    def take(self, items: Sequence[Item], now: float) -> tuple[list[Item], list[Item]]:
-        """Token buckets and circuit breakers: (admitted, deferred)."""
-        admitted: list[Item] = []
-        deferred: list[Item] = []
-        for item in items:
-            policy = item.policy
-            if policy is None:
-                admitted.append(item)
-                continue
-            bucket = self.throttle.bucket(policy, item.row.app_id)
-            if bucket is not None and not bucket.try_take(now):
-                deferred.append(item)
-                self._wait(bucket.seconds_until_token(now))
-                continue
-            circuit = self.throttle.circuit(policy)
-            if not circuit.admit(now):
-                if bucket is not None:
-                    bucket.give_back()
-                deferred.append(item)
-                self._wait(max(circuit.seconds_until_trial(now), 0.05))
-                continue
-            admitted.append(item)
-        return admitted, deferred
 
 
 async def enforce_max_replays(

@@ -14,7 +14,7 @@ row that fails, whose failed attempt is then recorded on its own.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 from uuid import UUID
 
@@ -24,6 +24,7 @@ import psycopg
 from dlqd.config import HttpTarget, NotifyTarget, Policy, Settings, SqlTarget
 from dlqd.policy import retry_delay
 from dlqd.queries import q
+from dlqd.replay.http import Delivery
 from dlqd.replay.rows import Candidate
 from dlqd.replay.targets import Failure, error_line, run_isolated
 
@@ -108,6 +109,8 @@ class Batch:
     decisions: list[Decision] = field(default_factory=list)
     policy_parked: list[str] = field(default_factory=list)  # policy names, newly parked
     inbox_seqs: list[int] = field(default_factory=list)
+    # http targets answer before the transaction that records them: their answers
+    deliveries: dict[UUID, Delivery] = field(default_factory=dict)
 
     def park(
         self,
@@ -137,6 +140,7 @@ class Batch:
         """The part of this batch about ``ids`` (``with_rest``: and its non-replay writes)."""
         part = Batch(self.fingerprint, self.db_now, self.manual, self.actor, self.reason)
         part.replay = [i for i in self.replay if i.row.id in ids]
+        part.deliveries = {k: v for k, v in self.deliveries.items() if k in ids}
         if with_rest:
             replay_ids = {i.row.id for i in self.replay}
             keep = ids | (self.ids() - replay_ids)
@@ -200,6 +204,7 @@ async def apply(conn: Connection, batch: Batch, settings: Settings) -> Outcome:
         policy_parked=list(batch.policy_parked),
     )
     failures: dict[UUID, Failure] = {}
+    settled: set[UUID] = set()  # neither replayed nor failed (http: parked, or gone)
     groups: dict[str, list[Item]] = {}
     for item in batch.replay:
         groups.setdefault(_target_key(item.target), []).append(item)
@@ -207,9 +212,25 @@ async def apply(conn: Connection, batch: Batch, settings: Settings) -> Outcome:
         target = group[0].target
         started = anyio.current_time()
         if isinstance(target, HttpTarget):
-            # refused by config checks before any replay; never reached
-            refused = Failure("http targets are not supported by this release")
-            failures.update(dict.fromkeys((i.row.id for i in group), refused))
+            for item in group:
+                delivery = batch.deliveries.get(item.row.id)
+                if delivery is None:
+                    settled.add(item.row.id)  # purged meanwhile: nothing was sent
+                    outcome.skipped += 1
+                elif delivery.rejected and not batch.manual:
+                    settled.add(item.row.id)
+                    batch.park(
+                        item.row,
+                        item.label if item.policy else None,
+                        "http_4xx",
+                        f"{delivery.error} from {target.url}",
+                    )
+                    outcome.parked.append(batch.parked[-1])
+                elif not delivery.acknowledged:
+                    down = delivery.status is None or delivery.status >= 500
+                    failures[item.row.id] = Failure(
+                        delivery.error or "HTTP error", down, delivery.retry_after
+                    )
             continue
         failures.update(
             await run_isolated(
@@ -224,7 +245,7 @@ async def apply(conn: Connection, batch: Batch, settings: Settings) -> Outcome:
             seconds, rows = outcome.target_seconds.get(item.label, (0.0, 0))
             outcome.target_seconds[item.label] = (seconds + elapsed / len(group), rows + 1)
 
-    succeeded = [i for i in batch.replay if i.row.id not in failures]
+    succeeded = [i for i in batch.replay if i.row.id not in failures and i.row.id not in settled]
     if succeeded:
         cur = await conn.execute(
             q("finish_replayed"),
@@ -267,7 +288,10 @@ def record_failure(
             )
             outcome.parked.append(batch.parked[-1])
         else:
-            retry_at = batch.db_now + retry_delay(policy, attempt)
+            wait = retry_delay(policy, attempt)
+            if failure.retry_after is not None:  # the target said when
+                wait = min(timedelta(seconds=failure.retry_after), policy.max_delay)
+            retry_at = batch.db_now + wait
             batch.states[row.id] = StateRow(
                 "waiting",
                 name,

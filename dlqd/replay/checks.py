@@ -16,6 +16,7 @@ import psycopg
 
 from dlqd.config import HttpTarget, Settings, SqlTarget
 from dlqd.errors import ConfigError
+from dlqd.replay.http import resolved_headers
 from dlqd.replay.targets import compile_statement, error_line, sql_params
 
 Connection = psycopg.AsyncConnection[dict[str, Any]]
@@ -79,11 +80,14 @@ async def sql_target_problems(conn: Connection, settings: Settings) -> list[tupl
     return problems
 
 
-def check_supported_targets(settings: Settings) -> None:
-    """Refuse targets this release cannot replay into (``http`` comes later)."""
+def check_targets(settings: Settings) -> None:
+    """What can be checked without a database: http headers read from the environment."""
     for where, target in _targets(settings):
         if isinstance(target, HttpTarget):
-            raise ConfigError(
-                f"invalid configuration: {where}: kind 'http' is not supported by this "
-                f"release{_policy_name(settings, where)}"
-            )
+            try:
+                resolved_headers(target)
+            except ConfigError as exc:
+                message = str(exc).removeprefix("invalid configuration: ")
+                raise ConfigError(
+                    f"invalid configuration: {where}: {message}{_policy_name(settings, where)}"
+                ) from None

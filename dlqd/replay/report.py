@@ -13,11 +13,11 @@ import logging
 from collections import Counter
 from typing import Any
 
+from dlqd.config import Policy
 from dlqd.logs import get_logger
 from dlqd.metrics import Metrics
 from dlqd.replay.batch import Outcome
 from dlqd.replay.rows import Candidate
-from dlqd.throttle import Throttle
 
 log = get_logger("dlqd.replayer")
 
@@ -30,8 +30,6 @@ def _row_fields(row: Candidate) -> dict[str, Any]:
 def report(
     outcome: Outcome,
     metrics: Metrics | None,
-    throttle: Throttle | None,
-    now: float,
     *,
     duration: float,
     manual: bool = False,
@@ -110,9 +108,6 @@ def report(
         for (label, kind), n in counts.items():
             metrics.replays_total.labels(label, kind).inc(n)
 
-    if throttle is not None and not manual:
-        _record_circuits(outcome, throttle, now)
-
     if counts:
         by_policy: dict[str, dict[str, int]] = {}
         for (label, kind), n in sorted(counts.items()):
@@ -129,27 +124,18 @@ def report(
     return counts
 
 
-def _record_circuits(outcome: Outcome, throttle: Throttle, now: float) -> None:
-    events: list[tuple[str, bool, bool]] = [
-        (item.policy.name, True, True) for item, _ in outcome.replayed if item.policy
+def circuit_attempts(outcome: Outcome) -> list[tuple[Policy, bool, bool]]:
+    """The committed attempts a circuit learns from: (policy, succeeded, evidence).
+
+    Evidence that the target is down: a timeout, a 5xx, a refused connection,
+    or the failure of a row that never failed before. A row already known to
+    be bad failing again says nothing about the target (max_failures ends it).
+    """
+    attempts: list[tuple[Policy, bool, bool]] = [
+        (item.policy, True, True) for item, _ in outcome.replayed if item.policy is not None
     ]
     for failed in outcome.failed:
-        policy = failed.item.policy
-        if policy is None:
-            continue
-        # evidence that the target is down: a timeout, or a row that never failed before
-        evidence = failed.failure.timeout or failed.item.row.failures == 0
-        events.append((policy.name, False, evidence))
-    policies = {i.policy.name: i.policy for i, _ in outcome.replayed if i.policy}
-    policies.update({f.item.policy.name: f.item.policy for f in outcome.failed if f.item.policy})
-    for name, success, evidence in events:
-        change = throttle.circuit(policies[name]).record(success, now, evidence=evidence)
-        if change == "opened":
-            policy = policies[name]
-            log.warning(
-                "circuit opened",
-                policy=name,
-                cool_down_s=policy.circuit_breaker.cool_down.total_seconds(),
-            )
-        elif change == "closed":
-            log.info("circuit closed", policy=name)
+        if failed.item.policy is not None:
+            evidence = failed.failure.target_down or failed.item.row.failures == 0
+            attempts.append((failed.item.policy, False, evidence))
+    return attempts

@@ -49,10 +49,13 @@ class RowValues(MatchLike, Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Failure:
-    """One row's failed attempt: a one-line error, and whether it was a timeout."""
+    """One row's failed attempt: a one-line error; whether it says the target is
+    down (a timeout, a 5xx, a refused connection) rather than that the row is bad;
+    and how long the target asked us to wait (``Retry-After``)."""
 
     error: str
-    timeout: bool = False
+    target_down: bool = False
+    retry_after: float | None = None
 
 
 def error_line(exc: BaseException) -> str:
@@ -153,7 +156,7 @@ async def _bisect(
         if conn.broken:
             raise
         # blocked, not bad: every row of the group failed this attempt
-        failure = Failure(error_line(exc), timeout=True)
+        failure = Failure(error_line(exc), target_down=True)
         failures.update(dict.fromkeys((r.id for r in rows), failure))
         return
     except Exception as exc:

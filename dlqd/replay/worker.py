@@ -23,7 +23,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -33,12 +33,12 @@ from anyio.abc import TaskStatus
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from dlqd.backoff import Backoff
-from dlqd.config import Settings
+from dlqd.config import HttpTarget, Settings
 from dlqd.errors import DatabaseUnavailable
 from dlqd.logs import get_logger
 from dlqd.metrics import Metrics
 from dlqd.queries import q
-from dlqd.replay.admission import Admission, enforce_max_replays, replay_counts
+from dlqd.replay.admission import enforce_max_replays, replay_counts
 from dlqd.replay.batch import (
     Batch,
     Item,
@@ -49,7 +49,8 @@ from dlqd.replay.batch import (
     settle_split,
 )
 from dlqd.replay.evaluate import DryRunLedger, evaluate, needs_replay_count
-from dlqd.replay.report import report
+from dlqd.replay.http import HttpDeliverer, deliver_all, lease_seconds
+from dlqd.replay.report import circuit_attempts, report
 from dlqd.replay.rows import Candidate
 from dlqd.replay.targets import error_line
 from dlqd.throttle import Throttle
@@ -111,8 +112,10 @@ class Replayer:
         stopping: anyio.Event,
         *,
         dry_runs: DryRunLedger | None = None,
+        http: HttpDeliverer | None = None,
     ) -> None:
         self.pool = pool
+        self.http = http if http is not None else HttpDeliverer()
         self.settings = settings
         self.metrics = metrics
         self.throttle = throttle
@@ -162,9 +165,11 @@ class Replayer:
                 if len(rows) < batch_size:
                     result.next_due_in = await self._next_due(conn, fingerprint)
                     break
-        now = anyio.current_time()
-        for name, is_open in self.throttle.open_circuits(now).items():
-            self.metrics.circuit_open.labels(name).set(1 if is_open else 0)
+            if full:
+                # another replica may have opened (or closed) a circuit
+                names = [p.name for p in settings.policies if p.action == "replay"]
+                await self.throttle.read_circuits(conn, names, anyio.current_time())
+        self._export_circuits()
         self.metrics.last_pass_success_timestamp_seconds.set(time.time())
         self.metrics.replayer_passes_total.inc()
         return result
@@ -236,6 +241,7 @@ class Replayer:
         started = anyio.current_time()
         batch: Batch | None = None
         rows: list[dict[str, Any]] = []
+        http_items: list[Item] = []
         try:
             async with conn.transaction():
                 await set_replay_timeouts(conn, settings)
@@ -243,6 +249,7 @@ class Replayer:
                 if not rows:
                     return rows
                 batch = await self._prepare(conn, rows, settings, result, due=due)
+                http_items = self._lease(batch)
                 outcome = await apply(conn, batch, settings)
         except psycopg.Error as exc:
             if conn.broken or batch is None or isinstance(exc, psycopg.OperationalError):
@@ -257,14 +264,85 @@ class Replayer:
             outcome = await settle_split(conn, batch, settings, exc)
         result.claimed += len(rows)
         self._tally(outcome, batch, result)
-        report(
-            outcome,
-            self.metrics,
-            self.throttle,
-            anyio.current_time(),
-            duration=anyio.current_time() - started,
-        )
+        await self._after_commit(conn, outcome, started)
+        if batch is not None and http_items:
+            await self._call_http(conn, settings, batch, http_items, result)
         return rows
+
+    @staticmethod
+    def _lease(batch: Batch) -> list[Item]:
+        """Take the http items out of the transaction: their rows are leased
+        (due again only after the calls could have ended), called after COMMIT."""
+        http_items = [i for i in batch.replay if isinstance(i.target, HttpTarget)]
+        if not http_items:
+            return []
+        batch.replay = [i for i in batch.replay if not isinstance(i.target, HttpTarget)]
+        counts: dict[str, int] = {}
+        for item in http_items:
+            key = item.target.model_dump_json()
+            counts[key] = counts.get(key, 0) + 1
+        for item in http_items:
+            assert isinstance(item.target, HttpTarget)  # noqa: S101 - filtered above
+            assert item.policy is not None  # noqa: S101 - automatic replays have one
+            lease = lease_seconds(item.target, counts[item.target.model_dump_json()])
+            batch.states[item.row.id] = StateRow(
+                "waiting",
+                item.policy.name,
+                due_at=batch.db_now + timedelta(seconds=lease),
+                failures=item.row.failures,
+                last_error=item.row.last_error,
+                last_failure_at=item.row.last_failure_at,
+            )
+        return http_items
+
+    async def _call_http(
+        self,
+        conn: Connection,
+        settings: Settings,
+        leased: Batch,
+        items: list[Item],
+        result: PassResult,
+    ) -> None:
+        """Call, then record the answers in a second short transaction."""
+        started = anyio.current_time()
+        deliveries = await deliver_all(self.http, conn, items)
+        batch = Batch(leased.fingerprint, leased.db_now, deliveries=deliveries)
+        try:
+            async with conn.transaction():
+                await set_replay_timeouts(conn, settings)
+                cur = await conn.execute(
+                    q("relock_rows"), {"ids": [i.row.id for i in items], "manual": False}
+                )
+                locked = {row["id"]: row["db_now"] for row in await cur.fetchall()}
+                if not locked:
+                    return  # another replica took them over (an expired lease)
+                batch.db_now = next(iter(locked.values()))
+                batch.replay = [i for i in items if i.row.id in locked]
+                outcome = await apply(conn, batch, settings)
+        except psycopg.Error as exc:
+            if conn.broken or isinstance(exc, psycopg.OperationalError):
+                raise
+            outcome = await settle_split(conn, batch, settings, exc)
+        self._tally(outcome, batch, result)
+        await self._after_commit(conn, outcome, started)
+
+    async def _after_commit(self, conn: Connection, outcome: Outcome, started: float) -> None:
+        """Report a committed transaction, and let the shared circuits learn from it."""
+        report(outcome, self.metrics, duration=anyio.current_time() - started)
+        attempts = circuit_attempts(outcome)
+        if not attempts:
+            return
+        changes = await self.throttle.record(conn, attempts, anyio.current_time())
+        for name, change in changes:
+            if change == "opened":
+                log.warning("circuit opened", policy=name)
+            else:
+                log.info("circuit closed", policy=name)
+        self._export_circuits()
+
+    def _export_circuits(self) -> None:
+        for name, is_open in self.throttle.open_circuits().items():
+            self.metrics.circuit_open.labels(name).set(1 if is_open else 0)
 
     @staticmethod
     def _tally(outcome: Outcome, batch: Batch | None, result: PassResult) -> None:
@@ -308,9 +386,11 @@ class Replayer:
             counts = await replay_counts(conn, keys, retention)
             evaluate(candidates, settings, counts, batch, self.dry_runs)
 
-        admission = Admission(self.throttle)
-        admitted, deferred = admission.take(batch.replay, anyio.current_time())
-        result.add_throttle(admission.throttled_for)
+        trial_lease = settings.replay.statement_timeout + timedelta(seconds=5)
+        admitted, deferred, wait = await self.throttle.admit(
+            conn, batch.replay, anyio.current_time(), trial_lease=trial_lease
+        )
+        result.add_throttle(wait)
         for item in deferred:
             if item.due_at is not None:
                 # a new row held back by the throttle: scheduled as due, claimed once it allows
@@ -329,28 +409,12 @@ class Replayer:
     def _blocked(
         self, settings: Settings, now: float, result: PassResult
     ) -> tuple[set[str], set[tuple[str, str]]]:
-        """Policies (and per-tenant buckets) that cannot replay right now.
-
-        Their rows are left out of the claim, and ``result`` learns when the
-        first of them may go again, so the loop sleeps exactly that long.
-        """
-        policies: set[str] = set()
-        for policy in settings.policies:
-            circuit = self.throttle.circuit(policy)
-            trial_in = circuit.seconds_until_trial(now)
-            if circuit.is_open(now) and trial_in > 0:
-                policies.add(policy.name)
-                result.add_throttle(trial_in)
-            elif policy.rate_limit is not None and policy.rate_limit_per == "policy":
-                bucket = self.throttle.bucket(policy, "")
-                token_in = bucket.seconds_until_token(now) if bucket else 0.0
-                if token_in > 0:
-                    policies.add(policy.name)
-                    result.add_throttle(token_in)
-        pairs = self.throttle.empty_tenant_buckets(now)
-        if pairs:
-            result.add_throttle(self.throttle.next_tenant_token(now))
-        return policies, pairs
+        """Policies (and per-tenant buckets) that cannot replay right now, as far
+        as this replica learned; their rows are left out of the claim, and
+        ``result`` learns when the first may go again, so the loop sleeps that long."""
+        names, pairs, wait = self.throttle.blocked(settings.policies, now)
+        result.add_throttle(wait)
+        return names, pairs
 
     # ------------------------------------------------------------------ the loop
 
