@@ -8,7 +8,6 @@ adds the traceback.
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import sys
 import traceback
@@ -36,9 +35,68 @@ def command(name: str) -> Callable[[Handler], Handler]:
     return register
 
 
+TOP_EPILOG = """\
+environment:
+  DLQD_DATABASE_URL         the database (required)
+  DLQD_LISTEN_DATABASE_URL  a direct connection for LISTEN and the leader lock
+                            (when DLQD_DATABASE_URL goes through a transaction pooler)
+  DLQD_CONFIG               the TOML config file (or --config)
+  DLQD_<KEY>, DLQD_<SECTION>__<KEY>
+                            any setting, e.g. DLQD_LISTEN__POLL_INTERVAL=5s
+  DLQD_ACTOR                your name in the replay log (default: the login name)
+
+exit codes:
+  0 ok   1 runtime error   2 usage   69 database unreachable
+  78 invalid configuration (or a database that needs `dlqd migrate`)
+
+Run `dlqd COMMAND --help` for a command's flags and examples.
+"""
+
+EXAMPLES = {
+    "run": "  dlqd run --config /etc/dlqd/dlqd.toml",
+    "migrate": "  dlqd migrate",
+    "check": "  dlqd check --config /etc/dlqd/dlqd.toml",
+    "status": "  dlqd status\n  dlqd status --json | jq .parked",
+    "list": (
+        "  dlqd list --state parked\n"
+        "  dlqd list --type 'email.*' --app-id shop --app-id crm --json\n"
+        "  dlqd list --cursor <next cursor of the previous page>"
+    ),
+    "show": "  dlqd show 0f8fad5b-d9cb-469f-a165-70867728950e",
+    "replay": (
+        "  dlqd replay 0f8fad5b-d9cb-469f-a165-70867728950e\n"
+        "  dlqd replay --type 'email.*' --error-reason timeout --dry-run\n"
+        "  dlqd replay ID --via transient --reason 'mail relay fixed'\n"
+        "  dlqd replay --all --yes --rate 50"
+    ),
+    "purge": "  dlqd purge --dry-run\n  dlqd purge --json",
+    "explain": "  dlqd explain 0f8fad5b-d9cb-469f-a165-70867728950e --config /etc/dlqd/dlqd.toml",
+    "sql": '  dlqd sql roles | psql "$ADMIN_DATABASE_URL"',
+    "completion": (
+        "  dlqd completion bash > /etc/bash_completion.d/dlqd\n"
+        "  dlqd completion zsh > ~/.zfunc/_dlqd\n"
+        "  dlqd completion fish > ~/.config/fish/completions/dlqd.fish"
+    ),
+}
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Examples kept as written; a flag's default shown when it has a real one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return f"{text} (default: {default})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="dlqd", description="Dead-letter-queue daemon for Postgres-backed job systems."
+        prog="dlqd",
+        description="Dead-letter-queue daemon for Postgres-backed job systems.",
+        epilog=TOP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"dlqd {__version__}")
     # --config and --debug work before or after the command name.
@@ -55,32 +113,84 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE", help="TOML config file (default $DLQD_CONFIG)")
     parser.add_argument("--debug", action="store_true", help="print tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add = functools.partial(sub.add_parser, parents=[common])
 
-    add("run", help="run the daemon")
-    add("migrate", help="apply sql/ migrations; idempotent")
-    add("check", help="validate config and policies, and reach the database")
+    def add(name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            parents=[common],
+            help=help,
+            description=description or help[0].upper() + help[1:] + ".",
+            epilog="examples:\n" + EXAMPLES[name],
+            formatter_class=_Formatter,
+        )
 
-    status = add("status", help="pending, parked and oldest age by group")
-    status.add_argument("--json", action="store_true")
-
-    list_ = add("list", help="pending rows, keyset-paginated")
-    _add_filters(list_)
-    list_.add_argument(
-        "--limit", type=_page_size, default=50, help="rows per page, 1 to 10000 (default 50)"
+    add(
+        "run",
+        "run the daemon",
+        "Run the daemon: listen, decide, replay, purge (on the leader), serve /metrics, "
+        "/healthz and /readyz. SIGHUP reloads the config; SIGTERM finishes the batch in "
+        "flight and exits 0.",
     )
-    list_.add_argument("--cursor", help="next_cursor printed by the previous page")
-    list_.add_argument("--json", action="store_true")
+    add("migrate", "apply sql/ migrations; idempotent and safe from many replicas at once")
+    add(
+        "check",
+        "validate config and policies, and reach the database",
+        "Validate the config, reach the database, check the schema is migrated, and plan "
+        "every sql target (never running it).",
+    )
 
-    show = add("show", help="one row with its replay history")
-    show.add_argument("id")
-    show.add_argument("--json", action="store_true")
+    status = add(
+        "status",
+        "pending, parked, unmatched and oldest age by group",
+        "Pending rows by app_id, type and error_reason, with what the daemon recorded "
+        "(parked, unmatched) and the oldest age; the same answer with or without --config.",
+    )
+    status.add_argument("--json", action="store_true", help="one JSON document on stdout")
 
-    replay = add("replay", help="manual replay, parked rows included")
-    replay.add_argument("ids", nargs="*", metavar="ID")
+    list_ = add(
+        "list",
+        "pending rows with their recorded state, keyset-paginated",
+        "Pending rows in dlq_at order, with state (new, waiting, parked, unmatched), policy, "
+        "due time, failures and last error. Filters are globs as in policy matches: a flag "
+        "may repeat (any of them), different flags must all match.",
+    )
+    _add_filters(list_)
+    list_.add_argument("--limit", type=_page_size, default=50, help="rows per page, 1 to 10000")
+    list_.add_argument(
+        "--cursor", help="the next cursor printed by the previous page (default: the first)"
+    )
+    list_.add_argument(
+        "--state",
+        action="append",
+        choices=["new", "waiting", "parked", "unmatched"],
+        help="rows in this recorded state; repeat for several",
+    )
+    list_.add_argument(
+        "--policy", action="append", metavar="NAME", help="rows scheduled or parked by this policy"
+    )
+    list_.add_argument("--json", action="store_true", help="one JSON document on stdout")
+
+    show = add("show", "one row with its replay history")
+    show.add_argument("id", help="the row's id (a UUID)")
+    show.add_argument("--json", action="store_true", help="one JSON document on stdout")
+
+    replay = add(
+        "replay",
+        "manual replay, parked rows included",
+        "Replay rows now, parked ones included, ignoring delays and max_replays: through the "
+        "target of --via POLICY, else of the first matching policy that has one, else "
+        "replay.default_target. Each chunk is one transaction; a progress bar shows on a "
+        "terminal. Exit 1 when a row failed.",
+    )
+    replay.add_argument("ids", nargs="*", metavar="ID", help="rows to replay, by id")
     _add_filters(replay)
-    replay.add_argument("--all", action="store_true", help="every pending row")
-    replay.add_argument("--dry-run", action="store_true")
+    replay.add_argument("--all", action="store_true", help="every pending row (needs --yes)")
+    replay.add_argument(
+        "--yes", action="store_true", help="confirm --all (asked on a terminal otherwise)"
+    )
+    replay.add_argument(
+        "--dry-run", action="store_true", help="count what would be replayed, change nothing"
+    )
     replay.add_argument("--rate", type=_positive_float, help="at most N rows a second")
     replay.add_argument(
         "--via",
@@ -92,25 +202,48 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TEXT",
         help="why, kept in the replay log with your name ($DLQD_ACTOR, else the login name)",
     )
-    replay.add_argument("--json", action="store_true")
+    replay.add_argument("--json", action="store_true", help="one JSON document on stdout")
 
-    purge = add("purge", help="one purge pass now")
-    purge.add_argument("--dry-run", action="store_true")
-    purge.add_argument("--json", action="store_true")
+    purge = add(
+        "purge",
+        "one purge pass now",
+        "Delete replayed rows older than purge.replayed_retention (and pending rows older "
+        "than purge.pending_retention, when set), in batches of purge.batch_size.",
+    )
+    purge.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+    purge.add_argument("--json", action="store_true", help="one JSON document on stdout")
 
-    sql_ = add("sql", help="print SQL an administrator runs (roles)")
+    sql_ = add("sql", "print SQL an administrator runs (the role script)")
     sql_.add_argument("what", choices=["roles"], help="roles: the role script (sql/roles.sql)")
 
-    explain = add("explain", help="which policy matches a row, and when it is due")
-    explain.add_argument("id")
-    explain.add_argument("--json", action="store_true")
+    explain = add(
+        "explain",
+        "which policy matches a row, why, and when it is due",
+        "Which policy matches the row and why the others do not, its replay count, its "
+        "recorded state, and the verdict under the given config.",
+    )
+    explain.add_argument("id", help="the row's id (a UUID)")
+    explain.add_argument("--json", action="store_true", help="one JSON document on stdout")
+
+    completion = add("completion", "print a shell completion script")
+    completion.add_argument("shell", choices=["bash", "zsh", "fish"], help="your shell")
     return parser
 
 
 def _add_filters(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--app-id")
-    parser.add_argument("--type")
-    parser.add_argument("--error-reason")
+    # globs, as in policy matches; a flag may repeat (OR), flags combine (AND)
+    flags = (
+        ("--app-id", "tenant", "shop-*"),
+        ("--type", "job type", "email.*"),
+        ("--error-reason", "error reason", "timeout"),
+    )
+    for flag, what, example in flags:
+        parser.add_argument(
+            flag,
+            action="append",
+            metavar="GLOB",
+            help=f"{what} matching this glob (e.g. '{example}'); repeat for any of several",
+        )
 
 
 MAX_PAGE = 10_000
@@ -138,7 +271,15 @@ def _positive_float(text: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    from argcomplete import autocomplete
+
+    autocomplete(parser)  # answers the shell's completion request, if this is one
     args = parser.parse_args(argv)
+    if args.command == "completion":
+        from argcomplete.shell_integration import shellcode
+
+        sys.stdout.write(shellcode(["dlqd"], shell=args.shell))
+        return 0
     if args.command == "sql":
         # needs no configuration: an administrator runs it before dlqd has any
         from dlqd.queries import sql_dir
@@ -251,7 +392,13 @@ async def _print_reachable(conn: Any, dsn: str) -> None:
 
 
 def _filter(args: argparse.Namespace) -> PendingFilter:
-    return PendingFilter(app_id=args.app_id, type=args.type, error_reason=args.error_reason)
+    return PendingFilter(
+        app_id=tuple(args.app_id or ()),
+        type=tuple(args.type or ()),
+        error_reason=tuple(args.error_reason or ()),
+        state=tuple(getattr(args, "state", None) or ()),
+        policy=tuple(getattr(args, "policy", None) or ()),
+    )
 
 
 @command("list")
@@ -269,21 +416,9 @@ async def _list(args: argparse.Namespace, settings: Settings) -> int:
             ['{"entries":[', documents, '],"next_cursor":', json.dumps(page.next_cursor), "}"]
         )
         return 0
-    print_table(
-        ["id", "dlq_at", "app_id", "type", "error_reason", "attempts", "original_job_id"],
-        [
-            [
-                r["id"],
-                r["dlq_at"],
-                r["app_id"],
-                r["type"],
-                r["error_reason"],
-                r["attempts"],
-                r["original_job_id"],
-            ]
-            for r in page.rows
-        ],
-    )
+    columns = ["id", "dlq_at", "app_id", "type", "error_reason", "state", "policy", "due_at",
+               "failures", "last_error"]  # fmt: skip
+    print_table(columns, [[r[c] for c in columns] for r in page.rows])
     if page.next_cursor:
         print(f"next cursor: {page.next_cursor}")
     return 0
@@ -361,7 +496,7 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
     from dlqd.status import collect_status
 
     async with connection(settings.dsn, autocommit=True, application_name="dlqd status") as conn:
-        status = await collect_status(conn, settings.policies)
+        status = await collect_status(conn)
     if args.json:
         print_json(status.to_json())
         return 0
@@ -420,7 +555,7 @@ async def _explain(args: argparse.Namespace, settings: Settings) -> int:
 async def _replay(args: argparse.Namespace, settings: Settings) -> int:
     from dlqd.db import connection
     from dlqd.errors import UsageError
-    from dlqd.operations import manual_replay
+    from dlqd.operations import count_pending, manual_replay
     from dlqd.replay.checks import check_targets
     from dlqd.repository import parse_entry_id
 
@@ -432,6 +567,10 @@ async def _replay(args: argparse.Namespace, settings: Settings) -> int:
     ids = [parse_entry_id(text) for text in args.ids]
     where = _filter(args) if filters else PendingFilter() if args.all else None
     async with connection(settings.dsn, autocommit=True, application_name="dlqd replay") as conn:
+        total = len(ids) if ids else await count_pending(conn, where or PendingFilter())
+        if args.all and not args.yes and not args.dry_run:
+            _confirm_all(total, args.json)
+        bar = _progress(total, "would replay" if args.dry_run else "replayed", args.json)
         result = await manual_replay(
             conn,
             settings,
@@ -442,13 +581,41 @@ async def _replay(args: argparse.Namespace, settings: Settings) -> int:
             via=args.via,
             actor=_actor(),
             reason=args.reason,
+            on_chunk=bar.update if bar else None,
         )
+    if bar:
+        bar.close()
     if args.json:
         print_json(result.to_json())
     else:
         verb = "would replay" if args.dry_run else "replayed"
         print(f"{verb} {result.replayed}, failed {result.failed}, skipped {result.skipped}")
     return 1 if result.failed else 0
+
+
+def _interactive() -> bool:
+    return sys.stdin.isatty() and sys.stderr.isatty()
+
+
+def _confirm_all(total: int, as_json: bool) -> None:
+    """``replay --all`` replays every pending row: only with --yes, or a yes on a terminal."""
+    from dlqd.errors import UsageError
+
+    refusal = UsageError(f"replay --all would replay every pending row ({total}): add --yes")
+    if as_json or not _interactive():
+        raise refusal
+    answer = input(f"replay every pending row ({total}) now? [y/N] ")
+    if answer.strip().lower() not in ("y", "yes"):
+        raise refusal
+
+
+def _progress(total: int, verb: str, as_json: bool) -> Any:
+    """A progress bar on stderr (rows done, rate, time left), only on a terminal."""
+    if as_json or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="rows", desc=verb, file=sys.stderr, dynamic_ncols=True)
 
 
 def _actor() -> str:

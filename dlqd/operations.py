@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -93,9 +93,7 @@ async def _selected_ids(
             {
                 "after_dlq_at": after[0],
                 "after_id": after[1],
-                "app_id": where.app_id,
-                "type": where.type,
-                "error_reason": where.error_reason,
+                **where.params(),
                 "limit": batch,
             },
         )
@@ -105,6 +103,13 @@ async def _selected_ids(
         if len(rows) < batch:
             return
         after = (rows[-1]["dlq_at"], rows[-1]["id"])
+
+
+async def count_pending(conn: Connection, where: PendingFilter) -> int:
+    """How many pending rows a filter selects (for progress and confirmation)."""
+    cur = await conn.execute(q("count_pending"), where.params())
+    row = await cur.fetchone()
+    return int(row["n"]) if row else 0
 
 
 async def _locked(conn: Connection, ids: list[UUID]) -> list[dict[str, Any]]:
@@ -123,6 +128,7 @@ async def manual_replay(
     via: str | None = None,
     actor: str | None = None,
     reason: str | None = None,
+    on_chunk: Callable[[int], object] | None = None,
 ) -> ManualReplayResult:
     """Replay rows now, parked ones included, ignoring delays and max_replays.
 
@@ -160,6 +166,8 @@ async def manual_replay(
                     continue
                 if dry_run:
                     result.replayed += len(pending)
+                    if on_chunk is not None:
+                        on_chunk(len(id_chunk))  # a dry run reports its count as it goes
                     continue
                 batch = Batch(
                     settings.policies_fingerprint,
@@ -184,6 +192,8 @@ async def manual_replay(
         result.replayed += len(outcome.replayed)
         result.failed += len(outcome.failed)
         result.skipped += outcome.skipped
+        if on_chunk is not None:
+            on_chunk(len(id_chunk))
     await http.aclose()
     return result
 

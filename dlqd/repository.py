@@ -65,11 +65,87 @@ class Page:
     next_cursor: str | None
 
 
+def glob_regex(pattern: str) -> str:
+    """A shell glob as a PostgreSQL regular expression that matches exactly what
+    ``fnmatch.fnmatchcase`` matches (``*``, ``?``, ``[seq]``, ``[!seq]``)."""
+    out = ["^"]
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        i += 1
+        if c == "*":
+            out.append(".*")
+        elif c == "?":
+            out.append(".")
+        elif c == "[":
+            j = i
+            if j < n and pattern[j] == "!":
+                j += 1
+            if j < n and pattern[j] == "]":
+                j += 1
+            while j < n and pattern[j] != "]":
+                j += 1
+            if j >= n:
+                out.append("\\[")
+                continue
+            body = pattern[i:j]
+            i = j + 1
+            negate = body.startswith("!")
+            if negate:
+                body = body[1:]
+            # inside a bracket, escape what ARE treats specially
+            chars = "".join("\\" + ch if ch in "\\^]-[" else ch for ch in body)
+            # keep ranges a-z as ranges: fnmatch reads "-" between two characters as one
+            chars = _ranges(body) if "-" in body[1:-1] else chars
+            if not chars:  # only empty ranges, like [z-a]: fnmatch matches nothing (or anything)
+                out.append("." if negate else "(?!)")
+                continue
+            out.append("[" + ("^" if negate else "") + chars + "]")
+        else:
+            out.append(c if c.isalnum() or c == "_" else "\\" + c)
+    out.append("$")
+    return "".join(out)
+
+
+def _ranges(body: str) -> str:
+    """A bracket body with ranges kept and every other character escaped."""
+    parts: list[str] = []
+    k = 0
+    while k < len(body):
+        if k + 2 < len(body) and body[k + 1] == "-":
+            lo, hi = body[k], body[k + 2]
+            if lo <= hi:
+                parts.append(_escape_in_bracket(lo) + "-" + _escape_in_bracket(hi))
+            k += 3
+        else:
+            parts.append(_escape_in_bracket(body[k]))
+            k += 1
+    return "".join(parts)
+
+
+def _escape_in_bracket(ch: str) -> str:
+    return "\\" + ch if ch in "\\^]-[" else ch
+
+
 @dataclass(frozen=True, slots=True)
 class PendingFilter:
-    app_id: str | None = None
-    type: str | None = None
-    error_reason: str | None = None
+    """Globs on the key columns (OR within a field, AND across fields), as in
+    policy matches; for ``list``, also the recorded state and policy."""
+
+    app_id: tuple[str, ...] = ()
+    type: tuple[str, ...] = ()
+    error_reason: tuple[str, ...] = ()
+    state: tuple[str, ...] = ()
+    policy: tuple[str, ...] = ()
+
+    def params(self) -> dict[str, list[str] | None]:
+        return {
+            "app_ids": [glob_regex(p) for p in self.app_id] or None,
+            "types": [glob_regex(p) for p in self.type] or None,
+            "error_reasons": [glob_regex(p) for p in self.error_reason] or None,
+            "states": list(self.state) or None,
+            "policies": list(self.policy) or None,
+        }
 
 
 def parse_entry_id(text: str) -> UUID:
@@ -123,9 +199,7 @@ class Repository:
                 {
                     "after_dlq_at": after_at,
                     "after_id": after_id,
-                    "app_id": where.app_id,
-                    "type": where.type,
-                    "error_reason": where.error_reason,
+                    **where.params(),
                     # one extra row tells whether another page exists
                     "limit": limit + 1,
                 },

@@ -1,22 +1,17 @@
 """What is pending, parked and unmatched, by group: for ``dlqd status`` and the metrics.
 
-Counts come from the index-only grouped query; parked-by-policy and unmatched
-are derived by running the policies over the groups (not over rows), and
-parked-by-event rows come from the schedule table.
+Pending counts come from the index-only grouped query; parked and unmatched
+are what the daemon recorded in ``dlqd_entry_state`` (read commands tell the
+state in Postgres, whatever config the operator passes).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
-from uuid import UUID
 
 import psycopg
 
-from dlqd.config import Policy
-from dlqd.policy import first_match
 from dlqd.queries import q
 
 Connection = psycopg.AsyncConnection[dict[str, Any]]
@@ -76,30 +71,10 @@ class Status:
         }
 
 
-_NIL = UUID(int=0)
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-@dataclass(frozen=True)
-class _Probe:
-    """A stand-in row for matching a whole group against the policies."""
-
-    app_id: str
-    type: str
-    error_reason: str
-    attempts: int
-    id: UUID = _NIL
-    dlq_at: datetime = _EPOCH
-
-
-def _classify(policies: list[Policy], probe: _Probe) -> str:
-    policy = first_match(probe, policies)
-    if policy is None:
-        return "unmatched"
-    return "parked" if policy.action == "park" else "replay"
-
-
-async def collect_status(conn: Connection, policies: list[Policy]) -> Status:
+async def collect_status(conn: Connection) -> Status:
+    """Pending counts and oldest ages (index-only), then what the daemon recorded:
+    parked (by policy or by event) and unmatched rows. No policy is consulted, so
+    the answer is the same with any config, or none."""
     cur = await conn.execute(q("status_groups"))
     groups: dict[GroupKey, Group] = {}
     for row in await cur.fetchall():
@@ -107,41 +82,14 @@ async def collect_status(conn: Connection, policies: list[Policy]) -> Status:
         groups[key] = Group(
             *key,
             pending=int(row["pending"]),
-            oldest_pending_age_seconds=max(0.0, row["oldest_age"]),
+            oldest_pending_age_seconds=row["oldest_age"],
         )
-
-    # (group, attempts) -> pending; attempts only matter when a policy reads them
-    reads_attempts = any(
-        p.match.min_attempts is not None or p.match.max_attempts is not None for p in policies
-    )
-    buckets: dict[tuple[GroupKey, int], int] = {}
-    if reads_attempts:
-        cur = await conn.execute(q("status_attempts"))
-        for row in await cur.fetchall():
-            key = (row["app_id"], row["type"], row["error_reason"])
-            buckets[(key, int(row["attempts"]))] = int(row["pending"])
-    else:
-        buckets = {(key, 0): g.pending for key, g in groups.items()}
-
-    event_parked: dict[tuple[GroupKey, int], int] = defaultdict(int)
-    cur = await conn.execute(q("status_event_parked"))
+    cur = await conn.execute(q("status_held"))
     for row in await cur.fetchall():
-        key = (row["app_id"], row["type"], row["error_reason"])
-        attempts = int(row["attempts"]) if reads_attempts else 0
-        event_parked[(key, attempts)] += int(row["parked"])
-
-    for (key, attempts), pending in buckets.items():
-        group = groups.get(key)
+        group = groups.get((row["app_id"], row["type"], row["error_reason"]))
         if group is None:
-            continue  # inserted between the two queries
-        by_event = min(event_parked.get((key, attempts), 0), pending)
-        verdict = _classify(policies, _Probe(*key, attempts=attempts))
-        if verdict == "parked":
-            group.parked += pending
-        elif verdict == "unmatched":
-            group.parked += by_event
-            group.unmatched += pending - by_event
-        else:
-            group.parked += by_event
+            continue  # replayed or inserted between the two queries
+        group.parked = min(group.pending, int(row["parked"]))
+        group.unmatched = min(group.pending - group.parked, int(row["unmatched"]))
     ordered = sorted(groups.values(), key=lambda g: (g.app_id, g.type, g.error_reason))
     return Status(groups=ordered)

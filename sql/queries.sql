@@ -23,17 +23,35 @@ RETURNING replayed_at
 
 -- name: list_pending
 -- Keyset pagination on (dlq_at, id), served by job_dlq_pending_dlq_at_id_idx.
--- Rows are rendered by Postgres (see entry_document); dlq_at travels as text.
-SELECT j.id, j.original_job_id, j.app_id, j.type, j.error_reason, j.attempts,
-       to_json(j.dlq_at) #>> '{}' AS dlq_at, to_jsonb(j)::text AS document
-  FROM job_dlq j
- WHERE j.replayed_at IS NULL
-   AND (%(after_dlq_at)s::timestamptz IS NULL
-        OR (j.dlq_at, j.id) > (%(after_dlq_at)s::timestamptz, %(after_id)s::uuid))
-   AND (%(app_id)s::text IS NULL OR j.app_id = %(app_id)s)
-   AND (%(type)s::text IS NULL OR j.type = %(type)s)
-   AND (%(error_reason)s::text IS NULL OR j.error_reason = %(error_reason)s)
- ORDER BY j.dlq_at, j.id
+-- Rows are rendered by Postgres (see entry_document) with the state the daemon
+-- recorded; dlq_at travels as text. Filters are globs (as regexes), OR within
+-- a field, AND across fields.
+WITH listed AS (
+    SELECT j.id, j.original_job_id, j.app_id, j.type, j.error_reason, j.attempts,
+           to_json(j.dlq_at) #>> '{}' AS dlq_at,
+           CASE WHEN s.state IS NULL THEN 'new'
+                WHEN s.state IN ('parked', 'parked_policy') THEN 'parked'
+                ELSE s.state END AS state,
+           s.policy, s.due_at, coalesce(s.failures, 0) AS failures, s.last_error,
+           to_jsonb(j) AS row_json
+      FROM job_dlq j
+      LEFT JOIN dlqd_entry_state s ON s.dlq_id = j.id
+     WHERE j.replayed_at IS NULL
+       AND (%(after_dlq_at)s::timestamptz IS NULL
+            OR (j.dlq_at, j.id) > (%(after_dlq_at)s::timestamptz, %(after_id)s::uuid))
+       AND (%(app_ids)s::text[] IS NULL OR j.app_id ~ ANY (%(app_ids)s::text[]))
+       AND (%(types)s::text[] IS NULL OR j.type ~ ANY (%(types)s::text[]))
+       AND (%(error_reasons)s::text[] IS NULL OR j.error_reason ~ ANY (%(error_reasons)s::text[]))
+       AND (%(policies)s::text[] IS NULL OR s.policy = ANY (%(policies)s::text[]))
+     ORDER BY j.dlq_at, j.id
+)
+SELECT id, original_job_id, app_id, type, error_reason, attempts, dlq_at, state, policy,
+       to_json(due_at) #>> '{}' AS due_at, failures, last_error,
+       (row_json || jsonb_build_object('state', state, 'policy', policy, 'due_at', due_at,
+                                       'failures', failures, 'last_error', last_error))::text
+           AS document
+  FROM listed
+ WHERE %(states)s::text[] IS NULL OR state = ANY (%(states)s::text[])
  LIMIT %(limit)s
 
 -- name: migrations_lock
@@ -274,23 +292,19 @@ SELECT app_id, type, error_reason, count(*) AS pending,
  WHERE replayed_at IS NULL
  GROUP BY app_id, type, error_reason
 
--- name: status_attempts
--- Only when a policy matches on attempts (attempts is not in the covering index).
-SELECT app_id, type, error_reason, attempts, count(*) AS pending
-  FROM job_dlq
- WHERE replayed_at IS NULL
- GROUP BY app_id, type, error_reason, attempts
-
--- name: status_event_parked
--- From the (small) parked set, never from job_dlq.
-WITH parked AS MATERIALIZED (
-    SELECT dlq_id FROM dlqd_entry_state WHERE state = 'parked'
+-- name: status_held
+-- Parked (by policy or by event) and unmatched rows, as the daemon recorded
+-- them, by group: from dlqd_entry_state_held_idx, never a scan of job_dlq.
+WITH held AS MATERIALIZED (
+    SELECT dlq_id, state FROM dlqd_entry_state WHERE state <> 'waiting'
 )
-SELECT j.app_id, j.type, j.error_reason, j.attempts, count(*) AS parked
-  FROM parked p
-  JOIN job_dlq j ON j.id = p.dlq_id
+SELECT j.app_id, j.type, j.error_reason,
+       count(*) FILTER (WHERE h.state IN ('parked', 'parked_policy')) AS parked,
+       count(*) FILTER (WHERE h.state = 'unmatched') AS unmatched
+  FROM held h
+  JOIN job_dlq j ON j.id = h.dlq_id
  WHERE j.replayed_at IS NULL
- GROUP BY j.app_id, j.type, j.error_reason, j.attempts
+ GROUP BY j.app_id, j.type, j.error_reason
 
 -- name: notification_queue_usage
 SELECT pg_notification_queue_usage()::float8 AS usage
@@ -351,9 +365,9 @@ SELECT id, to_json(dlq_at) #>> '{}' AS dlq_at
   FROM job_dlq
  WHERE replayed_at IS NULL
    AND (%(after_dlq_at)s::timestamptz IS NULL OR (dlq_at, id) > (%(after_dlq_at)s, %(after_id)s::uuid))
-   AND (%(app_id)s::text IS NULL OR app_id = %(app_id)s)
-   AND (%(type)s::text IS NULL OR type = %(type)s)
-   AND (%(error_reason)s::text IS NULL OR error_reason = %(error_reason)s)
+   AND (%(app_ids)s::text[] IS NULL OR app_id ~ ANY (%(app_ids)s::text[]))
+   AND (%(types)s::text[] IS NULL OR type ~ ANY (%(types)s::text[]))
+   AND (%(error_reasons)s::text[] IS NULL OR error_reason ~ ANY (%(error_reasons)s::text[]))
  ORDER BY dlq_at, id
  LIMIT %(limit)s
 
@@ -469,3 +483,11 @@ UPDATE dlqd_circuits c
   FROM counted k
  WHERE c.policy = k.policy
 RETURNING k.open_until IS NOT NULL AS was_open, c.open_until IS NOT NULL AS is_open
+
+-- name: count_pending
+SELECT count(*) AS n
+  FROM job_dlq
+ WHERE replayed_at IS NULL
+   AND (%(app_ids)s::text[] IS NULL OR app_id ~ ANY (%(app_ids)s::text[]))
+   AND (%(types)s::text[] IS NULL OR type ~ ANY (%(types)s::text[]))
+   AND (%(error_reasons)s::text[] IS NULL OR error_reason ~ ANY (%(error_reasons)s::text[]))

@@ -53,7 +53,9 @@ def test_list_json_pages_through_every_pending_row(db_url: str) -> None:
         document = json.loads(result.stdout)
         assert set(document) == {"entries", "next_cursor"}
         for entry in document["entries"]:
-            assert set(entry) == COLUMNS
+            # every column, and the state the daemon recorded (DESIGN section 6)
+            assert set(entry) == COLUMNS | {"state", "policy", "due_at", "failures", "last_error"}
+            assert entry["state"] == "new"
             assert entry["replayed_at"] is None
             seen.append(entry["original_job_id"])
         cursor = document["next_cursor"]
@@ -64,6 +66,39 @@ def test_list_json_pages_through_every_pending_row(db_url: str) -> None:
 
     filtered = dlqd_cli("list", "--app-id", "app-1", "--json", env=env)
     assert {e["app_id"] for e in json.loads(filtered.stdout)["entries"]} == {"app-1"}
+
+
+def test_list_filters_are_globs_that_repeat_and_states(db_url: str) -> None:
+    rows = [
+        row_json(original_job_id="e1", app_id="shop", type="email.send"),
+        row_json(original_job_id="e2", app_id="crm", type="email.bounce"),
+        row_json(original_job_id="s1", app_id="shop", type="sms.send"),
+        row_json(original_job_id="w1", app_id="billing", type="webhook.deliver"),
+    ]
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(INSERT_MANY, {"rows": Jsonb(rows)})
+        conn.execute(
+            """INSERT INTO dlqd_entry_state (dlq_id, state, policy, fingerprint, parked_reason)
+               SELECT id, 'parked', 'hooks', 'f', 'max_failures' FROM job_dlq
+                WHERE original_job_id = 'w1'"""
+        )
+    env = {"DLQD_DATABASE_URL": db_url}
+
+    def listed(*args: str) -> set[str]:
+        result = dlqd_cli("list", "--json", *args, env=env)
+        assert result.returncode == 0, result.stderr
+        return {e["original_job_id"] for e in json.loads(result.stdout)["entries"]}
+
+    assert listed("--type", "email.*") == {"e1", "e2"}
+    assert listed("--app-id", "shop", "--app-id", "crm") == {"e1", "e2", "s1"}  # OR
+    assert listed("--app-id", "shop", "--type", "*.send") == {"e1", "s1"}  # AND
+    assert listed("--type", "[ew]*") == {"e1", "e2", "w1"}
+    assert listed("--state", "parked") == {"w1"}
+    assert listed("--state", "new") == {"e1", "e2", "s1"}
+    assert listed("--policy", "hooks") == {"w1"}
+    table = dlqd_cli("list", "--state", "parked", env=env).stdout
+    assert "parked" in table
+    assert "hooks" in table
 
     table = dlqd_cli("list", "--limit", "3", env=env)
     assert table.returncode == 0, table.stderr
@@ -164,3 +199,27 @@ def test_a_role_without_grants_gets_a_hint(db_url: str) -> None:
     assert result.returncode == 1
     assert "dlqd sql roles" in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+def test_help_lists_exit_codes_environment_and_examples() -> None:
+    top = dlqd_cli("--help")
+    assert top.returncode == 0
+    for text in ("DLQD_DATABASE_URL", "DLQD_ACTOR", "78 invalid configuration", "exit codes"):
+        assert text in top.stdout
+    for command in ("run", "migrate", "check", "status", "list", "show", "replay", "purge",
+                    "explain", "sql", "completion"):  # fmt: skip
+        page = dlqd_cli(command, "--help")
+        assert page.returncode == 0, command
+        assert "examples:\n  dlqd " + command in page.stdout, command
+    listing = dlqd_cli("list", "--help").stdout
+    assert "(default: 50)" in listing
+    assert "(default: None)" not in listing
+
+
+def test_completion_scripts() -> None:
+    for shell, marker in (("bash", "complete"), ("zsh", "compdef"), ("fish", "complete")):
+        result = dlqd_cli("completion", shell)
+        assert result.returncode == 0, (shell, result.stderr)
+        assert marker in result.stdout, shell
+        assert "dlqd" in result.stdout
+    assert dlqd_cli("completion", "tcsh").returncode == 2

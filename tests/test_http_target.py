@@ -250,7 +250,9 @@ def test_manual_replay_through_http_and_a_missing_header_variable(
     missing = dlqd_cli("check", "--config", cfg, env=env)
     assert missing.returncode == 78
     assert "environment variable HOOK_TOKEN is not set" in missing.stderr
-    result = dlqd_cli("replay", "--all", "--json", "--config", cfg, env={**env, "HOOK_TOKEN": "t"})
+    result = dlqd_cli(
+        "replay", "--all", "--yes", "--json", "--config", cfg, env={**env, "HOOK_TOKEN": "t"}
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["replayed"] == 1
     assert server.requests[0]["headers"]["Authorization"] == "t"

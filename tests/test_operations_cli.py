@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -20,6 +21,43 @@ def seed(db_url: str, rows: list[dict[str, object]]) -> None:
         conn.execute(SINK_DDL)
         conn.execute("GRANT SELECT, INSERT ON sink TO dlqd")
         conn.execute(INSERT_MANY, {"rows": Jsonb(rows)})
+
+
+def without_ages(document: dict[str, Any]) -> dict[str, Any]:
+    """A status document without its ages (they grow between two calls)."""
+    age = "oldest_pending_age_seconds"
+    return {
+        **{k: v for k, v in document.items() if k != age},
+        "groups": [{k: v for k, v in g.items() if k != age} for g in document["groups"]],
+    }
+
+
+def one_pass(db_url: str, cfg: Path) -> None:
+    """One replayer pass in-process, as the daemon would make it."""
+    import anyio
+    from psycopg.rows import dict_row
+    from psycopg_pool import AsyncConnectionPool
+
+    from dlqd.config import load_settings
+    from dlqd.metrics import Metrics
+    from dlqd.replay.worker import Replayer
+    from dlqd.throttle import Throttle
+
+    settings = load_settings(cfg, database_url=db_url)
+
+    async def run() -> None:
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            db_url, min_size=1, max_size=2, open=False,
+            kwargs={"autocommit": True, "row_factory": dict_row},
+        )  # fmt: skip
+        await pool.open()
+        try:
+            replayer = Replayer(pool, lambda: settings, Metrics(), Throttle(), anyio.Event())
+            await replayer.run_once(full=True)
+        finally:
+            await pool.close()
+
+    anyio.run(run)
 
 
 def config(tmp_path: Path, body: str) -> Path:
@@ -51,7 +89,12 @@ def test_manual_replay_by_filter_dry_run_then_real(db_url: str, tmp_path: Path) 
     real = dlqd_cli("replay", "--app-id", "a", "--json", "--rate", "100", "--config", cfg, env=env)
     assert real.returncode == 0, real.stderr
     assert json.loads(real.stdout) == {"replayed": 5, "failed": 0, "skipped": 0, "dry_run": False}
-    rest = dlqd_cli("replay", "--all", "--json", "--config", cfg, env=env)
+    refused = dlqd_cli("replay", "--all", "--json", "--config", cfg, env=env)
+    assert refused.returncode == 2  # every pending row: only with --yes
+    assert "add --yes" in refused.stderr
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM sink").fetchone() == (5,)  # nothing more
+    rest = dlqd_cli("replay", "--all", "--yes", "--json", "--config", cfg, env=env)
     assert json.loads(rest.stdout)["replayed"] == 3
     with psycopg.connect(db_url) as conn:
         assert conn.execute("SELECT count(*), count(DISTINCT dlq_id) FROM sink").fetchone() == (
@@ -102,7 +145,9 @@ def test_manual_replay_by_id_counts_skipped_and_failed(db_url: str, tmp_path: Pa
 def test_manual_replay_without_a_target_is_a_clear_error(db_url: str, tmp_path: Path) -> None:
     seed(db_url, [row_json(original_job_id="x", type="sms.send")])
     cfg = config(tmp_path, SINK_POLICY)  # only email.* has a target
-    result = dlqd_cli("replay", "--all", "--config", str(cfg), env={"DLQD_DATABASE_URL": db_url})
+    result = dlqd_cli(
+        "replay", "--all", "--yes", "--config", str(cfg), env={"DLQD_DATABASE_URL": db_url}
+    )
     assert result.returncode == 1
     assert "no matching policy has a target and replay.default_target is not set" in result.stderr
     assert result.stderr.count("\n") == 1
@@ -143,7 +188,14 @@ def test_status_json_shape_and_explain(db_url: str, tmp_path: Path) -> None:
         + SINK_POLICY.replace('name = "mail"', 'name = "mail"\ndelay = "10m"'),
     )
     env = {"DLQD_DATABASE_URL": db_url}
+    # before any daemon looked: pending, nothing recorded as parked or unmatched
+    fresh = json.loads(dlqd_cli("status", "--json", "--config", str(cfg), env=env).stdout)
+    assert (fresh["pending"], fresh["parked"], fresh["unmatched"]) == (3, 0, 0)
+    one_pass(db_url, cfg)  # the daemon decides and records
     status = json.loads(dlqd_cli("status", "--json", "--config", str(cfg), env=env).stdout)
+    # the same answer without the config: read commands report recorded state
+    bare = json.loads(dlqd_cli("status", "--json", env=env).stdout)
+    assert without_ages(bare) == without_ages(status)
     assert set(status) == {"pending", "parked", "unmatched", "oldest_pending_age_seconds", "groups"}
     assert (status["pending"], status["parked"], status["unmatched"]) == (3, 1, 1)
     assert status["oldest_pending_age_seconds"] >= 0
@@ -180,7 +232,7 @@ def test_run_and_check_refuse_an_unmigrated_database(empty_db_url: str) -> None:
         assert result.stderr.strip() == (
             "dlqd: error: database schema is not up to date "
             "(missing 001_job_dlq, 002_replay_state, 003_poison_proof, 004_replay_actor, "
-            "005_shared_limits): run `dlqd migrate`"
+            "005_shared_limits, 006_held_index): run `dlqd migrate`"
         )
     for command in (["status"], ["list"], ["show", "00000000-0000-0000-0000-000000000000"]):
         result = dlqd_cli(*command, env=env)
@@ -306,3 +358,63 @@ def test_replay_via_a_policy_with_a_reason_and_an_actor(db_url: str, tmp_path: P
     assert "fixed upstream" in table
     with psycopg.connect(db_url) as conn:
         assert conn.execute("SELECT count(*) FROM sink").fetchone() == (1,)
+
+
+def test_progress_is_shown_on_a_terminal_only(db_url: str, tmp_path: Path) -> None:
+    """Under a pseudo-terminal: a progress bar (rows, rate) on stderr; piped: none."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    from tests.conftest import ROOT
+
+    seed(db_url, [row_json(original_job_id=f"p{i}") for i in range(30)])
+    cfg = str(config(tmp_path, SINK_POLICY))
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("DLQD_")},
+        "DLQD_DATABASE_URL": as_role(db_url, "dlqd"),
+        "COLUMNS": "120",
+    }
+    args = [sys.executable, "-m", "dlqd", "replay", "--type", "email.send", "--dry-run"]
+    piped = subprocess.run(
+        [*args, "--config", cfg], env=env, capture_output=True, text=True, check=False, cwd=ROOT
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert "rows/s" not in piped.stderr
+    assert piped.stdout.strip() == "would replay 30, failed 0, skipped 0"
+
+    leader, follower = pty.openpty()
+    # a terminal of 120 columns (a fresh pseudo-terminal has none)
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    try:
+        tty = subprocess.run(
+            [*args, "--config", cfg],
+            env=env,
+            stdin=follower,
+            stdout=subprocess.PIPE,
+            stderr=follower,
+            check=False,
+            cwd=ROOT,
+            timeout=60,
+        )
+        os.close(follower)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(leader)
+    assert tty.returncode == 0
+    text = shown.decode(errors="replace")
+    assert "would replay" in text
+    assert "30/30" in text  # rows done of the total
+    assert "rows/s" in text or "s/rows" in text  # and the rate

@@ -50,11 +50,13 @@ async def test_list_pending_filters_and_skips_replayed(conn: Conn) -> None:
     everything = await repo.list_pending(10)
     assert len(everything.rows) == 3
     assert everything.next_cursor is None
-    only_a = await repo.list_pending(10, where=PendingFilter(app_id="a"))
+    only_a = await repo.list_pending(10, where=PendingFilter(app_id=("a",)))
     assert [r["id"] for r in only_a.rows] == [a.id, c.id]
-    poison = await repo.list_pending(10, where=PendingFilter(app_id="a", error_reason="poison"))
+    poison = await repo.list_pending(
+        10, where=PendingFilter(app_id=("a",), error_reason=("poison",))
+    )
     assert [r["id"] for r in poison.rows] == [c.id]
-    sms = await repo.list_pending(10, where=PendingFilter(type="sms.send"))
+    sms = await repo.list_pending(10, where=PendingFilter(type=("sms.send",)))
     assert [r["id"] for r in sms.rows] == [c.id]
 
 

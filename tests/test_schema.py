@@ -237,6 +237,7 @@ async def test_dlqd_state_tables(conn: Conn) -> None:
         "dlqd_entry_state_pkey": "btree (dlq_id)",
         "dlqd_entry_state_due_idx": "btree (fingerprint, due_at) WHERE (state = 'waiting'::text)",
         "dlqd_entry_state_parked_idx": "btree (dlq_id) WHERE (state = 'parked'::text)",
+        "dlqd_entry_state_held_idx": "btree (dlq_id) WHERE (state <> 'waiting'::text)",
         "dlqd_entry_state_fingerprint_idx": (
             "btree (fingerprint, dlq_id) WHERE (state <> 'parked'::text)"
         ),

@@ -47,7 +47,7 @@ class Collector(PeriodicService[Collected]):
     async def run_once(self) -> Collected:
         settings = self.settings()
         async with self.pool.connection() as conn:
-            status = await collect_status(conn, settings.policies)
+            status = await collect_status(conn)
             cur = await conn.execute(q("notification_queue_usage"))
             row = await cur.fetchone()
         m = self.metrics
