@@ -232,7 +232,8 @@ def test_run_and_check_refuse_an_unmigrated_database(empty_db_url: str) -> None:
         assert result.stderr.strip() == (
             "dlqd: error: database schema is not up to date "
             "(missing 001_job_dlq, 002_replay_state, 003_poison_proof, 004_replay_actor, "
-            "005_shared_limits, 006_held_index): run `dlqd migrate`"
+            "005_shared_limits, 006_held_index, 007_purge_without_row_locks): "
+            "run `dlqd migrate`"
         )
     for command in (["status"], ["list"], ["show", "00000000-0000-0000-0000-000000000000"]):
         result = dlqd_cli(*command, env=env)
