@@ -83,6 +83,22 @@ def proc_figures(pid: int) -> tuple[float, int]:
     return rss, len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def wait_ready(port: int, daemon: subprocess.Popen[bytes]) -> None:
+    """Until /readyz says 200 (the daemon is listening), or the daemon exited."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if daemon.poll() is not None:
+            raise SystemExit(f"dlqd exited {daemon.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)  # another process's readiness: nothing to wait on but its answer
+    raise SystemExit("dlqd not ready within 60 s")
+
+
 def writer(url: str, rate: float, failing: float, stop: threading.Event) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         n = 0
@@ -130,7 +146,7 @@ def main() -> None:
             target=writer, args=(url, args.rate, args.failing, stop), daemon=True
         )
         try:
-            time.sleep(3)
+            wait_ready(port, daemon)
             thread.start()
             print(
                 "minute  good_backlog  p50_ms  p99_ms  replayed  parked  circuit  rss_mb  fds",

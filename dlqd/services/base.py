@@ -10,7 +10,8 @@ instead of polling.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Generic, TypeVar
+from abc import ABC, abstractmethod
+from typing import ClassVar, Generic, TypeVar
 
 import anyio
 from anyio.abc import TaskStatus
@@ -46,7 +47,7 @@ class Signals:
         self.failed = Signal()
 
 
-class PeriodicService(Generic[R]):
+class PeriodicService(ABC, Generic[R]):
     """``run_once()`` every ``interval()`` seconds, forever."""
 
     name: ClassVar[str] = "service"
@@ -61,12 +62,13 @@ class PeriodicService(Generic[R]):
         self.last_result: R | None = None
         self.log = get_logger(f"dlqd.{self.name}")
 
+    @abstractmethod
     async def run_once(self) -> R:
-        raise NotImplementedError  # every service defines its round
+        """One round of work; its small result is kept in ``last_result``."""
 
+    @abstractmethod
     def interval(self) -> float:
         """Seconds from the end of one round to the start of the next."""
-        raise NotImplementedError  # every service defines its cadence
 
     def first_delay(self) -> float:
         """Seconds before the first round (0: at once)."""
@@ -98,7 +100,3 @@ class PeriodicService(Generic[R]):
                 started = True
                 task_status.started()
             await anyio.sleep(wait)
-
-
-def describe(service: Any) -> str:
-    return str(getattr(service, "name", type(service).__name__))
