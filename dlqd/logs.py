@@ -56,6 +56,11 @@ def configure_logging(fmt: str, level: str) -> None:
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(logging.WARNING)
+    # psycopg warns "error ignored terminating <AsyncPipeline>" after an error
+    # dlqd already handled (a failed target in a pipeline): noise to an operator.
+    # The pool's own warnings (connections failing) still come through.
+    logging.getLogger("psycopg").setLevel(logging.ERROR)
+    logging.getLogger("psycopg.pool").setLevel(logging.WARNING)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
