@@ -147,7 +147,21 @@ action = "park"
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("500ms", 0.5), ("30s", 30), ("5m", 300), ("1h", 3600), ("7d", 604800), (2, 2), ("1.5s", 1.5)],
+    [
+        ("500ms", 0.5),
+        ("30s", 30),
+        ("5m", 300),
+        ("1h", 3600),
+        ("7d", 604800),
+        (2, 2),
+        ("1.5s", 1.5),
+        ("1h30m", 5400),
+        ("1d 2h", 93600),
+        ("PT30S", 30),
+        ("PT1H30M", 5400),
+        ("P1D", 86400),
+        ("P1DT12H", 129600),
+    ],
 )
 def test_durations(text: str | int, seconds: float) -> None:
     assert parse_duration(text).total_seconds() == seconds

@@ -419,3 +419,55 @@ def test_progress_is_shown_on_a_terminal_only(db_url: str, tmp_path: Path) -> No
     assert "would replay" in text
     assert "30/30" in text  # rows done of the total
     assert "rows/s" in text or "s/rows" in text  # and the rate
+
+
+def test_explain_json_for_each_state(db_url: str, tmp_path: Path) -> None:
+    seed(
+        db_url,
+        [
+            row_json(original_job_id="new-one", type="email.send"),
+            row_json(original_job_id="held", type="email.send", error_reason="poison"),
+            row_json(original_job_id="lost", type="sms.send"),
+            row_json(original_job_id="later", type="email.send"),
+            row_json(original_job_id="done", type="email.send"),
+        ],
+    )
+    cfg = config(
+        tmp_path,
+        '[[policies]]\nname = "q"\nmatch = { error_reason = ["poison"] }\naction = "park"\n'
+        + SINK_POLICY.replace('name = "mail"', 'name = "mail"\ndelay = "1h"'),
+    )
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("UPDATE job_dlq SET replayed_at = now() WHERE original_job_id = 'done'")
+        ids = dict(conn.execute("SELECT original_job_id, id::text FROM job_dlq").fetchall())
+    env = {"DLQD_DATABASE_URL": as_role(db_url, "dlqd")}
+    fresh = json.loads(
+        dlqd_cli("explain", ids["new-one"], "--json", "--config", str(cfg), env=env).stdout
+    )
+    assert (fresh["state"], fresh["verdict"], fresh["policy"]) == ("new", "replay", "mail")
+    one_pass(db_url, cfg)
+    expected = {
+        "held": ("parked", "park", "q"),
+        "lost": ("unmatched", "unmatched", None),
+        "later": ("waiting", "replay", "mail"),
+        "done": ("replayed", "replayed", None),
+    }
+    for name, (state, verdict, policy) in expected.items():
+        result = dlqd_cli("explain", ids[name], "--json", "--config", str(cfg), env=env)
+        assert result.returncode == 0, result.stderr
+        document = json.loads(result.stdout)
+        assert set(document) == {
+            "id", "state", "policy", "reason", "replay_count", "due_at", "verdict"
+        }  # fmt: skip
+        assert (document["state"], document["verdict"], document["policy"]) == (
+            state,
+            verdict,
+            policy,
+        ), name
+    waiting = json.loads(
+        dlqd_cli("explain", ids["later"], "--json", "--config", str(cfg), env=env).stdout
+    )
+    assert waiting["due_at"] is not None
+    replayed = dlqd_cli("explain", ids["done"], "--config", str(cfg), env=env).stdout
+    assert "verdict: replayed at" in replayed
+    assert "replay through" not in replayed  # no "replay at ... (now)" for a replayed row
