@@ -56,18 +56,28 @@ async def fill(url: str, n: int) -> int:
 
 async def dlqd_purge(url: str) -> tuple[float, int, float]:
     settings = load_settings(database_url=url)
-    slowest = 0.0
+    timings: list[tuple[float, int]] = []
 
-    def observe(_: int, seconds: float) -> None:
-        nonlocal slowest
-        slowest = max(slowest, seconds)
+    def observe(deleted: int, seconds: float) -> None:
+        timings.append((seconds, deleted))
 
     conn = await connect(url, autocommit=True)
     conn.row_factory = dict_row  # type: ignore[assignment]
     try:
         started = time.perf_counter()
         result = await purge_rows(conn, settings, observe=observe)
-        return time.perf_counter() - started, result.deleted, slowest
+        elapsed = time.perf_counter() - started
+        ranked = sorted(range(len(timings)), key=lambda i: timings[i][0], reverse=True)[:3]
+        seconds = sorted(s for s, _ in timings)
+        print(
+            f"  {len(timings)} statements: median {statistics.median(seconds) * 1000:.0f} ms, "
+            f"p95 {seconds[int(len(seconds) * 0.95)] * 1000:.0f} ms; slowest "
+            + ", ".join(
+                f"#{i + 1} {timings[i][0] * 1000:.0f} ms ({timings[i][1]} rows)" for i in ranked
+            ),
+            flush=True,
+        )
+        return elapsed, result.deleted, seconds[-1]
     finally:
         await conn.close()
 

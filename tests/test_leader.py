@@ -193,8 +193,10 @@ async def test_a_batch_that_times_out_shrinks_and_the_run_goes_on(
     )
     result: list[Any] = []
 
+    sizes: list[int] = []
+
     async def purge() -> None:
-        result.append(await purge_rows(purger, settings))
+        result.append(await purge_rows(purger, settings, observe=lambda n, _: sizes.append(n)))
 
     waits: set[Any] = set()
 
@@ -216,7 +218,7 @@ async def test_a_batch_that_times_out_shrinks_and_the_run_goes_on(
         await purger.close()
     [batched] = result
     assert batched.deleted == 20
-    assert batched.batch_size == 2  # 8 → 4 → 2 after two lock timeouts
+    assert sizes[0] == 2  # 8 → 4 → 2 after two lock timeouts; then it grows back
 
 
 async def test_log_retention_trims_only_old_rows(

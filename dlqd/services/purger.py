@@ -4,9 +4,11 @@ Schedule: ``purge.schedule`` is an interval (the first run shortly after the
 replica becomes leader, then every interval) or a 5-field cron expression
 (at its times, in UTC). Each batch is one call of ``job_dlq_purge`` (or
 ``dlqd_trim_replay_log``) in its own transaction, under ``purge.lock_timeout``
-and a statement timeout; a batch that times out halves the batch size for the
-rest of the run instead of failing it. Rows of dlqd's schedule and inbox go
-with their job_dlq row (ON DELETE CASCADE), so there are no orphans to trim.
+and a statement timeout; a batch that times out halves the batch size instead
+of failing the run, and the size adapts as it goes: halved after a batch slower
+than 200 ms, doubled (up to ``purge.batch_size``) after one faster than 50 ms.
+Rows of dlqd's schedule and inbox go with their job_dlq row (ON DELETE
+CASCADE), so there are no orphans to trim.
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ Connection = psycopg.AsyncConnection[dict[str, Any]]
 FIRST_RUN_DELAY = 5.0
 #: a batch's statement may take this many lock timeouts (at least 10 s)
 STATEMENT_TIMEOUT_FACTOR = 5
+#: a batch slower than this halves the next one; one faster than FAST doubles it
+#: again (up to purge.batch_size): no statement holds its locks for long
+SLOW_BATCH_SECONDS = 0.2
+FAST_BATCH_SECONDS = 0.05
+MIN_ADAPTIVE_BATCH = 100
+FIRST_BATCH = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +74,8 @@ async def batched(
     """
     lock_timeout = settings.purge.lock_timeout
     statement_timeout = max(lock_timeout * STATEMENT_TIMEOUT_FACTOR, timedelta(seconds=10))
-    size = settings.purge.batch_size
+    # start small (the first statement of a run pays for cold caches), then grow
+    size = min(settings.purge.batch_size, FIRST_BATCH)
     total = batches = 0
     while True:
         started = anyio.current_time()
@@ -87,12 +96,17 @@ async def batched(
             size = max(1, size // 2)  # a batch that times out shrinks; the run goes on
             continue
         deleted = int(row["deleted"]) if row else 0
+        took = anyio.current_time() - started
         if observe is not None:
-            observe(deleted, anyio.current_time() - started)
+            observe(deleted, took)
         total += deleted
         batches += 1
         if deleted < size:
             return Batched(total, batches, size)
+        if took > SLOW_BATCH_SECONDS:
+            size = max(min(MIN_ADAPTIVE_BATCH, size), size // 2)
+        elif took < FAST_BATCH_SECONDS:
+            size = min(settings.purge.batch_size, size * 2)
 
 
 async def purge_rows(
