@@ -84,6 +84,8 @@ def main() -> int:
             cluster = stack.enter_context(Cluster.create())
             url = cluster.url()
             say(f"throwaway PostgreSQL on 127.0.0.1:{cluster.port} in {cluster.root}")
+            # a throwaway cluster has no password: safe to print, ready to paste
+            say(f"try the CLI against it (in another terminal):  export DLQD_DATABASE_URL='{url}'")
 
         import anyio
 
@@ -113,7 +115,15 @@ def main() -> int:
             env=env,
             cwd=ROOT,
         )
-        stack.callback(_stop, daemon)
+        stopped = False
+
+        def stop_daemon() -> None:
+            nonlocal stopped
+            if not stopped:
+                stopped = True
+                _stop(daemon)
+
+        stack.callback(stop_daemon)
         deadline = time.monotonic() + 30
         while http_get(port, "/readyz")[0] != 200:
             if daemon.poll() is not None or time.monotonic() > deadline:
@@ -123,14 +133,17 @@ def main() -> int:
         say(f"dlqd is ready: http://127.0.0.1:{port}/metrics  /readyz  /healthz")
 
         stop_at = time.monotonic() + args.duration if args.duration else None
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        stop = Stop()
+        # set both explicitly: a shell starting us in the background ignores SIGINT
+        signal.signal(signal.SIGTERM, stop.set)
+        signal.signal(signal.SIGINT, stop.set)
         rng = random.Random()
         returning: list[str] = []  # jobs that fail again after a replay
         n = 0
         next_report = time.monotonic() + 5
         with psycopg.connect(url, autocommit=True) as conn:
             try:
-                while stop_at is None or time.monotonic() < stop_at:
+                while not stop.requested and (stop_at is None or time.monotonic() < stop_at):
                     app_id, type_, reason = rng.choice(JOBS)
                     if returning and rng.random() < 0.3:
                         job_id = returning.pop(0)  # the same job dead-letters again
@@ -168,9 +181,21 @@ def main() -> int:
                     time.sleep(1 / args.rate)
             except KeyboardInterrupt:
                 pass
-        summary = {"inserted": n, "metrics": replay_lines(port)}
-        print(json.dumps(summary))
+        metrics = replay_lines(port)
+        say("stopping the daemon")
+        stop_daemon()  # its last lines come before the summary
+        print(json.dumps({"inserted": n, "metrics": metrics}), flush=True)
     return 0
+
+
+class Stop:
+    """Set by SIGINT or SIGTERM: the stream ends and everything stops in order."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def set(self, *_: object) -> None:
+        self.requested = True
 
 
 def _port_free(port: int) -> bool:
