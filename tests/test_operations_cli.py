@@ -471,3 +471,37 @@ def test_explain_json_for_each_state(db_url: str, tmp_path: Path) -> None:
     replayed = dlqd_cli("explain", ids["done"], "--config", str(cfg), env=env).stdout
     assert "verdict: replayed at" in replayed
     assert "replay through" not in replayed  # no "replay at ... (now)" for a replayed row
+
+
+def test_check_finds_a_target_the_role_may_not_run(db_url: str, tmp_path: Path) -> None:
+    """The statement parses, but the dlqd role lacks INSERT on its table, or EXECUTE
+    on its function: check says so (78) without running it, since EXPLAIN starts
+    the executor, which checks privileges, and stops there. With the grants it passes."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE private_sink (dlq_id uuid)")
+        conn.execute(
+            "CREATE FUNCTION private_enqueue(id uuid) RETURNS void LANGUAGE sql "
+            "AS 'INSERT INTO private_sink VALUES (id)'"
+        )
+        conn.execute("REVOKE EXECUTE ON FUNCTION private_enqueue(uuid) FROM PUBLIC")
+    env = {"DLQD_DATABASE_URL": as_role(db_url, "dlqd")}
+    cases = [
+        ("INSERT INTO private_sink (dlq_id) VALUES (%(id)s)", "permission denied for table "
+         "private_sink", "GRANT INSERT ON private_sink TO dlqd"),
+        ("SELECT private_enqueue(%(id)s)", "permission denied for function private_enqueue",
+         "GRANT EXECUTE ON FUNCTION private_enqueue(uuid) TO dlqd"),
+    ]  # fmt: skip
+    for statement, message, grant in cases:
+        target = f'{{ kind = "sql", statement = "{statement}" }}'
+        cfg = str(config(tmp_path, f'[[policies]]\nname = "p"\ntarget = {target}\n'))
+        refused = dlqd_cli("check", "--config", cfg, env=env)
+        assert refused.returncode == 78, refused.stderr
+        assert message in refused.stderr
+        assert "[policy 'p']" in refused.stderr
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            assert conn.execute("SELECT count(*) FROM private_sink").fetchone() == (0,)
+            conn.execute(grant.encode())
+        allowed = dlqd_cli("check", "--config", cfg, env=env)
+        assert allowed.returncode == 0, allowed.stderr
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM private_sink").fetchone() == (0,)  # never run
