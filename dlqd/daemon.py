@@ -251,6 +251,8 @@ class Daemon:
 
     async def _readyz(self) -> Response:
         problems: list[str] = []
+        if not self.started:
+            problems.append("starting")  # ready means every service is up, as READY=1 does
         if self._settings.listen.enabled and not (self.listener and self.listener.connected):
             problems.append("listener not connected")
         if not (self.health and self.health.database_ok):

@@ -119,11 +119,17 @@ async def test_deaf_listener_is_found_by_the_self_probe(
         ).start()
         try:
             await daemon.wait_ready()
+
+            async def first_pass_done() -> bool:
+                # the start-up scan would otherwise find the rows without any NOTIFY
+                return daemon.metric("dlqd_replayer_passes_total") >= 1
+
+            await wait_until(first_pass_done, within=30)
             proxy.deafen_all()
             await insert(cluster_db, "missed", 3)  # its NOTIFY is swallowed by the proxy
             await wait_until(lambda: _at_least(cluster_db, 3), within=30)
             lost = [e for e in daemon.events() if e.get("event") == "listener lost"]
-            assert any("self-probe not heard back" in e["error"] for e in lost)
+            assert any("self-probe not heard back" in e["error"] for e in lost), daemon.logs()
             assert daemon.metric("dlqd_listener_reconnects_total") >= 1
         finally:
             daemon.stop()
