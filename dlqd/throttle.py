@@ -58,6 +58,7 @@ class Throttle:
     def __init__(self) -> None:
         self._token_at: dict[tuple[str, str], float] = {}  # monotonic time of the next token
         self._circuits: dict[str, CircuitView] = {}
+        self._known: set[str] = set()  # circuit rows seen in Postgres: no insert needed
 
     # ------------------------------------------------------------------ local knowledge
 
@@ -96,12 +97,19 @@ class Throttle:
 
     # ------------------------------------------------------------------ Postgres
 
+    async def _ensure_circuits(self, conn: Connection, names: Iterable[str]) -> None:
+        """Create the circuit rows this process has not seen yet (once, not per page)."""
+        unknown = sorted(set(names) - self._known)
+        if unknown:
+            await conn.execute(q("circuits_ensure"), {"policies": unknown})
+
     async def read_circuits(self, conn: Connection, names: Sequence[str], now: float) -> None:
         if not names:
             return
-        await conn.execute(q("circuits_ensure"), {"policies": list(names)})
+        await self._ensure_circuits(conn, names)
         cur = await conn.execute(q("circuits_read"), {"policies": list(names)})
         for row in await cur.fetchall():
+            self._known.add(row["policy"])
             self._circuits[row["policy"]] = CircuitView(
                 row["open"], row["cool_down_left"], row["trial_running"], now
             )
@@ -202,7 +210,7 @@ class Throttle:
                 failures += 1
             by_policy[policy.name] = (policy, reset, failures, True)
         changes: list[tuple[str, str]] = []
-        await conn.execute(q("circuits_ensure"), {"policies": sorted(by_policy)})
+        await self._ensure_circuits(conn, by_policy)
         for name, (policy, reset, failures, _) in sorted(by_policy.items()):
             cur = await conn.execute(
                 q("circuit_record"),
@@ -216,7 +224,8 @@ class Throttle:
             )
             row = await cur.fetchone()
             if row is None:
-                continue
+                continue  # another replica's insert not committed yet: next time
+            self._known.add(name)
             view = self.circuit_view(name)
             view.open = bool(row["is_open"])
             view.trial_running = False
