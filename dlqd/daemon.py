@@ -13,7 +13,6 @@ from typing import Any
 import anyio
 from anyio import CancelScope
 from anyio.abc import TaskStatus
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -21,7 +20,6 @@ from dlqd import __version__
 from dlqd.config import Settings, load_settings
 from dlqd.db import connect, describe_dsn, password_of
 from dlqd.errors import ConfigError
-from dlqd.httpserver import Response, serve
 from dlqd.logs import get_logger, register_secret
 from dlqd.metrics import Metrics
 from dlqd.migrations import require_current_schema
@@ -39,6 +37,7 @@ from dlqd.services.sweeper import Sweeper
 from dlqd.services.watchdog import Watchdog
 from dlqd.throttle import Throttle
 from dlqd.wake import Wakeup
+from dlqd.web import build_app, serve
 
 log = get_logger("dlqd.daemon")
 OTHER = "__other__"
@@ -107,10 +106,14 @@ class Daemon:
             await probe.close()
 
         async with AsyncExitStack() as stack:
+            # A fixed pool, opened before the HTTP port: its connections are
+            # held for the daemon's life, so no flood of HTTP clients can take
+            # the descriptors the database work needs.
+            size = settings.replay.concurrency + 3
             pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
                 settings.dsn,
-                min_size=1,
-                max_size=settings.replay.concurrency + 3,
+                min_size=size,
+                max_size=size,
                 kwargs={
                     "autocommit": True,
                     "row_factory": dict_row,
@@ -129,7 +132,7 @@ class Daemon:
                     serve,
                     settings.metrics_host,
                     settings.metrics_port,
-                    {"/metrics": self._metrics, "/healthz": self._healthz, "/readyz": self._readyz},
+                    build_app(self.metrics.registry, self.readiness_problems),
                 )
                 if settings.listen.enabled:
                     self.listener = Listener(self.settings, pool, self.wakeup, self.metrics)
@@ -241,15 +244,10 @@ class Daemon:
         )
         self.wakeup.set()  # re-evaluate rows under the new policies
 
-    # ------------------------------------------------------------------ HTTP routes
+    # ------------------------------------------------------------------ readiness
 
-    async def _metrics(self) -> Response:
-        return 200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry)
-
-    async def _healthz(self) -> Response:
-        return 200, "text/plain; charset=utf-8", b"ok\n"
-
-    async def _readyz(self) -> Response:
+    def readiness_problems(self) -> list[str]:
+        """What stops this replica from being ready (``/readyz``); empty when ready."""
         problems: list[str] = []
         if not self.started:
             problems.append("starting")  # ready means every service is up, as READY=1 does
@@ -259,9 +257,7 @@ class Daemon:
             problems.append("database unreachable")
         if self.stopping.is_set():
             problems.append("stopping")
-        if problems:
-            return 503, "text/plain; charset=utf-8", ("; ".join(problems) + "\n").encode()
-        return 200, "text/plain; charset=utf-8", b"ready\n"
+        return problems
 
 
 async def run_daemon(settings: Settings, config_file: str | Path | None) -> int:
