@@ -85,6 +85,7 @@ class Daemon:
             register_secret(dsn)
             register_secret(password_of(dsn))
         check_targets(settings)
+        self.metrics.declare_policies([p.name for p in settings.policies])
         # Refuse to start against a database we cannot reach (exit 69): later
         # outages are ridden out with backoff.
         if settings.listen.enabled and settings.listen_dsn != settings.dsn:
@@ -237,6 +238,7 @@ class Daemon:
             return
         before = self._settings.policies_fingerprint
         self._settings = new
+        self.metrics.declare_policies([p.name for p in new.policies])
         log.info(
             "config reloaded",
             policies=len(new.policies),

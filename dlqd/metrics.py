@@ -22,6 +22,10 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 _AGE_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 30, 60, 300, 900, 3600, 4 * 3600, 86400, 7 * 86400)
 
 
+# Reasons a row is parked by an event (not by a policy's park action); alerts watch these.
+PARK_EVENTS = ("max_failures", "max_replays", "invalid_row", "http_4xx")
+
+
 class Metrics:
     """Every dlqd metric, on a registry of its own (one per daemon instance)."""
 
@@ -72,6 +76,13 @@ class Metrics:
             buckets=_AGE_BUCKETS,
             registry=r,
         )
+        self.parked_total = Counter(
+            "dlqd_parked",
+            "Rows parked, by policy and reason: policy (a park action), max_failures, "
+            "max_replays, invalid_row, http_4xx.",
+            ["policy", "reason"],
+            registry=r,
+        )
         self.notifications_total = Counter(
             "dlqd_notifications", "NOTIFY wake-ups received.", registry=r
         )
@@ -119,5 +130,17 @@ class Metrics:
         # series that alerts compare must exist before their first event
         for outcome in ("success", "error"):
             self.purge_runs_total.labels(outcome)
+        for reason in PARK_EVENTS:
+            self.parked_total.labels("none", reason)
         self.build_info = Gauge("dlqd_build_info", "dlqd's version.", ["version"], registry=r)
         self.build_info.labels(version=__version__).set(1)
+
+    def declare_policies(self, names: list[str]) -> None:
+        """Create every policy's series at zero, so that rate() and increase()
+        see a policy's first event (a series born at 1 hides it)."""
+        for name in names:
+            for outcome in ("replayed", "failed", "parked"):
+                self.replays_total.labels(name, outcome)
+            for reason in (*PARK_EVENTS, "policy"):
+                self.parked_total.labels(name, reason)
+            self.circuit_open.labels(name)

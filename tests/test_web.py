@@ -181,7 +181,7 @@ async def test_stops_with_its_task_group_while_a_client_is_connected() -> None:
                 lingering.connect(("127.0.0.1", port))
                 lingering.sendall(b"GET /metrics HTTP/1.1\r\n")
                 tg.cancel_scope.cancel()
-        with pytest.raises(OSError):
+        with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 

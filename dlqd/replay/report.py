@@ -71,9 +71,11 @@ def report(
             manual=manual,
         )
 
+    parked_by: Counter[tuple[str, str]] = Counter()
     for parked in outcome.parked:
         label = parked.policy or "none"
         counts[(label, "parked")] += 1
+        parked_by[(label, parked.reason)] += 1
         log.info(
             "parked",
             **_row_fields(parked.row),
@@ -84,6 +86,7 @@ def report(
         )
     for name in outcome.policy_parked:
         counts[(name, "parked")] += 1
+        parked_by[(name, "policy")] += 1
 
     for decision in outcome.decisions:
         if decision.outcome == "dry_run":
@@ -107,6 +110,8 @@ def report(
     if metrics is not None:
         for (label, kind), n in counts.items():
             metrics.replays_total.labels(label, kind).inc(n)
+        for (label, reason), n in parked_by.items():
+            metrics.parked_total.labels(label, reason).inc(n)
 
     if counts:
         by_policy: dict[str, dict[str, int]] = {}
