@@ -110,6 +110,12 @@ def main() -> int:
             "DLQD_METRICS_HOST": "127.0.0.1",
             "DLQD_METRICS_PORT": str(port),
         }
+        # From here on a stop signal stops everything in order, also while the
+        # daemon starts. Both are set explicitly: a shell starting us in the
+        # background ignores SIGINT.
+        stop = Stop()
+        signal.signal(signal.SIGTERM, stop.set)
+        signal.signal(signal.SIGINT, stop.set)
         daemon = subprocess.Popen(
             [sys.executable, "-m", "dlqd", "run", "--config", str(ROOT / "examples/dlqd.toml")],
             env=env,
@@ -125,18 +131,15 @@ def main() -> int:
 
         stack.callback(stop_daemon)
         deadline = time.monotonic() + 30
-        while http_get(port, "/readyz")[0] != 200:
+        while http_get(port, "/readyz")[0] != 200 and not stop.requested:
             if daemon.poll() is not None or time.monotonic() > deadline:
                 say("the daemon did not become ready")
                 return 1
             time.sleep(0.1)
-        say(f"dlqd is ready: http://127.0.0.1:{port}/metrics  /readyz  /healthz")
+        if not stop.requested:
+            say(f"dlqd is ready: http://127.0.0.1:{port}/metrics  /readyz  /healthz")
 
         stop_at = time.monotonic() + args.duration if args.duration else None
-        stop = Stop()
-        # set both explicitly: a shell starting us in the background ignores SIGINT
-        signal.signal(signal.SIGTERM, stop.set)
-        signal.signal(signal.SIGINT, stop.set)
         rng = random.Random()
         returning: list[str] = []  # jobs that fail again after a replay
         n = 0
