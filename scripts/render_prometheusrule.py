@@ -2,7 +2,8 @@
 
 The plain rules file is the one source of the alerts (promtool tests it); the
 PrometheusRule for the Prometheus operator carries the same groups.
-tests/test_deploy.py fails when the two differ. Run: .venv/bin/python scripts/render_prometheusrule.py
+tests/test_deploy.py fails when the two differ.
+Run: .venv/bin/python scripts/render_prometheusrule.py
 """
 
 from __future__ import annotations
