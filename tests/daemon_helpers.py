@@ -42,7 +42,15 @@ def write_config(path: Path, body: str) -> Path:
 class DaemonProcess:
     """``python -m dlqd run`` with its own config, port and log file."""
 
-    def __init__(self, db_url: str, config: Path, log_dir: Path, **env: str) -> None:
+    def __init__(
+        self,
+        db_url: str,
+        config: Path,
+        log_dir: Path,
+        command: list[str] | None = None,
+        **env: str,
+    ) -> None:
+        self.command = command or [sys.executable, "-m", "dlqd"]
         # port 0: the daemon binds a free port itself and logs it ("http listening"),
         # so no other process can take it between a pick and the bind
         self._port: int | None = None
@@ -62,7 +70,7 @@ class DaemonProcess:
     def start(self) -> DaemonProcess:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "dlqd", "run", "--config", str(self.config)],
+            [*self.command, "run", "--config", str(self.config)],
             env=self.env,
             stdout=log,
             stderr=log,
