@@ -139,7 +139,7 @@ class Metrics:
         """Create every policy's series at zero, so that rate() and increase()
         see a policy's first event (a series born at 1 hides it)."""
         for name in names:
-            for outcome in ("replayed", "failed", "parked"):
+            for outcome in ("replayed", "failed", "parked", "dry_run"):
                 self.replays_total.labels(name, outcome)
             for reason in (*PARK_EVENTS, "policy"):
                 self.parked_total.labels(name, reason)

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by scripts/test and scripts/check-deploy: installs Debian packages
 # that are missing (as root, or through sudo), refreshing the index only when
 # an install fails without it.

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by scripts/test and scripts/demo: creates .venv and installs dlqd's
 # locked dependencies (requirements/dev.lock, hashes checked), then dlqd itself.
 # Idempotent; needs only python3 (>= 3.11). PostgreSQL for throwaway clusters
