@@ -51,8 +51,9 @@ async def test_job_dlq_columns(conn: Conn) -> None:
 async def test_job_dlq_constraints_and_indexes(conn: Conn) -> None:
     constraints = await _rows(
         conn,
+        # NOT NULL is a column property (a pg_constraint row only from PostgreSQL 18 on)
         """SELECT conname, pg_get_constraintdef(oid) AS def FROM pg_constraint
-            WHERE conrelid = 'job_dlq'::regclass ORDER BY conname""",
+            WHERE conrelid = 'job_dlq'::regclass AND contype <> 'n' ORDER BY conname""",
     )
     assert {(c["conname"], c["def"]) for c in constraints} == {
         ("job_dlq_pkey", "PRIMARY KEY (id)"),
@@ -191,10 +192,14 @@ async def test_grouped_status_is_an_index_only_scan(conn: Conn) -> None:
     await conn.execute(
         """INSERT INTO job_dlq (original_job_id, app_id, type, payload, error_reason, attempts)
            SELECT 'j' || g, 'app-' || (g % 5), 't' || (g % 3), '{}', 'timeout', 1
-             FROM generate_series(1, 2000) g"""
+             FROM generate_series(1, 20000) g"""
     )
     await conn.execute("VACUUM ANALYZE job_dlq")
+    # on a table this small any plan is cheap: rule out the heap-reading ones
+    # and check that the covering index serves the query on its own
     await conn.execute("SET enable_seqscan = off")
+    await conn.execute("SET enable_bitmapscan = off")
+    await conn.execute("SET enable_hashagg = off")  # the index is in group order
     rows = await _rows(
         conn,
         "EXPLAIN " + q("status_groups"),
