@@ -7,11 +7,12 @@ The operator console planned next mounts on the same application.
 
 Hypercorn is embedded through its public ``serve(app, config,
 shutdown_trigger=...)``: it runs as one task among the daemon's and stops when
-the daemon's scope does. Clients never hold the daemon hostage: a request's
-head must arrive within ``READ_TIMEOUT``, idle connections close after
-``KEEP_ALIVE``, heads are capped at 16 KB, and running out of descriptors only
-pauses accepting (the database pool holds its connections for the daemon's
-life, see ``daemon.py``).
+the daemon's scope does. Clients never hold the daemon hostage: at most
+``MAX_IN_FLIGHT`` requests are served at once (the rest get 503 at once), a
+request's head must arrive within ``READ_TIMEOUT``, idle connections close
+after ``KEEP_ALIVE``, heads are capped at 16 KB, and running out of descriptors
+only pauses accepting (the database pool holds its connections for the
+daemon's life, see ``daemon.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dlqd.errors import DlqdError
 from dlqd.logs import get_logger
@@ -43,6 +45,31 @@ KEEP_ALIVE = 5.0  # seconds an idle connection stays open
 BACKLOG = 64  # connections the kernel queues while the daemon is busy
 MAX_HEAD_BYTES = 16 * 1024
 GRACE = 1.0  # seconds in-flight requests get at shutdown
+MAX_IN_FLIGHT = 64  # requests served at once; more are answered 503 at once
+
+
+class ConcurrencyLimit:
+    """ASGI middleware: at most ``limit`` HTTP requests in flight; the next
+    ones get 503 with Retry-After at once, costing nothing but the answer."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_IN_FLIGHT) -> None:
+        self.app = app
+        self.limit = limit
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            busy = PlainTextResponse("busy\n", 503, headers={"Retry-After": "1"})
+            await busy(scope, receive, send)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
 
 
 def build_app(registry: CollectorRegistry, readiness: Callable[[], list[str]]) -> Starlette:
@@ -72,7 +99,10 @@ def build_app(registry: CollectorRegistry, readiness: Callable[[], list[str]]) -
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
         ],
-        middleware=[Middleware(GZipMiddleware, minimum_size=500)],
+        middleware=[
+            Middleware(ConcurrencyLimit, limit=MAX_IN_FLIGHT),
+            Middleware(GZipMiddleware, minimum_size=500),
+        ],
     )
 
 

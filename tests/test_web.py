@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import anyio
 import httpx
 import pytest
+from starlette.responses import PlainTextResponse
 
 from dlqd import web
 from dlqd.errors import DlqdError
@@ -204,3 +205,38 @@ async def test_a_port_in_use_is_a_one_line_error() -> None:
         port = taken.getsockname()[1]
         with pytest.raises(DlqdError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
             await web.serve("127.0.0.1", port, app)
+
+
+async def test_requests_beyond_the_cap_are_answered_503_at_once() -> None:
+    release = anyio.Event()
+    all_in = anyio.Event()
+    entered = 0
+
+    async def slow(scope: dict[str, object], receive: object, send: object) -> None:
+        nonlocal entered
+        entered += 1
+        if entered == 3:
+            all_in.set()
+        await release.wait()
+        await PlainTextResponse("done\n")(scope, receive, send)  # type: ignore[arg-type]
+
+    limited = web.ConcurrencyLimit(slow, limit=3)  # type: ignore[arg-type]
+    transport = httpx.ASGITransport(app=limited)  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=transport, base_url="http://dlqd") as client:
+        answers: list[int] = []
+
+        async def call() -> None:
+            answers.append((await client.get("/metrics")).status_code)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(call)
+            with anyio.fail_after(5):
+                await all_in.wait()
+            busy = await client.get("/metrics")  # the fourth, while three are in flight
+            assert busy.status_code == 503
+            assert busy.headers["retry-after"] == "1"
+            release.set()
+        assert answers == [200, 200, 200]
+        assert limited.in_flight == 0
+        assert (await client.get("/metrics")).status_code == 200
