@@ -18,7 +18,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from dlqd import __version__
 from dlqd.config import Settings, load_settings
-from dlqd.db import connect, describe_dsn, password_of
+from dlqd.db import RecentUseCheck, connect, describe_dsn, password_of
 from dlqd.errors import ConfigError
 from dlqd.logs import get_logger, register_secret
 from dlqd.metrics import Metrics
@@ -111,6 +111,7 @@ class Daemon:
             # held for the daemon's life, so no flood of HTTP clients can take
             # the descriptors the database work needs.
             size = settings.replay.concurrency + 3
+            checkout = RecentUseCheck()
             pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
                 settings.dsn,
                 min_size=size,
@@ -119,8 +120,12 @@ class Daemon:
                     "autocommit": True,
                     "row_factory": dict_row,
                     "application_name": "dlqd",
+                    # the replayer's statements run many times a second:
+                    # server-side prepared from the first run (no re-parsing)
+                    "prepare_threshold": 0,
                 },
-                check=AsyncConnectionPool.check_connection,
+                check=checkout.check,
+                reset=checkout.reset,
                 open=False,
                 name="dlqd",
             )

@@ -6,6 +6,8 @@ names the server but never the password.
 
 from __future__ import annotations
 
+import time
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -13,6 +15,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
 
 from dlqd.errors import ConfigError, DatabaseUnavailable
 
@@ -98,3 +101,30 @@ async def connection(
         yield conn
     finally:
         await conn.close()
+
+
+class RecentUseCheck:
+    """The pool's check on checkout, without a round trip on the hot path.
+
+    ``psycopg_pool``'s own check runs ``SELECT 1`` on every checkout: one round
+    trip per replayer pass. A connection that came back to the pool healthy
+    within ``fresh`` seconds is handed out unchecked (if it broke meanwhile,
+    the pass fails, the pool discards it on return, and the next pass backs
+    off and gets a new one); older ones are checked as before.
+    """
+
+    def __init__(self, fresh: float = 1.0) -> None:
+        self.fresh = fresh
+        self._returned: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], float] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    async def reset(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Called by the pool when a connection comes back (in the idle state)."""
+        self._returned[conn] = time.monotonic()
+
+    async def check(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        returned = self._returned.get(conn)
+        if returned is not None and time.monotonic() - returned < self.fresh and not conn.broken:
+            return
+        await AsyncConnectionPool.check_connection(conn)

@@ -29,6 +29,9 @@ from dlqd.queries import q
 Connection = psycopg.AsyncConnection[dict[str, Any]]
 #: a bucket or a trial another replica holds right now: look again this soon
 CONTENDED_WAIT = 0.05
+#: a closed circuit read this recently is not read again before admitting rows:
+#: a circuit another replica opens holds here within this long
+CIRCUIT_FRESH = 0.5
 
 
 class Admissible(Protocol):
@@ -46,6 +49,8 @@ class CircuitView:
     cool_down_left: float = 0.0
     trial_running: bool = False
     read_at: float = 0.0
+    # closed, no failure counted, no trial: a success has nothing to record
+    clean: bool = False
 
 
 def _scope(policy: Policy, app_id: str) -> str:
@@ -111,7 +116,7 @@ class Throttle:
         for row in await cur.fetchall():
             self._known.add(row["policy"])
             self._circuits[row["policy"]] = CircuitView(
-                row["open"], row["cool_down_left"], row["trial_running"], now
+                row["open"], row["cool_down_left"], row["trial_running"], now, row["clean"]
             )
 
     async def admit(
@@ -120,7 +125,14 @@ class Throttle:
         """(admitted, deferred, seconds until a deferred one may go) for ``items``
         (each with ``.policy`` and ``.row.app_id``), in ``conn``'s transaction."""
         policies = {i.policy.name: i.policy for i in items if i.policy is not None}
-        await self.read_circuits(conn, sorted(policies), now)
+        stale = [
+            name
+            for name in sorted(policies)
+            if name not in self._circuits
+            or self._circuits[name].open
+            or now - self._circuits[name].read_at >= CIRCUIT_FRESH
+        ]
+        await self.read_circuits(conn, stale, now)
         admitted: list[Any] = []
         deferred: list[Any] = []
         waits: list[float] = []
@@ -210,6 +222,16 @@ class Throttle:
                 failures += 1
             by_policy[policy.name] = (policy, reset, failures, True)
         changes: list[tuple[str, str]] = []
+        # Only successes on a circuit that was clean when this batch read it:
+        # nothing to write (a failure another replica counted since is reset
+        # by the next batch's success, which reads it).
+        by_policy = {
+            name: entry
+            for name, entry in by_policy.items()
+            if not (entry[1] and entry[2] == 0 and self.circuit_view(name).clean)
+        }
+        if not by_policy:
+            return changes
         await self._ensure_circuits(conn, by_policy)
         for name, (policy, reset, failures, _) in sorted(by_policy.items()):
             cur = await conn.execute(
@@ -229,6 +251,7 @@ class Throttle:
             view = self.circuit_view(name)
             view.open = bool(row["is_open"])
             view.trial_running = False
+            view.clean = reset and failures == 0 and not row["is_open"]
             if row["is_open"]:
                 view.cool_down_left = policy.circuit_breaker.cool_down.total_seconds()
                 view.read_at = now

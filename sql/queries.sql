@@ -223,13 +223,22 @@ SELECT j.id, now() AS db_now
 SELECT set_config('statement_timeout', %(statement_timeout)s, true),
        set_config('lock_timeout', %(lock_timeout)s, true)
 
+-- name: replay_timeouts_session
+-- The same for the whole session of a pooled connection the replayer uses:
+-- set once (outside any transaction, so no rollback undoes it), not per page.
+SELECT set_config('statement_timeout', %(statement_timeout)s, false),
+       set_config('lock_timeout', %(lock_timeout)s, false)
+
 -- name: constraints_immediate
 SET CONSTRAINTS ALL IMMEDIATE
 
 -- name: finish_replayed
 -- One round trip for the rows whose target succeeded: set replayed_at, drop
--- their schedule, log the replay.
-WITH marked AS (
+-- their schedule, log the replay; and the batch's inbox entries (all of them,
+-- replayed or not) go in the same statement.
+WITH inbox AS (
+    DELETE FROM dlqd_inbox WHERE seq = ANY (%(inbox_seqs)s::bigint[])
+), marked AS (
     UPDATE job_dlq SET replayed_at = now()
      WHERE id = ANY (%(ids)s::uuid[]) AND replayed_at IS NULL
     RETURNING id, original_job_id, app_id, dlq_at, replayed_at
@@ -446,7 +455,8 @@ ON CONFLICT (policy) DO NOTHING
 -- name: circuits_read
 SELECT policy, open_until IS NOT NULL AS open,
        greatest(0, extract(epoch FROM open_until - now()))::float8 AS cool_down_left,
-       coalesce(trial_until > now(), false) AS trial_running
+       coalesce(trial_until > now(), false) AS trial_running,
+       consecutive_failures = 0 AND trial_until IS NULL AS clean
   FROM dlqd_circuits
  WHERE policy = ANY (%(policies)s::text[])
 

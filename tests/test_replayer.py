@@ -79,3 +79,51 @@ async def test_a_policy_change_re_evaluates_rows_of_the_old_policies(
     current = load_settings(database_url=db_url, policies=NOTIFY_ALL)
     assert (await replayer.run_once(full=True)).replayed == 7
     assert await states(db_url) == {}
+
+
+FAILING = [
+    {
+        "name": "broken",
+        "retry_delay": "1h",
+        "target": {"kind": "sql", "statement": "SELECT 1/(%(attempts)s - %(attempts)s)"},
+    }
+]
+
+
+async def test_a_lone_row_replays_without_a_savepoint_and_its_failure_counts_once(
+    db_url: str, pool: AsyncConnectionPool[Any]
+) -> None:
+    """A page of one row runs its target optimistically (no savepoint); when it
+    fails, the page is done again isolated: one failed attempt is recorded,
+    not two, and the transaction's other effects happen once."""
+    current = load_settings(database_url=db_url, policies=FAILING)
+    metrics = Metrics()
+    replayer = Replayer(pool, lambda: current, metrics, Throttle(), anyio.Event())
+    await insert(db_url, "lone", 1)
+    result = await replayer.run_once(full=False)
+    assert (result.claimed, result.failed, result.replayed) == (1, 1, 0)
+    async with await psycopg.AsyncConnection.connect(db_url) as conn:
+        cur = await conn.execute(
+            "SELECT outcome, error FROM dlqd_replay_log WHERE policy = 'broken'"
+        )
+        logged = await cur.fetchall()
+        cur = await conn.execute("SELECT state, failures FROM dlqd_entry_state")
+        state = await cur.fetchall()
+        cur = await conn.execute("SELECT count(*) FROM dlqd_inbox")
+        inbox = await cur.fetchone()
+    assert logged == [("failed", "division by zero")]
+    assert state == [("waiting", 1)]
+    assert inbox == (0,)
+    assert metrics.replays_total.labels("broken", "failed")._value.get() == 1
+
+    current = load_settings(database_url=db_url, policies=NOTIFY_ALL)
+    await insert(db_url, "fine", 1)
+    result = await replayer.run_once(full=False)
+    assert (result.claimed, result.replayed) == (1, 1)  # a lone row that succeeds
+    async with await psycopg.AsyncConnection.connect(db_url) as conn:
+        cur = await conn.execute(
+            "SELECT original_job_id FROM job_dlq WHERE replayed_at IS NOT NULL"
+        )
+        assert await cur.fetchall() == [("fine0",)]
+        cur = await conn.execute("SELECT count(*) FROM dlqd_inbox")
+        assert await cur.fetchone() == (0,)

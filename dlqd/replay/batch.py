@@ -13,6 +13,7 @@ row that fails, whose failed attempt is then recorded on its own.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -26,7 +27,7 @@ from dlqd.policy import retry_delay
 from dlqd.queries import q
 from dlqd.replay.http import Delivery
 from dlqd.replay.rows import Candidate
-from dlqd.replay.targets import Failure, error_line, run_isolated
+from dlqd.replay.targets import Failure, error_line, run_isolated, runner_for
 
 Connection = psycopg.AsyncConnection[dict[str, Any]]
 Target = SqlTarget | NotifyTarget | HttpTarget
@@ -192,12 +193,50 @@ async def set_replay_timeouts(conn: Connection, settings: Settings) -> None:
     )
 
 
+# what each pooled connection's session was last set to (a broken connection is
+# replaced by a new object, which starts unknown)
+_session_timeouts: weakref.WeakKeyDictionary[Connection, tuple[str, str]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def ensure_replay_timeouts(conn: Connection, settings: Settings) -> None:
+    """Bound every statement the replayer runs on ``conn``: as session settings,
+    written only when they change (one statement saved per page). Call it
+    outside a transaction."""
+    wanted = (
+        _timeout_ms(settings.replay.statement_timeout),
+        _timeout_ms(settings.replay.lock_timeout),
+    )
+    if _session_timeouts.get(conn) == wanted:
+        return
+    await conn.execute(
+        q("replay_timeouts_session"),
+        {"statement_timeout": wanted[0], "lock_timeout": wanted[1]},
+    )
+    _session_timeouts[conn] = wanted
+
+
 def _target_key(target: Target) -> str:
     return target.model_dump_json()
 
 
-async def apply(conn: Connection, batch: Batch, settings: Settings) -> Outcome:
-    """Do ``batch`` in ``conn``'s open transaction; report nothing (the caller does)."""
+class IsolationNeeded(Exception):
+    """The lone row of an optimistic batch failed in its target, outside any
+    savepoint: the transaction is lost; do the page again with isolation."""
+
+
+async def apply(
+    conn: Connection, batch: Batch, settings: Settings, *, optimistic: bool = False
+) -> Outcome:
+    """Do ``batch`` in ``conn``'s open transaction; report nothing (the caller does).
+
+    ``optimistic``: a batch of one sql or notify row runs its target without a
+    savepoint (three round trips fewer, the common case of a trickle); if the
+    target fails, :class:`IsolationNeeded` is raised and the caller starts over
+    with isolation. A deferred constraint failing at COMMIT takes the
+    caller's settle_split path, as always.
+    """
     outcome = Outcome(
         parked=list(batch.parked),
         decisions=list(batch.decisions),
@@ -232,14 +271,23 @@ async def apply(conn: Connection, batch: Batch, settings: Settings) -> Outcome:
                         delivery.error or "HTTP error", down, delivery.retry_after
                     )
             continue
-        failures.update(
-            await run_isolated(
-                conn,
-                target,
-                [i.row for i in group],
-                in_db=lambda row: row.problem is not None,
+        if optimistic and len(batch.replay) == 1:
+            row = group[0].row
+            try:
+                await runner_for(target)(conn, [row], row.problem is not None)
+            except Exception as exc:
+                if conn.broken:
+                    raise
+                raise IsolationNeeded from exc
+        else:
+            failures.update(
+                await run_isolated(
+                    conn,
+                    target,
+                    [i.row for i in group],
+                    in_db=lambda row: row.problem is not None,
+                )
             )
-        )
         elapsed = anyio.current_time() - started
         for item in group:
             seconds, rows = outcome.target_seconds.get(item.label, (0.0, 0))
@@ -255,6 +303,7 @@ async def apply(conn: Connection, batch: Batch, settings: Settings) -> Outcome:
                 "manual": batch.manual,
                 "actor": batch.actor,
                 "reason": batch.reason,
+                "inbox_seqs": batch.inbox_seqs,
             },
         )
         lags = {row["id"]: row["lag_seconds"] for row in await cur.fetchall()}
@@ -264,7 +313,7 @@ async def apply(conn: Connection, batch: Batch, settings: Settings) -> Outcome:
     for item in batch.replay:
         if (failure := failures.get(item.row.id)) is not None:
             record_failure(batch, item, failure, settings, outcome)
-    await _write(conn, batch)
+    await _write(conn, batch, inbox_done=bool(succeeded))
     return outcome
 
 
@@ -303,8 +352,9 @@ def record_failure(
     outcome.failed.append(Failed(item, failure, attempt, retry_at))
 
 
-async def _write(conn: Connection, batch: Batch) -> None:
-    """Schedule rows, log rows and inbox deletions: set-based, one statement each."""
+async def _write(conn: Connection, batch: Batch, *, inbox_done: bool = False) -> None:
+    """Schedule rows, log rows and inbox deletions: set-based, one statement each
+    (``inbox_done``: finish_replayed already deleted the inbox entries)."""
     if batch.states:
         rows = list(batch.states.items())
         await conn.execute(
@@ -334,7 +384,7 @@ async def _write(conn: Connection, batch: Batch) -> None:
                 "reason": batch.reason,
             },
         )
-    if batch.inbox_seqs:
+    if batch.inbox_seqs and not inbox_done:
         await conn.execute(q("delete_inbox"), {"seqs": batch.inbox_seqs})
 
 

@@ -41,10 +41,12 @@ from dlqd.queries import q
 from dlqd.replay.admission import enforce_max_replays, replay_counts
 from dlqd.replay.batch import (
     Batch,
+    IsolationNeeded,
     Item,
     Outcome,
     StateRow,
     apply,
+    ensure_replay_timeouts,
     set_replay_timeouts,
     settle_split,
 )
@@ -236,21 +238,30 @@ class Replayer:
         result: PassResult,
         *,
         due: bool = False,
+        isolate: bool = False,
     ) -> list[dict[str, Any]]:
-        """One transaction: claim a page, decide, replay, write; report after COMMIT."""
+        """One transaction: claim a page, decide, replay, write; report after COMMIT.
+
+        A page of one row runs its target without a savepoint unless ``isolate``
+        (see ``apply``); when that target fails, the page is done again isolated.
+        """
         started = anyio.current_time()
         batch: Batch | None = None
         rows: list[dict[str, Any]] = []
         http_items: list[Item] = []
         try:
+            await ensure_replay_timeouts(conn, settings)
             async with conn.transaction():
-                await set_replay_timeouts(conn, settings)
                 rows = await claim(conn)
                 if not rows:
                     return rows
                 batch = await self._prepare(conn, rows, settings, result, due=due)
                 http_items = self._lease(batch)
-                outcome = await apply(conn, batch, settings)
+                optimistic = not isolate and len(rows) == 1
+                outcome = await apply(conn, batch, settings, optimistic=optimistic)
+        except IsolationNeeded:
+            # nothing of that transaction happened: the same claim again, isolated
+            return await self._page(conn, settings, claim, result, due=due, isolate=True)
         except psycopg.Error as exc:
             if conn.broken or batch is None or isinstance(exc, psycopg.OperationalError):
                 raise
