@@ -35,6 +35,11 @@ SINK_STATEMENT = (
     "INSERT INTO sink (dlq_id, type, payload, app_id) "
     "VALUES (%(id)s, %(type)s, %(payload)s, %(app_id)s)"
 )
+# the same, once per batch over the relation `replayed`
+SINK_SET_STATEMENT = (
+    "INSERT INTO sink (dlq_id, type, payload, app_id) "
+    "SELECT id, type, payload, app_id FROM replayed"
+)
 
 
 def server_url(stack: ExitStack) -> str:
@@ -260,14 +265,22 @@ def drain(admin: str, backlog: int, workdir: Path, stack: ExitStack) -> None:
         f"{elapsed:.2f} s = {backlog / elapsed:,.0f} rows/s"
     )
 
-    config = f"""
+    runs = [
+        ("per-row", SINK_STATEMENT, 1, 1),
+        ("per-row", SINK_STATEMENT, 2, 1),
+        ("per-row", SINK_STATEMENT, 1, 3),
+        ("set-based", SINK_SET_STATEMENT, 1, 1),
+        ("set-based", SINK_SET_STATEMENT, 2, 1),
+        ("set-based", SINK_SET_STATEMENT, 1, 3),
+    ]
+    for form, statement, concurrency, daemons in runs:
+        config = f"""
 [listen]
 poll_interval = "1h"
 [[policies]]
 name = "all"
-target = {{ kind = "sql", statement = "{SINK_STATEMENT}" }}
+target = {{ kind = "sql", statement = "{statement}" }}
 """
-    for concurrency, daemons in ((1, 1), (2, 1), (1, 3)):
         url = seeded()
         processes = [start_daemon(url, config, workdir, concurrency) for _ in range(daemons)]
         started = time.perf_counter()
@@ -285,7 +298,7 @@ target = {{ kind = "sql", statement = "{SINK_STATEMENT}" }}
         assert row is not None
         span, sunk, distinct = float(row[0]), row[1], row[2]
         print(
-            f"drain {backlog} rows, {daemons} daemon(s) x {concurrency} worker(s): "
+            f"drain {backlog} rows, {form} target, {daemons} daemon(s) x {concurrency} worker(s): "
             f"{span:.2f} s first->last replay = {backlog / span:,.0f} rows/s "
             f"(wall incl. start-up {wall:.2f} s); sink {sunk} rows, {distinct} distinct; "
             f"peak RSS {', '.join(f'{r:.0f}' for r in rss)} MiB"
@@ -297,12 +310,14 @@ def main() -> None:
     parser.add_argument("--latency-rows", type=int, default=1000)
     parser.add_argument("--backlog", type=int, default=50_000)
     parser.add_argument("--waiting", type=int, default=100_000)
+    parser.add_argument("--drain-only", action="store_true", help="skip the latency runs")
     args = parser.parse_args()
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         admin = server_url(stack)
         print(f"dlqd bench: {os.cpu_count()} cpus, PostgreSQL {_version(admin)}")
-        latency(admin, args.latency_rows, Path(tmp), stack)
-        latency_with_waiting(admin, args.latency_rows, args.waiting, Path(tmp), stack)
+        if not args.drain_only:
+            latency(admin, args.latency_rows, Path(tmp), stack)
+            latency_with_waiting(admin, args.latency_rows, args.waiting, Path(tmp), stack)
         drain(admin, args.backlog, Path(tmp), stack)
 
 

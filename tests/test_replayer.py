@@ -127,3 +127,86 @@ async def test_a_lone_row_replays_without_a_savepoint_and_its_failure_counts_onc
         assert await cur.fetchall() == [("fine0",)]
         cur = await conn.execute("SELECT count(*) FROM dlqd_inbox")
         assert await cur.fetchone() == (0,)
+
+
+SET_BASED = [
+    {
+        "name": "set",
+        "max_failures": 1,
+        "target": {
+            "kind": "sql",
+            "statement": "INSERT INTO sink_set (dlq_id, type, payload) "
+            "SELECT id, type, payload FROM replayed",
+        },
+    }
+]
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "INSERT INTO sink_set (dlq_id, type, payload) SELECT id, type, payload FROM replayed",
+        # a statement with its own WITH list: replayed joins it
+        "WITH picked AS (SELECT id, type, payload FROM replayed) "
+        "INSERT INTO sink_set (dlq_id, type, payload) SELECT * FROM picked",
+    ],
+)
+async def test_a_set_based_target_runs_once_per_group_and_bisects_a_bad_row(
+    db_url: str, pool: AsyncConnectionPool[Any], statement: str
+) -> None:
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        await conn.execute(
+            """CREATE TABLE sink_set (dlq_id uuid PRIMARY KEY, type text NOT NULL
+                   CHECK (type <> 'bad.one'), payload jsonb NOT NULL)"""
+        )
+        await conn.execute(
+            """CREATE TABLE sink_calls (n serial);
+               CREATE FUNCTION count_call() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN INSERT INTO sink_calls DEFAULT VALUES; RETURN NULL; END $$;
+               CREATE TRIGGER counted AFTER INSERT ON sink_set
+                   FOR EACH STATEMENT EXECUTE FUNCTION count_call();"""
+        )
+    policies = [{**SET_BASED[0], "target": {"kind": "sql", "statement": statement}}]
+    current = load_settings(database_url=db_url, policies=policies)
+    replayer = Replayer(pool, lambda: current, Metrics(), Throttle(), anyio.Event())
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        rows = [row_json(original_job_id=f"s{i}") for i in range(8)]
+        rows.append(row_json(original_job_id="bad", type="bad.one"))
+        await conn.execute(INSERT_MANY, {"rows": Jsonb(rows)})
+        result = await replayer.run_once(full=False)
+        assert (result.replayed, result.failed, result.parked) == (8, 1, 1)
+        cur = await conn.execute(
+            """SELECT count(*), count(*) FILTER (WHERE s.payload = j.payload)
+                 FROM sink_set s JOIN job_dlq j ON j.id = s.dlq_id"""
+        )
+        assert await cur.fetchone() == (8, 8)  # the payloads, read in Postgres
+        cur = await conn.execute("SELECT count(*) FROM sink_calls")
+        calls = (await cur.fetchone() or (0,))[0]
+        # once for the group, then halves: far fewer statements than rows
+        assert 1 <= calls <= 4
+        cur = await conn.execute("SELECT original_job_id FROM job_dlq WHERE replayed_at IS NULL")
+        assert await cur.fetchall() == [("bad",)]
+
+
+async def test_check_plans_a_set_based_target_and_refuses_a_broken_one(db_url: str) -> None:
+    from dlqd.replay.checks import sql_target_problems
+
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        await conn.execute("CREATE TABLE sink_set (dlq_id uuid, type text, payload jsonb)")
+        good = load_settings(database_url=db_url, policies=SET_BASED)
+        assert await sql_target_problems(conn, good) == []  # type: ignore[arg-type]
+        broken = [
+            {
+                **SET_BASED[0],
+                "target": {
+                    "kind": "sql",
+                    "statement": "INSERT INTO sink_set SELECT nope FROM replayed",
+                },
+            }
+        ]
+        problems = await sql_target_problems(
+            conn,  # type: ignore[arg-type]
+            load_settings(database_url=db_url, policies=broken),
+        )
+        assert len(problems) == 1
+        assert 'column "nope" does not exist' in problems[0][0]

@@ -17,7 +17,13 @@ import psycopg
 from dlqd.config import HttpTarget, Settings, SqlTarget
 from dlqd.errors import ConfigError
 from dlqd.replay.http import resolved_headers
-from dlqd.replay.targets import compile_statement, error_line, sql_params
+from dlqd.replay.targets import (
+    compile_set_statement,
+    compile_statement,
+    error_line,
+    is_set_based,
+    sql_params,
+)
 
 Connection = psycopg.AsyncConnection[dict[str, Any]]
 
@@ -50,10 +56,15 @@ def _policy_name(settings: Settings, where: str) -> str:
 
 async def explain_sql(conn: Connection, target: SqlTarget) -> tuple[str, bool] | None:
     """Plan (never run) a statement: None when valid, else (error, is_a_syntax_error)."""
-    text, names = compile_statement(target.statement)
+    if is_set_based(target.statement):
+        text = compile_set_statement(target.statement)
+        params: dict[str, Any] = {"ids": [_SampleRow().id]}
+    else:
+        text, names = compile_statement(target.statement)
+        params = sql_params(_SampleRow(), names)
     try:
         async with conn.transaction(force_rollback=True), conn.cursor() as cur:
-            await cur.execute(b"EXPLAIN " + text, sql_params(_SampleRow(), names), prepare=True)
+            await cur.execute(b"EXPLAIN " + text, params, prepare=True)
     except psycopg.Error as exc:
         if conn.broken:
             raise

@@ -8,6 +8,11 @@ where it can be isolated. A failing group is bisected: k bad rows among n
 cost O(k log n) statements, and the good rows still replay. A timeout is not
 bisected: it says the target is blocked, not that a row is bad.
 
+A statement with no placeholder that reads the relation ``replayed`` is
+*set-based*: it runs once for the whole group, ``replayed`` being the group's
+rows of ``job_dlq`` (``INSERT INTO jobs (kind, args) SELECT type, payload FROM
+replayed``), instead of once per row.
+
 Column values the daemon does not hold (``payload``, ``error_history``,
 timestamps, ...) are read by the statement itself, inside Postgres: a
 ``%(payload)s`` placeholder runs as ``(SELECT payload FROM job_dlq WHERE id =
@@ -36,6 +41,26 @@ _BOUND = ("id", "original_job_id", "app_id", "type", "error_reason", "attempts")
 _TOKEN = re.compile(r"%%|%\((\w+)\)s")
 _QUOTED = re.compile(r'"[^"]*"')
 TIMEOUT_ERRORS = (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable)
+_REPLAYED = re.compile(r"\breplayed\b", re.IGNORECASE)
+_LEADING_WITH = re.compile(r"^\s*WITH(\s+RECURSIVE)?\s+", re.IGNORECASE)
+_REPLAYED_CTE = "replayed AS (SELECT * FROM job_dlq WHERE id = ANY (%(ids)s::uuid[]))"
+
+
+def is_set_based(statement: str) -> bool:
+    """No placeholder, and the relation ``replayed`` named: once per group."""
+    has_placeholder = any(m.group(1) for m in _TOKEN.finditer(statement))
+    return not has_placeholder and _REPLAYED.search(statement) is not None
+
+
+@functools.lru_cache(maxsize=256)
+def compile_set_statement(statement: str) -> bytes:
+    """The set-based statement as run: ``replayed`` defined first (joined to the
+    statement's own WITH list when it has one); binds ``ids``."""
+    leading = _LEADING_WITH.match(statement)
+    if leading:
+        head, rest = statement[: leading.end()], statement[leading.end() :]
+        return f"{head}{_REPLAYED_CTE}, {rest}".encode()
+    return f"WITH {_REPLAYED_CTE} {statement}".encode()
 
 
 class RowValues(MatchLike, Protocol):
@@ -101,6 +126,10 @@ def sql_params(row: RowValues, names: Sequence[str]) -> dict[str, Any]:
 async def _run_sql(
     target: SqlTarget, conn: Connection, rows: Sequence[RowValues], all_in_db: bool
 ) -> None:
+    if is_set_based(target.statement):
+        # every column comes from job_dlq itself: invalid rows included
+        await conn.execute(compile_set_statement(target.statement), {"ids": [r.id for r in rows]})
+        return
     text, names = compile_statement(target.statement, all_in_db=all_in_db)
     async with conn.cursor() as cur:
         await cur.executemany(text, [sql_params(r, names) for r in rows])
