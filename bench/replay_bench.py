@@ -142,6 +142,9 @@ def percentiles(samples: list[float]) -> str:
     return f"p50 {q[49]:.2f} ms  p90 {q[89]:.2f} ms  p99 {q[98]:.2f} ms  max {ms[-1]:.2f} ms"
 
 
+WARM_UP = 100  # round trips before measuring, on the daemon and on the plain trigger alike
+
+
 def measure_round_trips(url: str, rows: int) -> list[float]:
     """Insert one row, wait for the 'replayed' notification, repeat."""
     samples = []
@@ -170,6 +173,7 @@ def latency(admin: str, rows: int, workdir: Path, stack: ExitStack) -> None:
                CREATE TRIGGER bench_direct AFTER INSERT ON job_dlq
                    FOR EACH ROW EXECUTE FUNCTION bench_direct();"""
         )
+    measure_round_trips(url, WARM_UP)
     floor = measure_round_trips(url, rows)
     print(f"insert->notify, plain SQL trigger (limit): {percentiles(floor)}")
 
@@ -201,6 +205,7 @@ def daemon_round_trips(
                 f"scheduling {waiting} delayed rows: {scheduled:.1f} s = "
                 f"{waiting / scheduled:,.0f} rows/s"
             )
+        measure_round_trips(url, WARM_UP)  # steady state: statements prepared, caches warm
         return measure_round_trips(url, rows)
     finally:
         stop(process)
@@ -311,6 +316,7 @@ def main() -> None:
     parser.add_argument("--backlog", type=int, default=50_000)
     parser.add_argument("--waiting", type=int, default=100_000)
     parser.add_argument("--drain-only", action="store_true", help="skip the latency runs")
+    parser.add_argument("--latency-only", action="store_true", help="skip the drain runs")
     args = parser.parse_args()
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         admin = server_url(stack)
@@ -318,7 +324,8 @@ def main() -> None:
         if not args.drain_only:
             latency(admin, args.latency_rows, Path(tmp), stack)
             latency_with_waiting(admin, args.latency_rows, args.waiting, Path(tmp), stack)
-        drain(admin, args.backlog, Path(tmp), stack)
+        if not args.latency_only:
+            drain(admin, args.backlog, Path(tmp), stack)
 
 
 def _version(url: str) -> str:

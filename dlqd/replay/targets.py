@@ -131,6 +131,9 @@ async def _run_sql(
         await conn.execute(compile_set_statement(target.statement), {"ids": [r.id for r in rows]})
         return
     text, names = compile_statement(target.statement, all_in_db=all_in_db)
+    if len(rows) == 1:  # no pipeline to open and sync for one statement
+        await conn.execute(text, sql_params(rows[0], names))
+        return
     async with conn.cursor() as cur:
         await cur.executemany(text, [sql_params(r, names) for r in rows])
 
