@@ -86,6 +86,9 @@ class PassResult:
     throttled_for: float | None = None
     # seconds until the next scheduled row is due (None: none waiting)
     next_due_in: float | None = None
+    # this pass wrote a waiting schedule row (a delay, a retry, a lease, a
+    # throttled row): the next due time must be read again
+    wrote_waiting: bool = False
 
     def add_throttle(self, seconds: float | None) -> None:
         if seconds is None:
@@ -123,6 +126,8 @@ class Replayer:
         self.throttle = throttle
         self.stopping = stopping
         self.dry_runs = dry_runs if dry_runs is not None else DryRunLedger()
+        # the next due time (monotonic) as last read, for the fingerprint it was read for
+        self._next_due_at: tuple[str, float | None] | None = None
 
     # ------------------------------------------------------------------ one pass
 
@@ -160,12 +165,12 @@ class Replayer:
                             after = (rows[-1]["fingerprint"], rows[-1]["id"])
                         if len(rows) < batch_size:
                             break
-            result.next_due_in = await self._next_due(conn, fingerprint)
+            result.next_due_in = await self._due_in(conn, fingerprint, full or result.wrote_waiting)
             while not self.stopping.is_set() and _is_due(result.next_due_in):
                 claim = self._due_claim(settings, fingerprint, result)
                 rows = await self._page(conn, settings, claim, result, due=True)
                 if len(rows) < batch_size:
-                    result.next_due_in = await self._next_due(conn, fingerprint)
+                    result.next_due_in = await self._due_in(conn, fingerprint, True)
                     break
             if full:
                 # another replica may have opened (or closed) a circuit
@@ -175,6 +180,20 @@ class Replayer:
         self.metrics.last_pass_success_timestamp_seconds.set(time.time())
         self.metrics.replayer_passes_total.inc()
         return result
+
+    async def _due_in(self, conn: Connection, fingerprint: str, read: bool) -> float | None:
+        """Seconds until the next scheduled row is due. Read from Postgres unless
+        nothing this replica wrote can have changed it (``read`` false): a pass
+        that only replayed new rows at once then costs one round trip less.
+        Rows other replicas schedule are theirs to wake for; a full pass (every
+        poll interval) reads it again in any case."""
+        now = anyio.current_time()
+        cached = self._next_due_at
+        if not read and cached is not None and cached[0] == fingerprint:
+            return None if cached[1] is None else cached[1] - now
+        seconds = await self._next_due(conn, fingerprint)
+        self._next_due_at = (fingerprint, None if seconds is None else now + seconds)
+        return seconds
 
     @staticmethod
     async def _next_due(conn: Connection, fingerprint: str) -> float | None:
@@ -357,6 +376,10 @@ class Replayer:
 
     @staticmethod
     def _tally(outcome: Outcome, batch: Batch | None, result: PassResult) -> None:
+        if outcome.failed or (
+            batch is not None and any(s.state == "waiting" for s in batch.states.values())
+        ):
+            result.wrote_waiting = True  # a delay, a retry, a lease or a throttled row
         result.replayed += len(outcome.replayed)
         result.failed += len(outcome.failed)
         result.parked += len(outcome.parked) + len(outcome.policy_parked)
