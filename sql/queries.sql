@@ -223,12 +223,6 @@ SELECT j.id, now() AS db_now
 SELECT set_config('statement_timeout', %(statement_timeout)s, true),
        set_config('lock_timeout', %(lock_timeout)s, true)
 
--- name: replay_timeouts_session
--- The same for the whole session of a pooled connection the replayer uses:
--- set once (outside any transaction, so no rollback undoes it), not per page.
-SELECT set_config('statement_timeout', %(statement_timeout)s, false),
-       set_config('lock_timeout', %(lock_timeout)s, false)
-
 -- name: constraints_immediate
 SET CONSTRAINTS ALL IMMEDIATE
 

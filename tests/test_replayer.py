@@ -210,3 +210,22 @@ async def test_check_plans_a_set_based_target_and_refuses_a_broken_one(db_url: s
         )
         assert len(problems) == 1
         assert 'column "nope" does not exist' in problems[0][0]
+
+
+async def test_replay_timeouts_stay_inside_each_transaction(
+    db_url: str, pool: AsyncConnectionPool[Any]
+) -> None:
+    """SET LOCAL, never a session setting: behind a transaction pooler a session
+    setting would stay on the server connection for other clients, and be
+    missing from the next transaction of ours."""
+    current = load_settings(database_url=db_url, policies=NOTIFY_ALL)
+    replayer = Replayer(pool, lambda: current, Metrics(), Throttle(), anyio.Event())
+    await insert(db_url, "t", 2)
+    assert (await replayer.run_once(full=True)).replayed == 2
+    for _ in range(2):  # every connection of the pool
+        async with pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT current_setting('statement_timeout') AS s, "
+                "current_setting('lock_timeout') AS l"
+            )
+            assert await cur.fetchone() == {"s": "0", "l": "0"}

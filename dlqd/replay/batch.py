@@ -13,7 +13,6 @@ row that fails, whose failed attempt is then recorded on its own.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -191,30 +190,6 @@ async def set_replay_timeouts(conn: Connection, settings: Settings) -> None:
             "lock_timeout": _timeout_ms(settings.replay.lock_timeout),
         },
     )
-
-
-# what each pooled connection's session was last set to (a broken connection is
-# replaced by a new object, which starts unknown)
-_session_timeouts: weakref.WeakKeyDictionary[Connection, tuple[str, str]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-async def ensure_replay_timeouts(conn: Connection, settings: Settings) -> None:
-    """Bound every statement the replayer runs on ``conn``: as session settings,
-    written only when they change (one statement saved per page). Call it
-    outside a transaction."""
-    wanted = (
-        _timeout_ms(settings.replay.statement_timeout),
-        _timeout_ms(settings.replay.lock_timeout),
-    )
-    if _session_timeouts.get(conn) == wanted:
-        return
-    await conn.execute(
-        q("replay_timeouts_session"),
-        {"statement_timeout": wanted[0], "lock_timeout": wanted[1]},
-    )
-    _session_timeouts[conn] = wanted
 
 
 def _target_key(target: Target) -> str:

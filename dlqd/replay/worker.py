@@ -46,7 +46,6 @@ from dlqd.replay.batch import (
     Outcome,
     StateRow,
     apply,
-    ensure_replay_timeouts,
     set_replay_timeouts,
     settle_split,
 )
@@ -269,8 +268,10 @@ class Replayer:
         rows: list[dict[str, Any]] = []
         http_items: list[Item] = []
         try:
-            await ensure_replay_timeouts(conn, settings)
             async with conn.transaction():
+                # per transaction (SET LOCAL): a session setting would stay on
+                # a pooler's server connection, not follow this one
+                await set_replay_timeouts(conn, settings)
                 rows = await claim(conn)
                 if not rows:
                     return rows
