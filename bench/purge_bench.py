@@ -25,10 +25,10 @@ from psycopg.rows import dict_row
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchlib import migrated_cluster  # type: ignore[import-not-found]
+
 from dlqd.config import load_settings
 from dlqd.db import connect
-from dlqd.migrations import migrate
-from dlqd.pgcluster import Cluster
 from dlqd.services.purger import purge_rows
 
 FILL = """
@@ -90,14 +90,7 @@ async def plain_delete(url: str) -> tuple[float, int]:
 
 
 async def main(rows: int, repeat: int) -> None:
-    with Cluster.create() as cluster:
-        url = cluster.url()
-        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-            await conn.execute("ALTER SYSTEM SET autovacuum = on")
-            await conn.execute("SELECT pg_reload_conf()")
-        conn = await connect(url, autocommit=True)
-        await migrate(conn)
-        await conn.close()
+    async with migrated_cluster() as url:
         dlqd_rates, plain_rates, slowest = [], [], []
         for round_ in range(1, repeat + 1):
             expected = await fill(url, rows)

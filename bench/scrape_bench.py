@@ -37,11 +37,10 @@ from psycopg_pool import AsyncConnectionPool
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchlib import migrated_cluster  # type: ignore[import-not-found]
+
 from dlqd.config import load_settings
-from dlqd.db import connect
 from dlqd.metrics import Metrics
-from dlqd.migrations import migrate
-from dlqd.pgcluster import Cluster
 from dlqd.queries import q
 from dlqd.services.collector import Collector
 from dlqd.web import build_app, serve
@@ -207,14 +206,7 @@ async def scrapes(metrics: Metrics, repeat: int) -> None:
 
 
 async def main(rows: int, pending: int, repeat: int) -> None:
-    with Cluster.create() as cluster:
-        url = cluster.url()
-        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-            await conn.execute("ALTER SYSTEM SET autovacuum = on")
-            await conn.execute("SELECT pg_reload_conf()")
-        conn = await connect(url, autocommit=True)
-        await migrate(conn)
-        await conn.close()
+    async with migrated_cluster() as url:
         await fill(url, rows, pending)
         await explain(url)
         metrics = Metrics()

@@ -47,6 +47,21 @@ def series(scraped: Samples, name: str) -> dict[frozenset[tuple[str, str]], floa
     return {labels: v for (n, labels), v in scraped.items() if n == name}
 
 
+def collector_config(tmp_path: Path, extra: str = "") -> Path:
+    """No policy, no periodic scan: the collector alone, refreshing every second."""
+    return write_config(
+        tmp_path / "d.toml",
+        f"""
+[listen]
+poll_interval = "1h"
+probe_interval = "1h"
+[metrics]
+refresh_interval = "1s"
+{extra}
+""",
+    )
+
+
 MIXED = f"""
 [listen]
 poll_interval = "300ms"
@@ -215,17 +230,7 @@ target = { kind = "sql", statement = "SELECT 1/0" }
 async def test_series_beyond_max_series_fold_into_other(
     sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
 ) -> None:
-    cfg = write_config(
-        tmp_path / "d.toml",
-        """
-[listen]
-poll_interval = "1h"
-probe_interval = "1h"
-[metrics]
-refresh_interval = "1s"
-max_series = 3
-""",
-    )
+    cfg = collector_config(tmp_path, "max_series = 3")
     rows = [
         *[row_json(original_job_id=f"a{i}", type="t.a") for i in range(5)],
         *[row_json(original_job_id=f"b{i}", type="t.b") for i in range(4)],
@@ -255,17 +260,7 @@ max_series = 3
 async def test_tenant_label_off_merges_tenants(
     sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
 ) -> None:
-    cfg = write_config(
-        tmp_path / "d.toml",
-        """
-[listen]
-poll_interval = "1h"
-probe_interval = "1h"
-[metrics]
-refresh_interval = "1s"
-tenant_label = false
-""",
-    )
+    cfg = collector_config(tmp_path, "tenant_label = false")
     tenants = [f"tenant-{n}" for n in range(6)]
     await insert_rows(
         sink_db,
@@ -285,16 +280,7 @@ tenant_label = false
 async def test_notification_queue_usage_is_the_servers(
     sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
 ) -> None:
-    cfg = write_config(
-        tmp_path / "d.toml",
-        """
-[listen]
-poll_interval = "1h"
-probe_interval = "1h"
-[metrics]
-refresh_interval = "1s"
-""",
-    )
+    cfg = collector_config(tmp_path)
     daemon = await start(daemons, sink_db, cfg, tmp_path)
     assert value(samples(daemon), "dlqd_notification_queue_usage_ratio") == 0
     # A listener stuck inside a transaction holds the queue's tail: the queue fills.
