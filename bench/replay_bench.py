@@ -35,6 +35,10 @@ SINK_STATEMENT = (
     "INSERT INTO sink (dlq_id, type, payload, app_id) "
     "VALUES (%(id)s, %(type)s, %(payload)s, %(app_id)s)"
 )
+SINK_NOTIFIES = """CREATE FUNCTION sink_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN PERFORM pg_notify('replayed', ''); RETURN NULL; END $$;
+    CREATE TRIGGER sink_notify AFTER INSERT ON sink
+        FOR EACH STATEMENT EXECUTE FUNCTION sink_notify();"""
 # the same, once per batch over the relation `replayed`
 SINK_SET_STATEMENT = (
     "INSERT INTO sink (dlq_id, type, payload, app_id) "
@@ -188,6 +192,22 @@ target = { kind = "notify", channel = "replayed" }
     samples = daemon_round_trips(url, config, rows, workdir)
     print(f"insert->replay via dlqd (notify target):   {percentiles(samples)}")
 
+    # a sql target whose sink tells the bench, by its own trigger, that the
+    # replay committed (a notification is delivered at COMMIT)
+    url = fresh_db(admin, stack)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(SINK.encode())
+        conn.execute(SINK_NOTIFIES.encode())
+    config = f"""
+[listen]
+poll_interval = "1h"
+[[policies]]
+name = "ping"
+target = {{ kind = "sql", statement = "{SINK_SET_STATEMENT}" }}
+"""
+    samples = daemon_round_trips(url, config, rows, workdir)
+    print(f"insert->replay via dlqd (sql target):      {percentiles(samples)}")
+
 
 def daemon_round_trips(
     url: str, config: str, rows: int, workdir: Path, waiting: int | None = None
@@ -255,7 +275,9 @@ def drain(admin: str, backlog: int, workdir: Path, stack: ExitStack) -> None:
             conn.execute("VACUUM ANALYZE job_dlq")
         return url
 
-    # plain-SQL limit: one set-based statement replaying everything into the sink
+    # plain-SQL limits: everything in one statement; then batches of BATCH rows
+    # claimed with SKIP LOCKED, marked and sunk, one statement per batch, on 1
+    # and 2 connections (the limit the daemon is held to)
     url = seeded()
     with psycopg.connect(url, autocommit=True) as conn:
         started = time.perf_counter()
@@ -266,9 +288,18 @@ def drain(admin: str, backlog: int, workdir: Path, stack: ExitStack) -> None:
         )
         elapsed = time.perf_counter() - started
     print(
-        f"drain {backlog} rows, one plain SQL statement (limit): "
+        f"drain {backlog} rows, one plain SQL statement: "
         f"{elapsed:.2f} s = {backlog / elapsed:,.0f} rows/s"
     )
+    limits: dict[int, float] = {}
+    for connections in (1, 2):
+        url = seeded()
+        elapsed = batched_limit(url, connections)
+        limits[connections] = backlog / elapsed
+        print(
+            f"drain {backlog} rows, plain SQL batches of {BATCH} x {connections} connection(s) "
+            f"(limit): {elapsed:.2f} s = {limits[connections]:,.0f} rows/s"
+        )
 
     runs = [
         ("per-row", SINK_STATEMENT, 1, 1),
@@ -285,6 +316,8 @@ poll_interval = "1h"
 [[policies]]
 name = "all"
 target = {{ kind = "sql", statement = "{statement}" }}
+[replay]
+batch_size = {BATCH}
 """
         url = seeded()
         processes = [start_daemon(url, config, workdir, concurrency) for _ in range(daemons)]
@@ -302,12 +335,41 @@ target = {{ kind = "sql", statement = "{statement}" }}
             stop(process)
         assert row is not None
         span, sunk, distinct = float(row[0]), row[1], row[2]
+        limit = limits[min(2, daemons * concurrency)]
         print(
             f"drain {backlog} rows, {form} target, {daemons} daemon(s) x {concurrency} worker(s): "
             f"{span:.2f} s first->last replay = {backlog / span:,.0f} rows/s "
+            f"= {backlog / span / limit:.2f}x the {min(2, daemons * concurrency)}-connection limit "
             f"(wall incl. start-up {wall:.2f} s); sink {sunk} rows, {distinct} distinct; "
             f"peak RSS {', '.join(f'{r:.0f}' for r in rss)} MiB"
         )
+
+
+BATCH = 5000
+BATCH_STATEMENT = f"""
+WITH claimed AS (SELECT id FROM job_dlq WHERE replayed_at IS NULL
+                  LIMIT {BATCH} FOR UPDATE SKIP LOCKED),
+     marked AS (UPDATE job_dlq j SET replayed_at = now() FROM claimed c WHERE j.id = c.id
+                RETURNING j.id, j.type, j.payload, j.app_id)
+INSERT INTO sink SELECT id, type, payload, app_id FROM marked"""
+
+
+def batched_limit(url: str, connections: int) -> float:
+    """Seconds to drain the backlog in batches, on ``connections`` threads."""
+    import threading
+
+    def worker() -> None:
+        with psycopg.connect(url, autocommit=True) as conn:
+            while conn.execute(BATCH_STATEMENT.encode()).rowcount:
+                pass
+
+    threads = [threading.Thread(target=worker) for _ in range(connections)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started
 
 
 def main() -> None:

@@ -119,6 +119,19 @@ class Throttle:
                 row["open"], row["cool_down_left"], row["trial_running"], now, row["clean"]
             )
 
+    async def closed_circuits(self, conn: Connection, names: Sequence[str], now: float) -> set[str]:
+        """Of ``names``, the policies whose circuit is closed; circuits not read
+        within ``CIRCUIT_FRESH`` (and open ones) are read first."""
+        stale = [
+            name
+            for name in names
+            if name not in self._circuits
+            or self._circuits[name].open
+            or now - self._circuits[name].read_at >= CIRCUIT_FRESH
+        ]
+        await self.read_circuits(conn, stale, now)
+        return {name for name in names if not self.circuit_view(name).open}
+
     async def admit(
         self, conn: Connection, items: Sequence[Any], now: float, *, trial_lease: timedelta
     ) -> tuple[list[Any], list[Any], float | None]:

@@ -15,8 +15,9 @@ from typing import Any
 
 from dlqd.config import Policy
 from dlqd.logs import get_logger
-from dlqd.metrics import Metrics
+from dlqd.metrics import LATENCY_BUCKETS, Metrics, bucket_index, observe_counts
 from dlqd.replay.batch import Outcome
+from dlqd.replay.express import ExpressPage
 from dlqd.replay.rows import Candidate
 
 log = get_logger("dlqd.replayer")
@@ -52,10 +53,10 @@ def report(
             )
     if metrics is not None:
         for label, (seconds, rows) in outcome.target_seconds.items():
-            child = metrics.replay_duration_seconds.labels(label)
-            per_row = seconds / rows if rows else 0.0
-            for _ in range(rows):
-                child.observe(per_row)
+            if rows:
+                child = metrics.replay_duration_seconds.labels(label)
+                index = bucket_index(LATENCY_BUCKETS, seconds / rows)
+                observe_counts(child, {index: rows}, seconds)
 
     for failed in outcome.failed:
         item = failed.item
@@ -127,6 +128,35 @@ def report(
             manual=manual,
         )
     return counts
+
+
+def report_express(page: ExpressPage, metrics: Metrics | None, *, duration: float) -> None:
+    """Count, record and log a committed express page, per policy, not per row:
+    the same counters and histograms as :func:`report`, and the same ``batch``
+    event (marked ``express``). Its rows are in the replay log table."""
+    total = sum(rows for rows, _, _ in page.replayed.values())
+    if not total:
+        return
+    if metrics is not None:
+        per_row = bucket_index(LATENCY_BUCKETS, page.seconds / total)
+        for name, (rows, ages, age_sum) in page.replayed.items():
+            metrics.replays_total.labels(name, "replayed").inc(rows)
+            observe_counts(metrics.dlq_to_replay_seconds.labels(name), ages, age_sum)
+            observe_counts(
+                metrics.replay_duration_seconds.labels(name),
+                {per_row: rows},
+                page.seconds * rows / total,
+            )
+    log.info(
+        "batch",
+        replayed=total,
+        failed=0,
+        parked=0,
+        policies={name: {"replayed": rows} for name, (rows, _, _) in sorted(page.replayed.items())},
+        duration_ms=round(duration * 1000, 1),
+        manual=False,
+        express=True,
+    )
 
 
 def circuit_attempts(outcome: Outcome) -> list[tuple[Policy, bool, bool]]:

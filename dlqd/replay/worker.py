@@ -33,10 +33,10 @@ from anyio.abc import TaskStatus
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from dlqd.backoff import Backoff
-from dlqd.config import HttpTarget, Settings
+from dlqd.config import HttpTarget, Policy, Settings
 from dlqd.errors import DatabaseUnavailable
 from dlqd.logs import get_logger
-from dlqd.metrics import Metrics
+from dlqd.metrics import AGE_BUCKETS, Metrics
 from dlqd.queries import q
 from dlqd.replay.admission import enforce_max_replays, replay_counts
 from dlqd.replay.batch import (
@@ -50,10 +50,11 @@ from dlqd.replay.batch import (
     settle_split,
 )
 from dlqd.replay.evaluate import DryRunLedger, evaluate, needs_replay_count
+from dlqd.replay.express import ExpressPlan, plan, run_page
 from dlqd.replay.http import HttpDeliverer, deliver_all, lease_seconds
-from dlqd.replay.report import circuit_attempts, report
+from dlqd.replay.report import circuit_attempts, report, report_express
 from dlqd.replay.rows import Candidate
-from dlqd.replay.targets import error_line
+from dlqd.replay.targets import TIMEOUT_ERRORS, error_line
 from dlqd.throttle import Throttle
 from dlqd.wake import WakeFlag
 
@@ -127,6 +128,8 @@ class Replayer:
         self.dry_runs = dry_runs if dry_runs is not None else DryRunLedger()
         # the next due time (monotonic) as last read, for the fingerprint it was read for
         self._next_due_at: tuple[str, float | None] | None = None
+        # the express plan of the settings object it was made for
+        self._express: tuple[Settings, ExpressPlan | None] | None = None
 
     # ------------------------------------------------------------------ one pass
 
@@ -143,7 +146,8 @@ class Replayer:
         # one connection for the whole pass: each page is its own transaction
         async with self.pool.connection() as conn:
             after_seq = 0
-            while not self.stopping.is_set():
+            rest = await self._express_pages(conn, settings, result)
+            while rest and not self.stopping.is_set():
                 rows = await self._page(conn, settings, self._inbox_claim(after_seq), result)
                 if rows:
                     after_seq = int(rows[-1]["seq"])
@@ -179,6 +183,50 @@ class Replayer:
         self.metrics.last_pass_success_timestamp_seconds.set(time.time())
         self.metrics.replayer_passes_total.inc()
         return result
+
+    def _express_plan(self, settings: Settings) -> ExpressPlan | None:
+        """The express plan for ``settings``, made once per settings object."""
+        if self._express is None or self._express[0] is not settings:
+            self._express = (settings, plan(settings, AGE_BUCKETS))
+        return self._express[1]
+
+    async def _express_pages(
+        self, conn: Connection, settings: Settings, result: PassResult
+    ) -> bool:
+        """Replay the inbox's express rows (``dlqd.replay.express``), page by page;
+        whether the ordinary inbox pages may have work left."""
+        express = self._express_plan(settings)
+        if express is None:
+            return True
+        by_name = {p.name: p for p in express.policies.values()}
+        after_seq = 0
+        while not self.stopping.is_set():
+            closed = await self.throttle.closed_circuits(conn, list(by_name), anyio.current_time())
+            indexes = [i for i, p in express.policies.items() if p.name in closed]
+            if not indexes:
+                return True
+            started = anyio.current_time()
+            try:
+                page = await run_page(conn, express, settings, after_seq=after_seq, indexes=indexes)
+            except psycopg.Error as exc:
+                timed_out = isinstance(exc, TIMEOUT_ERRORS)
+                if conn.broken or (isinstance(exc, psycopg.OperationalError) and not timed_out):
+                    raise
+                # nothing of it happened: the ordinary path does these rows
+                # again, and isolates the one that failed
+                log.warning(
+                    "express page failed: the ordinary path takes it", error=error_line(exc)
+                )
+                return True
+            page.seconds = anyio.current_time() - started
+            result.claimed += page.claimed
+            result.replayed += sum(rows for rows, _, _ in page.replayed.values())
+            report_express(page, self.metrics, duration=page.seconds)
+            await self._learn(conn, [(by_name[name], True, True) for name in page.replayed])
+            if page.claimed < settings.replay.batch_size:
+                return page.rest
+            after_seq = page.last_seq
+        return False
 
     async def _due_in(self, conn: Connection, fingerprint: str, read: bool) -> float | None:
         """Seconds until the next scheduled row is due. Read from Postgres unless
@@ -360,7 +408,10 @@ class Replayer:
     async def _after_commit(self, conn: Connection, outcome: Outcome, started: float) -> None:
         """Report a committed transaction, and let the shared circuits learn from it."""
         report(outcome, self.metrics, duration=anyio.current_time() - started)
-        attempts = circuit_attempts(outcome)
+        await self._learn(conn, circuit_attempts(outcome))
+
+    async def _learn(self, conn: Connection, attempts: list[tuple[Policy, bool, bool]]) -> None:
+        """Let the shared circuits learn from committed attempts."""
         if not attempts:
             return
         changes = await self.throttle.record(conn, attempts, anyio.current_time())

@@ -1,0 +1,399 @@
+"""Express pages: new rows replayed by one statement, with the ordinary path's outcomes."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+from prometheus_client import generate_latest
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+from structlog.testing import capture_logs
+
+from dlqd.config import Match, Policy, Settings, load_settings
+from dlqd.metrics import AGE_BUCKETS, Metrics
+from dlqd.policy import first_match
+from dlqd.replay.express import first_policy_sql, like_pattern, plan, sink_kind
+from dlqd.replay.worker import Replayer
+from dlqd.throttle import Throttle
+from tests.factories import INSERT_MANY, row_json
+
+pytestmark = pytest.mark.anyio
+
+SINK = "INSERT INTO sink (dlq_id, type, payload) SELECT id, type, payload FROM replayed"
+
+
+@pytest.fixture
+async def pool(db_url: str) -> AsyncIterator[AsyncConnectionPool[Any]]:
+    p: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        db_url,
+        min_size=1,
+        max_size=2,
+        kwargs={"autocommit": True, "row_factory": dict_row, "prepare_threshold": 0},
+        open=False,
+    )
+    await p.open()
+    yield p
+    await p.close()
+
+
+@pytest.fixture
+async def sink(db_url: str) -> None:
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        await conn.execute(
+            """CREATE TABLE sink (dlq_id uuid PRIMARY KEY, type text NOT NULL
+                   CHECK (type <> 'bad.one'), payload jsonb NOT NULL)"""
+        )
+
+
+async def insert(db_url: str, rows: list[dict[str, Any]]) -> None:
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        await conn.execute(INSERT_MANY, {"rows": Jsonb(rows)})
+
+
+async def fetch(db_url: str, query: str) -> list[tuple[Any, ...]]:
+    async with await psycopg.AsyncConnection.connect(db_url) as conn:
+        cur = await conn.execute(query)
+        return await cur.fetchall()
+
+
+def express_batches(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in logs if e["event"] == "batch" and e.get("express")]
+
+
+# ---------------------------------------------------------------- matching in SQL
+
+_ALPHABET = ["a", "b", "%", "_", "\\", "é", "\n", ".", "*", "?"]
+
+
+def _random_glob(rng: random.Random, classes: bool) -> str:
+    parts = rng.choices([*_ALPHABET, "*", "?", *(["[ab]", "[!a]", "["] if classes else [])], k=3)
+    return "".join(parts)
+
+
+def _random_policies(rng: random.Random, classes: bool) -> list[Policy]:
+    policies = []
+    for n in range(4):
+        fields: dict[str, Any] = {}
+        for column in ("app_id", "type", "error_reason"):
+            if rng.random() < 0.6:
+                fields[column] = [_random_glob(rng, classes) for _ in range(rng.randint(0, 2))]
+        if rng.random() < 0.3:
+            fields["min_attempts"] = rng.randint(0, 3)
+        if rng.random() < 0.3:
+            fields["max_attempts"] = rng.randint(3, 6)
+        policies.append(Policy(name=f"p{n}", match=Match(**fields)))
+    return policies
+
+
+@pytest.mark.parametrize("classes", [False, True])
+async def test_the_sql_match_picks_the_policy_that_python_picks(db_url: str, classes: bool) -> None:
+    """Random globs with LIKE's own metacharacters (%, _, backslash), newlines
+    and accents: where SQL names a policy it is the one fnmatch picks, and
+    without character classes SQL always decides (-1 exactly when none match)."""
+    rng = random.Random(11 if classes else 7)
+    values = ["".join(rng.choices(_ALPHABET[:8], k=rng.randint(0, 3))) for _ in range(40)]
+    decided = 0
+    async with await psycopg.AsyncConnection.connect(db_url) as conn:
+        for _ in range(60):
+            policies = _random_policies(rng, classes)
+            rows = [
+                {"app_id": rng.choice(values), "type": rng.choice(values),
+                 "error_reason": rng.choice(values), "attempts": rng.randint(0, 7)}
+                for _ in range(25)
+            ]  # fmt: skip
+            params: dict[str, Any] = {"rows": Jsonb(rows)}
+            case = first_policy_sql(policies, len(policies) - 1, params)
+            cur = await conn.execute(
+                f"""SELECT {case}
+                      FROM ROWS FROM (jsonb_to_recordset(%(rows)s)
+                           AS (app_id text, type text, error_reason text, attempts int))
+                           WITH ORDINALITY AS j(app_id, type, error_reason, attempts, n)
+                     ORDER BY n""",
+                params,
+            )
+            for row, (index,) in zip(rows, await cur.fetchall(), strict=True):
+                python = first_match(_Row(**row), policies)
+                expected = -1 if python is None else policies.index(python)
+                if index >= 0:
+                    decided += 1
+                    assert index == expected, (row, policies)
+                elif not classes:
+                    assert expected == -1, (row, policies)
+    assert decided > 100  # the comparison was not vacuous
+
+
+class _Row:
+    def __init__(self, app_id: str, type: str, error_reason: str, attempts: int) -> None:
+        self.app_id, self.type, self.error_reason, self.attempts = (
+            app_id,
+            type,
+            error_reason,
+            attempts,
+        )
+
+
+def test_like_patterns_and_sink_kinds() -> None:
+    assert like_pattern("a*b?c%d_e\\f") == "a%b_c\\%d\\_e\\\\f"
+    assert like_pattern("a[bc]") is None
+    assert sink_kind(SINK) == "dml"
+    assert sink_kind(f"  -- note\n/* a\n comment */ {SINK.lower()};") == "dml"
+    assert sink_kind("SELECT pg_notify('c', id::text) FROM replayed") == "select"
+    assert sink_kind(f"WITH r AS (SELECT * FROM replayed) {SINK}") is None
+    assert sink_kind("INSERT INTO sink (dlq_id) VALUES (%(id)s)") is None  # per row
+    assert sink_kind("MERGE INTO sink USING replayed ON true WHEN MATCHED THEN DO NOTHING") is None
+
+
+def _settings(db_url: str, policies: list[dict[str, Any]], **kw: Any) -> Settings:
+    return load_settings(database_url=db_url, policies=policies, **kw)
+
+
+def test_which_policies_go_express(db_url: str) -> None:
+    sql = {"kind": "sql", "statement": SINK}
+    other = {"kind": "sql", "statement": "INSERT INTO other SELECT id FROM replayed"}
+    settings = _settings(
+        db_url,
+        [
+            {"name": "delayed", "delay": "1m", "target": sql},
+            {"name": "capped", "max_replays": 3, "target": sql},
+            {"name": "limited", "rate_limit": "5/s", "target": sql},
+            {"name": "dry", "dry_run": True, "target": sql},
+            {"name": "per-row", "target": {"kind": "sql", "statement": "SELECT %(id)s"}},
+            {"name": "http", "target": {"kind": "http", "url": "http://127.0.0.1:9/"}},
+            {"name": "held", "action": "park"},
+            {"name": "fast", "match": {"type": ["a.*"]}, "target": sql},
+            {"name": "elsewhere", "target": other},
+            {"name": "fast-too", "target": sql},
+        ],
+    )
+    express = plan(settings, AGE_BUCKETS)
+    assert express is not None
+    assert {p.name for p in express.policies.values()} == {"fast", "fast-too"}
+    assert plan(_settings(db_url, [{"name": "h", "action": "park"}]), AGE_BUCKETS) is None
+    dry = _settings(db_url, [{"name": "f", "target": sql}], dry_run=True)
+    assert plan(dry, AGE_BUCKETS) is None
+
+
+# ---------------------------------------------------------------- replaying
+
+
+async def test_an_express_page_replays_like_the_ordinary_path(
+    db_url: str, pool: AsyncConnectionPool[Any], sink: None
+) -> None:
+    """Express rows go in one statement per page; parked, delayed, unmatched,
+    invalid and future rows of the same inbox take the ordinary path in the
+    same pass. Log, schedule, inbox and metrics end as the ordinary path leaves them."""
+    policies = [
+        {"name": "hold", "match": {"type": ["held.*"]}, "action": "park"},
+        {"name": "later", "match": {"type": ["later.*"]}, "delay": "1h",
+         "target": {"kind": "sql", "statement": SINK}},
+        {"name": "now", "match": {"type": ["email.*", "sms.*"]},
+         "target": {"kind": "sql", "statement": f"-- the sink\n{SINK};"}},
+    ]  # fmt: skip
+    current = _settings(db_url, policies, replay={"batch_size": 4})
+    metrics = Metrics()
+    replayer = Replayer(pool, lambda: current, metrics, Throttle(), anyio.Event())
+    rows = [row_json(original_job_id=f"e{i}", type="email.send") for i in range(9)]
+    rows += [row_json(original_job_id="h", type="held.x")]
+    rows += [row_json(original_job_id="l", type="later.x")]
+    rows += [row_json(original_job_id="u", type="unknown")]
+    rows += [row_json(original_job_id="x" * 3000, type="sms.send")]  # invalid: too long
+    await insert(db_url, rows)
+    with capture_logs() as logs:
+        result = await replayer.run_once(full=False)
+    assert (result.replayed, result.parked, result.scheduled, result.unmatched) == (9, 2, 1, 1)
+    # 9 rows in pages of 4: three express statements
+    assert [e["replayed"] for e in express_batches(logs)] == [4, 4, 1]
+    assert await fetch(
+        db_url,
+        "SELECT count(*) FROM sink s JOIN job_dlq j ON j.id = s.dlq_id"
+        " AND j.payload = s.payload AND j.replayed_at IS NOT NULL",
+    ) == [(9,)]
+    assert await fetch(
+        db_url,
+        "SELECT policy, outcome, manual, count(*) FROM dlqd_replay_log GROUP BY 1, 2, 3 ORDER BY 1",
+    ) == [("now", "replayed", False, 9), (None, "parked", False, 1)]
+    assert await fetch(db_url, "SELECT state, policy FROM dlqd_entry_state ORDER BY state") == [
+        ("parked", None),
+        ("parked_policy", "hold"),
+        ("unmatched", None),
+        ("waiting", "later"),
+    ]
+    assert await fetch(db_url, "SELECT count(*) FROM dlqd_inbox") == [(0,)]
+    assert metrics.replays_total.labels("now", "replayed")._value.get() == 9
+    ages = metrics.dlq_to_replay_seconds.labels("now")
+    assert ages._sum.get() >= 0
+    assert sum(b.get() for b in ages._buckets) == 9
+    durations = metrics.replay_duration_seconds.labels("now")
+    assert sum(b.get() for b in durations._buckets) == 9
+
+
+async def test_a_failing_express_page_falls_back_and_isolates_the_bad_row(
+    db_url: str, pool: AsyncConnectionPool[Any], sink: None
+) -> None:
+    """One bad row fails the express statement: nothing of it happened, and
+    the ordinary path replays the good rows and records the bad row's failure."""
+    current = _settings(
+        db_url, [{"name": "now", "max_failures": 1, "target": {"kind": "sql", "statement": SINK}}]
+    )
+    replayer = Replayer(pool, lambda: current, Metrics(), Throttle(), anyio.Event())
+    rows = [row_json(original_job_id=f"g{i}") for i in range(5)]
+    rows.append(row_json(original_job_id="bad", type="bad.one"))
+    await insert(db_url, rows)
+    with capture_logs() as logs:
+        result = await replayer.run_once(full=False)
+    assert (result.replayed, result.failed, result.parked) == (5, 1, 1)
+    assert next(e["event"] for e in logs if e["log_level"] == "warning") == (
+        "express page failed: the ordinary path takes it"
+    )
+    assert express_batches(logs) == []
+    assert await fetch(db_url, "SELECT count(*) FROM sink") == [(5,)]
+    assert await fetch(
+        db_url, "SELECT outcome, count(*) FROM dlqd_replay_log GROUP BY 1 ORDER BY 1"
+    ) == [("failed", 1), ("parked", 1), ("replayed", 5)]
+
+    # the bad row now has a schedule row: the next rows go express again
+    await insert(db_url, [row_json(original_job_id="g9")])
+    with capture_logs() as logs:
+        assert (await replayer.run_once(full=False)).replayed == 1
+    assert [e["replayed"] for e in express_batches(logs)] == [1]
+
+
+async def test_a_constraint_failing_at_commit_falls_back(
+    db_url: str, pool: AsyncConnectionPool[Any]
+) -> None:
+    """A deferred constraint fails the express page at COMMIT: the ordinary
+    path then checks it inside its savepoint and isolates the row."""
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        await conn.execute(
+            """CREATE TABLE kinds (kind text PRIMARY KEY);
+               INSERT INTO kinds VALUES ('email.send');
+               CREATE TABLE sink (dlq_id uuid PRIMARY KEY, type text NOT NULL
+                   REFERENCES kinds DEFERRABLE INITIALLY DEFERRED, payload jsonb)"""
+        )
+    current = _settings(
+        db_url, [{"name": "now", "max_failures": 1, "target": {"kind": "sql", "statement": SINK}}]
+    )
+    replayer = Replayer(pool, lambda: current, Metrics(), Throttle(), anyio.Event())
+    rows = [row_json(original_job_id=f"k{i}") for i in range(3)]
+    rows.append(row_json(original_job_id="nokind", type="no.such.kind"))
+    await insert(db_url, rows)
+    result = await replayer.run_once(full=False)
+    assert (result.replayed, result.failed) == (3, 1)
+    assert await fetch(db_url, "SELECT count(*) FROM sink") == [(3,)]
+
+
+async def test_an_open_circuit_keeps_its_rows_off_the_express_path(
+    db_url: str, pool: AsyncConnectionPool[Any], sink: None
+) -> None:
+    current = _settings(db_url, [{"name": "now", "target": {"kind": "sql", "statement": SINK}}])
+    throttle = Throttle()
+    replayer = Replayer(pool, lambda: current, Metrics(), throttle, anyio.Event())
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        await conn.execute(
+            "INSERT INTO dlqd_circuits (policy, open_until) VALUES ('now', now() + interval '1h')"
+        )
+    await insert(db_url, [row_json(original_job_id="c1")])
+    with capture_logs() as logs:
+        result = await replayer.run_once(full=False)
+    assert (result.replayed, result.claimed) == (0, 1)  # deferred by the ordinary path
+    assert express_batches(logs) == []
+    assert await fetch(db_url, "SELECT state FROM dlqd_entry_state") == [("waiting",)]
+
+
+async def test_express_notify_sends_the_ordinary_messages_in_order(
+    db_url: str, pool: AsyncConnectionPool[Any]
+) -> None:
+    current = _settings(
+        db_url, [{"name": "n", "target": {"kind": "notify", "channel": "replayed_jobs"}}]
+    )
+    replayer = Replayer(pool, lambda: current, Metrics(), Throttle(), anyio.Event())
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as listener:
+        await listener.execute("LISTEN replayed_jobs")
+        await insert(db_url, [row_json(original_job_id=f"n{i}", app_id="t") for i in range(5)])
+        with capture_logs() as logs:
+            assert (await replayer.run_once(full=False)).replayed == 5
+        assert [e["replayed"] for e in express_batches(logs)] == [5]
+        got: list[str] = []
+        with anyio.fail_after(10):
+            async for note in listener.notifies():
+                got.append(note.payload)
+                if len(got) == 5:
+                    break
+    messages = [json.loads(m) for m in got]
+    # the inbox's order: dlq_at, then id (the insert trigger's)
+    inbox_order = await fetch(db_url, "SELECT original_job_id FROM job_dlq ORDER BY dlq_at, id")
+    assert [m["original_job_id"] for m in messages] == [r[0] for r in inbox_order]
+    assert set(messages[0]) == {"id", "original_job_id", "app_id", "type"}
+
+
+async def test_replicas_on_express_pages_replay_each_row_once(
+    db_url: str, pool: AsyncConnectionPool[Any], sink: None
+) -> None:
+    current = _settings(
+        db_url,
+        [{"name": "now", "target": {"kind": "sql", "statement": SINK}}],
+        replay={"batch_size": 25},
+    )
+    await insert(db_url, [row_json(original_job_id=f"r{i}") for i in range(600)])
+    replayers = [
+        Replayer(pool, lambda: current, Metrics(), Throttle(), anyio.Event()) for _ in range(3)
+    ]
+    totals: list[int] = []
+
+    async def drain(replayer: Replayer) -> None:
+        total = 0
+        while True:
+            result = await replayer.run_once(full=False)
+            total += result.replayed
+            if result.claimed == 0:
+                break
+        totals.append(total)
+
+    other: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        db_url, min_size=3, max_size=3,
+        kwargs={"autocommit": True, "row_factory": dict_row, "prepare_threshold": 0}, open=False,
+    )  # fmt: skip
+    await other.open()
+    try:
+        for replayer in replayers:
+            replayer.pool = other
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for replayer in replayers:
+                    tg.start_soon(drain, replayer)
+    finally:
+        await other.close()
+    assert sum(totals) == 600
+    assert await fetch(db_url, "SELECT count(*), count(DISTINCT dlq_id) FROM sink") == [(600, 600)]
+    assert await fetch(
+        db_url, "SELECT count(*) FROM dlqd_replay_log WHERE outcome = 'replayed'"
+    ) == [(600,)]
+
+
+def test_bulk_observations_expose_what_one_observe_per_value_does() -> None:
+    """``observe_counts`` writes prometheus-client's internals: held here to the
+    exposition of one ``observe()`` per value, bounds included."""
+    from dlqd.metrics import bucket_index, observe_counts
+
+    values = [0.0, 0.01, 0.0100001, 0.3, 5.0, 7 * 86400.0, 1e9, 42.0, 42.0]
+    one, many = Metrics(), Metrics()
+    for v in values:
+        one.dlq_to_replay_seconds.labels("p").observe(v)
+    counts: dict[int, int] = {}
+    for v in values:
+        counts[bucket_index(AGE_BUCKETS, v)] = counts.get(bucket_index(AGE_BUCKETS, v), 0) + 1
+    observe_counts(many.dlq_to_replay_seconds.labels("p"), counts, sum(values))
+
+    def histogram(m: Metrics) -> list[str]:
+        text = generate_latest(m.registry).decode()
+        return [line for line in text.splitlines() if "dlqd_dlq_to_replay_seconds" in line]
+
+    assert histogram(one) == histogram(many)
+    assert any('le="0.01",policy="p"} 2.0' in line for line in histogram(one))
