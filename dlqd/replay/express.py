@@ -158,7 +158,10 @@ def plan(settings: Settings, age_buckets: Sequence[float]) -> ExpressPlan | None
         return None
     params: dict[str, Any] = {
         "names": [p.name for p in settings.policies],
-        "bounds": list(age_buckets),
+        # width_bucket counts the bounds <= its operand: over the negated bounds,
+        # those >= the age, so that an age equal to a bound falls in its bucket
+        "negated_bounds": sorted(-b for b in age_buckets),
+        "bucket_count": len(age_buckets),
     }
     case = first_policy_sql(settings.policies, max(express), params)
     if isinstance(chosen, NotifyTarget):
@@ -187,21 +190,27 @@ _NOTIFY_SINK = """SELECT count(pg_notify(%(channel)s, m.message))
 # {case}: the first matching policy (first_policy_sql); {sink}: the target.
 # ``replayed`` holds the rows as they were claimed (replayed_at still NULL), as
 # in the ordinary path, where the target runs before the rows are marked.
-_STATEMENT = """WITH picked AS (
-    SELECT i.seq, j AS entry, m.policy
+_STATEMENT = """WITH candidates AS MATERIALIZED (
+    -- the next inbox entries, locked (replicas take different ones): an index
+    -- range scan whatever the filters below, which the planner cannot estimate
+    SELECT i.seq, i.dlq_id
       FROM dlqd_inbox i
-      JOIN job_dlq j ON j.id = i.dlq_id
-     CROSS JOIN LATERAL (SELECT {case} AS policy) m
      WHERE i.seq > %(after_seq)s
-       AND m.policy = ANY (%(express)s::int[])
+     ORDER BY i.seq
+     LIMIT %(limit)s
+       FOR UPDATE SKIP LOCKED
+), picked AS MATERIALIZED (
+    SELECT c.seq, j AS entry, m.policy
+      FROM candidates c
+      JOIN job_dlq j ON j.id = c.dlq_id
+     CROSS JOIN LATERAL (SELECT {case} AS policy) m
+     WHERE m.policy = ANY (%(express)s::int[])
        AND j.replayed_at IS NULL
        AND j.dlq_at <= now()
        AND dlqd_row_problem(j.dlq_at, j.app_id, j.type, j.error_reason,
                             j.original_job_id) IS NULL
        AND NOT EXISTS (SELECT FROM dlqd_entry_state s WHERE s.dlq_id = j.id)
-     ORDER BY i.seq
-     LIMIT %(limit)s
-       FOR UPDATE OF i, j SKIP LOCKED
+       FOR UPDATE OF j SKIP LOCKED
 ), inbox AS (
     DELETE FROM dlqd_inbox WHERE seq IN (SELECT seq FROM picked)
 ), marked AS (
@@ -221,13 +230,15 @@ _STATEMENT = """WITH picked AS (
 ), target AS (
 {sink}
 )
-SELECT (SELECT count(*) FROM picked) AS claimed,
-       (SELECT max(seq) FROM picked) AS last_seq,
+SELECT (SELECT count(*) FROM candidates) AS scanned,
+       (SELECT max(seq) FROM candidates) AS last_seq,
+       (SELECT count(*) FROM picked) AS claimed,
        EXISTS (SELECT FROM dlqd_inbox r WHERE r.seq NOT IN (SELECT seq FROM picked)) AS rest,
        {sink_rows} AS sink_rows,
        (SELECT coalesce(json_agg(json_build_array(g.policy, g.bucket, g.n, g.lag_sum)), '[]')
           FROM (SELECT m.policy,
-                       (SELECT count(*) FROM unnest(%(bounds)s::float8[]) b WHERE b < m.lag)
+                       -- bounds below the age: its bucket (lowest first, +Inf last)
+                       %(bucket_count)s - width_bucket(-m.lag, %(negated_bounds)s::float8[])
                            AS bucket,
                        count(*) AS n, sum(m.lag) AS lag_sum
                   FROM marked m
@@ -238,8 +249,9 @@ SELECT (SELECT count(*) FROM picked) AS claimed,
 class ExpressPage:
     """What one committed express page did."""
 
-    claimed: int
+    scanned: int  # inbox entries this page locked
     last_seq: int
+    claimed: int  # of those, rows replayed here
     rest: bool  # the inbox held other entries: the ordinary path has work
     # policy name -> (rows, {age bucket index: rows}, sum of ages in seconds)
     replayed: dict[str, tuple[int, dict[int, int], float]] = field(default_factory=dict)
@@ -262,7 +274,9 @@ async def run_page(
         cur = await conn.execute(express.text, params)
     row = await cur.fetchone()
     assert row is not None  # noqa: S101 - an aggregate row always comes back
-    page = ExpressPage(int(row["claimed"]), int(row["last_seq"] or after_seq), bool(row["rest"]))
+    page = ExpressPage(
+        int(row["scanned"]), int(row["last_seq"] or after_seq), int(row["claimed"]), bool(row["rest"])
+    )
     names = [p.name for p in settings.policies]
     for index, bucket, n, lag_sum in row["replayed"]:
         rows, buckets, total = page.replayed.get(names[index], (0, {}, 0.0))

@@ -223,7 +223,7 @@ class Replayer:
             result.replayed += sum(rows for rows, _, _ in page.replayed.values())
             report_express(page, self.metrics, duration=page.seconds)
             await self._learn(conn, [(by_name[name], True, True) for name in page.replayed])
-            if page.claimed < settings.replay.batch_size:
+            if page.scanned < settings.replay.batch_size:
                 return page.rest
             after_seq = page.last_seq
         return False
