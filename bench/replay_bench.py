@@ -294,11 +294,21 @@ def drain(admin: str, backlog: int, workdir: Path, stack: ExitStack, forms: list
     limits: dict[int, float] = {}
     for connections in (1, 2):
         url = seeded()
-        elapsed = batched_limit(url, connections)
+        elapsed = batched_limit(url, connections, BATCH_STATEMENT)
         limits[connections] = backlog / elapsed
         print(
             f"drain {backlog} rows, plain SQL batches of {BATCH} x {connections} connection(s) "
             f"(limit): {elapsed:.2f} s = {limits[connections]:,.0f} rows/s"
+        )
+    # the same, also doing the writes dlqd must do: its inbox entries deleted
+    # and a replay log row per replay
+    for connections in (1, 2):
+        url = seeded()
+        elapsed = batched_limit(url, connections, BATCH_WITH_LOG_STATEMENT)
+        print(
+            f"drain {backlog} rows, plain SQL batches of {BATCH} x {connections} connection(s) "
+            f"with dlqd's inbox and replay log writes: {elapsed:.2f} s = "
+            f"{backlog / elapsed:,.0f} rows/s"
         )
 
     runs = [
@@ -354,13 +364,25 @@ WITH claimed AS (SELECT id FROM job_dlq WHERE replayed_at IS NULL
 INSERT INTO sink SELECT id, type, payload, app_id FROM marked"""
 
 
-def batched_limit(url: str, connections: int) -> float:
+BATCH_WITH_LOG_STATEMENT = f"""
+WITH claimed AS (SELECT seq, dlq_id FROM dlqd_inbox ORDER BY seq
+                  LIMIT {BATCH} FOR UPDATE SKIP LOCKED),
+     inbox AS (DELETE FROM dlqd_inbox WHERE seq IN (SELECT seq FROM claimed)),
+     marked AS (UPDATE job_dlq j SET replayed_at = now()
+                 WHERE j.id = ANY (ARRAY(SELECT dlq_id FROM claimed)) AND j.replayed_at IS NULL
+                RETURNING j.id, j.original_job_id, j.app_id, j.type, j.payload),
+     logged AS (INSERT INTO dlqd_replay_log (dlq_id, original_job_id, app_id, policy, outcome)
+                SELECT id, original_job_id, app_id, 'all', 'replayed' FROM marked)
+INSERT INTO sink SELECT id, type, payload, app_id FROM marked"""
+
+
+def batched_limit(url: str, connections: int, statement: str) -> float:
     """Seconds to drain the backlog in batches, on ``connections`` threads."""
     import threading
 
     def worker() -> None:
         with psycopg.connect(url, autocommit=True) as conn:
-            while conn.execute(BATCH_STATEMENT.encode()).rowcount:
+            while conn.execute(statement.encode()).rowcount:
                 pass
 
     threads = [threading.Thread(target=worker) for _ in range(connections)]

@@ -200,31 +200,38 @@ _STATEMENT = """WITH candidates AS MATERIALIZED (
      LIMIT %(limit)s
        FOR UPDATE SKIP LOCKED
 ), picked AS MATERIALIZED (
-    SELECT c.seq, j AS entry, m.policy
+    -- each entry's row by its primary key (a lateral subquery with a locking
+    -- clause is never flattened into a join: no plan scans job_dlq whole)
+    SELECT c.seq, c.dlq_id AS id, e.entry, e.policy
       FROM candidates c
-      JOIN job_dlq j ON j.id = c.dlq_id
-     CROSS JOIN LATERAL (SELECT {case} AS policy) m
-     WHERE m.policy = ANY (%(express)s::int[])
-       AND j.replayed_at IS NULL
-       AND j.dlq_at <= now()
-       AND dlqd_row_problem(j.dlq_at, j.app_id, j.type, j.error_reason,
-                            j.original_job_id) IS NULL
-       AND NOT EXISTS (SELECT FROM dlqd_entry_state s WHERE s.dlq_id = j.id)
-       FOR UPDATE OF j SKIP LOCKED
+     CROSS JOIN LATERAL (
+            SELECT j AS entry, m.policy
+              FROM job_dlq j
+             CROSS JOIN LATERAL (SELECT {case} AS policy) m
+             WHERE j.id = c.dlq_id
+               AND m.policy = ANY (%(express)s::int[])
+               AND j.replayed_at IS NULL
+               AND j.dlq_at <= now()
+               AND dlqd_row_problem(j.dlq_at, j.app_id, j.type, j.error_reason,
+                                    j.original_job_id) IS NULL
+               AND NOT EXISTS (SELECT FROM dlqd_entry_state s WHERE s.dlq_id = j.id)
+               FOR UPDATE OF j SKIP LOCKED
+           ) e
 ), inbox AS (
     DELETE FROM dlqd_inbox WHERE seq IN (SELECT seq FROM picked)
 ), marked AS (
+    -- by primary key, whatever the planner thinks of a join with picked
     UPDATE job_dlq j SET replayed_at = now()
-      FROM picked p
-     WHERE j.id = (p.entry).id
-    RETURNING j.id, j.original_job_id, j.app_id, p.policy, p.seq,
+     WHERE j.id = ANY (ARRAY(SELECT id FROM picked))
+    RETURNING j.id, j.original_job_id, j.app_id,
               extract(epoch FROM j.replayed_at - j.dlq_at)::float8 AS lag
 ), logged AS (
     INSERT INTO dlqd_replay_log (dlq_id, original_job_id, app_id, policy, outcome, manual)
-    SELECT m.id, m.original_job_id, m.app_id, (%(names)s::text[])[m.policy + 1], 'replayed',
+    SELECT m.id, m.original_job_id, m.app_id, (%(names)s::text[])[p.policy + 1], 'replayed',
            false
       FROM marked m
-     ORDER BY m.seq
+      JOIN picked p ON p.id = m.id
+     ORDER BY p.seq
 ), replayed AS (
     SELECT (p.entry).* FROM picked p
 ), target AS (
@@ -236,12 +243,13 @@ SELECT (SELECT count(*) FROM candidates) AS scanned,
        EXISTS (SELECT FROM dlqd_inbox r WHERE r.seq NOT IN (SELECT seq FROM picked)) AS rest,
        {sink_rows} AS sink_rows,
        (SELECT coalesce(json_agg(json_build_array(g.policy, g.bucket, g.n, g.lag_sum)), '[]')
-          FROM (SELECT m.policy,
+          FROM (SELECT p.policy,
                        -- bounds below the age: its bucket (lowest first, +Inf last)
                        %(bucket_count)s - width_bucket(-m.lag, %(negated_bounds)s::float8[])
                            AS bucket,
                        count(*) AS n, sum(m.lag) AS lag_sum
                   FROM marked m
+                  JOIN picked p ON p.id = m.id
                  GROUP BY 1, 2) g) AS replayed"""
 
 
