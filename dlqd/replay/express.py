@@ -283,7 +283,10 @@ async def run_page(
     row = await cur.fetchone()
     assert row is not None  # noqa: S101 - an aggregate row always comes back
     page = ExpressPage(
-        int(row["scanned"]), int(row["last_seq"] or after_seq), int(row["claimed"]), bool(row["rest"])
+        scanned=int(row["scanned"]),
+        last_seq=int(row["last_seq"] or after_seq),
+        claimed=int(row["claimed"]),
+        rest=bool(row["rest"]),
     )
     names = [p.name for p in settings.policies]
     for index, bucket, n, lag_sum in row["replayed"]:
