@@ -292,6 +292,35 @@ async def test_a_constraint_failing_at_commit_falls_back(
     assert await fetch(db_url, "SELECT count(*) FROM sink") == [(3,)]
 
 
+async def test_a_blocked_target_times_out_and_the_ordinary_path_records_it(
+    db_url: str, pool: AsyncConnectionPool[Any], sink: None
+) -> None:
+    """The sink is locked: the express page fails on replay.lock_timeout, its
+    transaction is rolled back on the same connection, and the ordinary path
+    records a failed attempt that says the target is blocked."""
+    current = _settings(
+        db_url,
+        [{"name": "now", "retry_delay": "1h", "target": {"kind": "sql", "statement": SINK}}],
+        replay={"lock_timeout": "50ms"},
+    )
+    replayer = Replayer(pool, lambda: current, Metrics(), Throttle(), anyio.Event())
+    await insert(db_url, [row_json(original_job_id="blocked")])
+    async with await psycopg.AsyncConnection.connect(db_url) as holder:
+        await holder.execute("LOCK TABLE sink IN ACCESS EXCLUSIVE MODE")
+        with capture_logs() as logs:
+            result = await replayer.run_once(full=False)
+        await holder.rollback()
+    assert (result.replayed, result.failed) == (0, 1)
+    warning = next(e for e in logs if e["event"] == "express page failed: the ordinary path takes it")
+    assert "lock timeout" in warning["error"]
+    assert await fetch(db_url, "SELECT state, failures FROM dlqd_entry_state") == [("waiting", 1)]
+    # the pass's connection came back clean: the next row goes express
+    await insert(db_url, [row_json(original_job_id="free")])
+    with capture_logs() as logs:
+        assert (await replayer.run_once(full=False)).replayed == 1
+    assert [e["replayed"] for e in express_batches(logs)] == [1]
+
+
 async def test_an_open_circuit_keeps_its_rows_off_the_express_path(
     db_url: str, pool: AsyncConnectionPool[Any], sink: None
 ) -> None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import psycopg
+from psycopg.pq import TransactionStatus
 
 from dlqd.config import Match, NotifyTarget, Policy, Settings, SqlTarget
 from dlqd.replay.batch import set_replay_timeouts
@@ -240,7 +241,6 @@ _STATEMENT = """WITH candidates AS MATERIALIZED (
 SELECT (SELECT count(*) FROM candidates) AS scanned,
        (SELECT max(seq) FROM candidates) AS last_seq,
        (SELECT count(*) FROM picked) AS claimed,
-       EXISTS (SELECT FROM dlqd_inbox r WHERE r.seq NOT IN (SELECT seq FROM picked)) AS rest,
        {sink_rows} AS sink_rows,
        (SELECT coalesce(json_agg(json_build_array(g.policy, g.bucket, g.n, g.lag_sum)), '[]')
           FROM (SELECT p.policy,
@@ -259,8 +259,7 @@ class ExpressPage:
 
     scanned: int  # inbox entries this page locked
     last_seq: int
-    claimed: int  # of those, rows replayed here
-    rest: bool  # the inbox held other entries: the ordinary path has work
+    claimed: int  # of those, rows replayed here (the others are the ordinary path's)
     # policy name -> (rows, {age bucket index: rows}, sum of ages in seconds)
     replayed: dict[str, tuple[int, dict[int, int], float]] = field(default_factory=dict)
     seconds: float = 0.0
@@ -275,18 +274,31 @@ async def run_page(
     indexes: Iterable[int],
 ) -> ExpressPage:
     """One express page in its own transaction, its statements pipelined: one
-    round trip for BEGIN, the timeouts, the statement and COMMIT."""
+    round trip for BEGIN, the timeouts, the statement and COMMIT.
+
+    BEGIN and COMMIT are sent as statements: psycopg's ``transaction()`` syncs
+    the pipeline on entry and exit, three round trips more. When a statement
+    fails, the server skips the rest up to the sync and the transaction is
+    left aborted: it is rolled back here, and the error raised.
+    """
     params = express.bind(after_seq, settings.replay.batch_size, indexes)
-    async with conn.pipeline(), conn.transaction():
-        await set_replay_timeouts(conn, settings)
-        cur = await conn.execute(express.text, params)
+    try:
+        async with conn.pipeline():
+            await conn.execute(b"BEGIN")
+            await set_replay_timeouts(conn, settings)
+            cur = await conn.execute(express.text, params)
+            await conn.execute(b"COMMIT")
+    except psycopg.Error:
+        # (a cancelled page leaves the connection to the pool, which resets it)
+        if not conn.broken and conn.info.transaction_status != TransactionStatus.IDLE:
+            await conn.rollback()
+        raise
     row = await cur.fetchone()
     assert row is not None  # noqa: S101 - an aggregate row always comes back
     page = ExpressPage(
         scanned=int(row["scanned"]),
         last_seq=int(row["last_seq"] or after_seq),
         claimed=int(row["claimed"]),
-        rest=bool(row["rest"]),
     )
     names = [p.name for p in settings.policies]
     for index, bucket, n, lag_sum in row["replayed"]:

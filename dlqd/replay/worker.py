@@ -146,7 +146,8 @@ class Replayer:
         # one connection for the whole pass: each page is its own transaction
         async with self.pool.connection() as conn:
             after_seq = 0
-            rest = await self._express_pages(conn, settings, result)
+            # the ordinary inbox pages: for what express left, and on every full pass
+            rest = await self._express_pages(conn, settings, result) or full
             while rest and not self.stopping.is_set():
                 rows = await self._page(conn, settings, self._inbox_claim(after_seq), result)
                 if rows:
@@ -194,12 +195,15 @@ class Replayer:
         self, conn: Connection, settings: Settings, result: PassResult
     ) -> bool:
         """Replay the inbox's express rows (``dlqd.replay.express``), page by page;
-        whether the ordinary inbox pages may have work left."""
+        whether the ordinary inbox pages have work: entries an express page
+        locked but left (rows express does not take), or a page that failed.
+        Entries another replica held locked are that replica's to do."""
         express = self._express_plan(settings)
         if express is None:
             return True
         by_name = {p.name: p for p in express.policies.values()}
         after_seq = 0
+        rest = False
         while not self.stopping.is_set():
             closed = await self.throttle.closed_circuits(conn, list(by_name), anyio.current_time())
             indexes = [i for i, p in express.policies.items() if p.name in closed]
@@ -221,12 +225,13 @@ class Replayer:
             page.seconds = anyio.current_time() - started
             result.claimed += page.claimed
             result.replayed += sum(rows for rows, _, _ in page.replayed.values())
+            rest = rest or page.scanned > page.claimed
             report_express(page, self.metrics, duration=page.seconds)
             await self._learn(conn, [(by_name[name], True, True) for name in page.replayed])
             if page.scanned < settings.replay.batch_size:
-                return page.rest
+                return rest
             after_seq = page.last_seq
-        return False
+        return True
 
     async def _due_in(self, conn: Connection, fingerprint: str, read: bool) -> float | None:
         """Seconds until the next scheduled row is due. Read from Postgres unless
