@@ -4,11 +4,12 @@
 
 Inserts single rows at ``--rate`` a second (each its own transaction, as a job
 system does) for ``--seconds``, with one `dlqd run` replaying them into a sink
-table through a per-row ``sql`` target. Prints the daemon's CPU (from
+table through a ``sql`` target (``--form``: set-based, which express pages
+take, or per-row, which the ordinary path takes). Prints the daemon's CPU (from
 /proc/PID/stat) as a share of one core and per row, its resident memory, and
 the idle CPU over the same span before the stream starts. Next to it, the
 CPU of the PostgreSQL backend that inserted the rows: the job system's own
-cost for the same stream. Uses the server of replay_bench.py. Asserts nothing.
+cost for the same stream. Uses the server of replay_bench.py (by default a cluster of its own, autovacuum on). Asserts nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from replay_bench import (  # type: ignore[import-not-found]
     INSERT_ONE,
     SINK,
+    SINK_SET_STATEMENT,
     SINK_STATEMENT,
     fresh_db,
     server_url,
@@ -53,17 +55,19 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def main(rate: float, seconds: float, idle: float) -> None:
+def main(rate: float, seconds: float, idle: float, form: str) -> None:
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         url = fresh_db(server_url(stack), stack)
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(SINK.encode())
+        statement = SINK_SET_STATEMENT if form == "set-based" else SINK_STATEMENT
+        print(f"target: {form} sql statement", flush=True)
         config = f"""
 [listen]
 poll_interval = "30s"
 [[policies]]
 name = "all"
-target = {{ kind = "sql", statement = "{SINK_STATEMENT}" }}
+target = {{ kind = "sql", statement = "{statement}" }}
 """
         process, port = start_daemon(url, config, Path(tmp))
         try:
@@ -119,5 +123,11 @@ if __name__ == "__main__":
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--seconds", type=float, default=240.0)
     parser.add_argument("--idle", type=float, default=30.0)
+    parser.add_argument(
+        "--form",
+        choices=["set-based", "per-row"],
+        default="set-based",
+        help="set-based: a statement over `replayed` (express pages); per-row: placeholders",
+    )
     args = parser.parse_args()
-    main(args.rate, args.seconds, args.idle)
+    main(args.rate, args.seconds, args.idle, args.form)
