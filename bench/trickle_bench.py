@@ -9,7 +9,8 @@ take, or per-row, which the ordinary path takes). Prints the daemon's CPU (from
 /proc/PID/stat) as a share of one core and per row, its resident memory, and
 the idle CPU over the same span before the stream starts. Next to it, the
 CPU of the PostgreSQL backend that inserted the rows: the job system's own
-cost for the same stream. Uses the server of replay_bench.py (by default a cluster of its own, autovacuum on). Asserts nothing.
+cost for the same stream. Uses the server of replay_bench.py (by default a
+cluster of its own, autovacuum on). Asserts nothing.
 """
 
 from __future__ import annotations
@@ -55,19 +56,21 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def main(rate: float, seconds: float, idle: float, form: str) -> None:
+def main(rate: float, seconds: float, idle: float, form: str, cooldown: str) -> None:
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         url = fresh_db(server_url(stack), stack)
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(SINK.encode())
         statement = SINK_SET_STATEMENT if form == "set-based" else SINK_STATEMENT
-        print(f"target: {form} sql statement", flush=True)
+        print(f"target: {form} sql statement; replay.wake_cooldown = {cooldown}", flush=True)
         config = f"""
 [listen]
 poll_interval = "30s"
 [[policies]]
 name = "all"
 target = {{ kind = "sql", statement = "{statement}" }}
+[replay]
+wake_cooldown = "{cooldown}"
 """
         process, port = start_daemon(url, config, Path(tmp))
         try:
@@ -129,5 +132,6 @@ if __name__ == "__main__":
         default="set-based",
         help="set-based: a statement over `replayed` (express pages); per-row: placeholders",
     )
+    parser.add_argument("--cooldown", default="0s", help="replay.wake_cooldown")
     args = parser.parse_args()
-    main(args.rate, args.seconds, args.idle, args.form)
+    main(args.rate, args.seconds, args.idle, args.form, args.cooldown)

@@ -238,6 +238,17 @@ def _at_least(text: str) -> AfterValidator:
     return AfterValidator(check)
 
 
+def _at_most(text: str) -> AfterValidator:
+    maximum = parse_duration(text)
+
+    def check(value: timedelta) -> timedelta:
+        if value > maximum:
+            raise ValueError(f"must be at most {text}")
+        return value
+
+    return AfterValidator(check)
+
+
 # Durations with a floor: below it a setting would spin the CPU or make no sense.
 Interval = Annotated[Duration, _at_least("100ms")]
 Timeout = Annotated[Duration, _at_least("10ms")]
@@ -258,6 +269,9 @@ class ReplaySettings(_Frozen):
     # batch (a failed attempt) instead of hanging the replayer
     statement_timeout: Timeout = timedelta(seconds=10)
     lock_timeout: Timeout = timedelta(seconds=2)
+    # a pass woken by a notification starts at least this long after the
+    # previous one: wake-ups within it share a pass
+    wake_cooldown: Annotated[Duration, _at_most("1s")] = timedelta(0)
 
 
 def _validate_schedule(value: object) -> object:

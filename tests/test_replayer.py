@@ -16,6 +16,7 @@ from dlqd.config import load_settings
 from dlqd.metrics import Metrics
 from dlqd.replay.worker import Replayer
 from dlqd.throttle import Throttle
+from dlqd.wake import WakeFlag
 from tests.factories import INSERT_MANY, row_json
 
 pytestmark = pytest.mark.anyio
@@ -229,3 +230,40 @@ async def test_replay_timeouts_stay_inside_each_transaction(
                 "current_setting('lock_timeout') AS l"
             )
             assert await cur.fetchone() == {"s": "0", "l": "0"}
+
+
+async def test_wake_cooldown_makes_wake_ups_share_a_pass(
+    db_url: str, pool: AsyncConnectionPool[Any]
+) -> None:
+    """With replay.wake_cooldown, a row woken for right after a pass waits for
+    the cooldown to end: a steady stream costs a pass per cooldown, not per row."""
+    current = load_settings(
+        database_url=db_url, policies=NOTIFY_ALL, replay={"wake_cooldown": "800ms"}
+    )
+    stopping = anyio.Event()
+    replayer = Replayer(pool, lambda: current, Metrics(), Throttle(), stopping)
+    flag = WakeFlag()
+
+    async def replayed_at(job: str) -> Any:
+        async with await psycopg.AsyncConnection.connect(db_url) as conn:
+            while True:
+                cur = await conn.execute(
+                    "SELECT replayed_at FROM job_dlq WHERE original_job_id = %s", [job]
+                )
+                row = await cur.fetchone()
+                if row is not None and row[0] is not None:
+                    return row[0]
+                await anyio.sleep(0.01)
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(replayer.run, flag)
+            await insert(db_url, "first", 1)
+            flag.set()
+            first = await replayed_at("first0")
+            await insert(db_url, "second", 1)
+            flag.set()
+            second = await replayed_at("second0")
+            stopping.set()
+            flag.set()
+    assert (second - first).total_seconds() >= 0.7

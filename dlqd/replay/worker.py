@@ -563,6 +563,11 @@ class Replayer:
                     await anyio.sleep(SPURIOUS_WAKE_COALESCE)
                 await flag.wait()
                 woken = True
+            cooldown = settings.replay.wake_cooldown.total_seconds()
+            if woken and cooldown > 0:
+                # a steady stream of single inserts: the wake-ups within the
+                # cooldown share one pass (less CPU per row, that much latency)
+                await anyio.sleep(max(0.0, started + cooldown - anyio.current_time()))
 
     @staticmethod
     def _next_wait(result: PassResult, poll: float) -> float:
