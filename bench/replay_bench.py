@@ -252,6 +252,19 @@ def latency_with_waiting(
                SELECT 'w' || g, 'app', 'slow', '{}', 'timeout', 3 FROM generate_series(1, %s) g""",
             [waiting],
         )
+    # the limit: their schedule rows inserted by one statement (rolled back)
+    with psycopg.connect(url) as conn:
+        started = time.perf_counter()
+        conn.execute(
+            """INSERT INTO dlqd_entry_state (dlq_id, state, policy, fingerprint, due_at)
+               SELECT id, 'waiting', 'slow', 'bench', dlq_at + interval '1 day' FROM job_dlq"""
+        )
+        elapsed = time.perf_counter() - started
+        conn.rollback()
+    print(
+        f"scheduling {waiting} delayed rows, one plain SQL statement (limit): "
+        f"{elapsed:.2f} s = {waiting / elapsed:,.0f} rows/s"
+    )
     config = """
 [listen]
 poll_interval = "1h"
@@ -323,11 +336,11 @@ def drain(admin: str, backlog: int, workdir: Path, stack: ExitStack, forms: list
 
     runs = [
         ("per-row", SINK_STATEMENT, 1, 1),
-        ("per-row", SINK_STATEMENT, 2, 1),
-        ("per-row", SINK_STATEMENT, 1, 3),
+        ("per-row", SINK_STATEMENT, 1, 4),
         ("set-based", SINK_SET_STATEMENT, 1, 1),
         ("set-based", SINK_SET_STATEMENT, 2, 1),
-        ("set-based", SINK_SET_STATEMENT, 1, 3),
+        ("set-based", SINK_SET_STATEMENT, 1, 2),
+        ("set-based", SINK_SET_STATEMENT, 1, 4),
     ]
     for form, statement, concurrency, daemons in (r for r in runs if r[0] in forms):
         config = f"""
@@ -404,6 +417,92 @@ def batched_limit(url: str, connections: int, statement: str) -> float:
     return time.perf_counter() - started
 
 
+MIX_TYPES = 20  # t00 .. t19: 18 replayed at once, t18 delayed, t19 parked
+
+
+def mix_config() -> str:
+    """20 policies with globs: 18 replay at once (each its own type glob and
+    an error_reason glob), one delays (5% of the rows), one parks (5%)."""
+    policies = [
+        f"""[[policies]]
+name = "p{i:02d}"
+match = {{ type = ["t{i:02d}.*"], error_reason = ["time*", "net*"] }}
+target = {{ kind = "sql", statement = "{SINK_SET_STATEMENT}" }}
+"""
+        for i in range(MIX_TYPES - 2)
+    ]
+    policies.append(
+        f"""[[policies]]
+name = "later"
+match = {{ type = ["t18.*"] }}
+delay = "1d"
+backoff = "fixed"
+target = {{ kind = "sql", statement = "{SINK_SET_STATEMENT}" }}
+"""
+    )
+    policies.append(
+        """[[policies]]
+name = "hold"
+match = { type = ["t19.*"] }
+action = "park"
+"""
+    )
+    return f"""
+[listen]
+poll_interval = "1h"
+[replay]
+batch_size = {BATCH}
+""" + "\n".join(policies)
+
+
+def policy_mix(admin: str, backlog: int, workdir: Path, stack: ExitStack) -> None:
+    """The backlog over 20 policies: time until every row is decided (replayed,
+    scheduled or parked), beside the 1-connection limit of the same rows."""
+
+    def seeded() -> str:
+        url = fresh_db(admin, stack)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(SINK.encode())
+            conn.execute(
+                """INSERT INTO job_dlq (original_job_id, app_id, type, payload, error_reason,
+                                        attempts, dlq_at)
+                   SELECT 'b' || g, 'app-' || (g %% 20),
+                          't' || lpad((g %% %s)::text, 2, '0') || '.event',
+                          jsonb_build_object('to', 'u' || g || '@example.com', 'n', g),
+                          'timeout', 3, now() - interval '1 hour' + g * interval '1 ms'
+                     FROM generate_series(1, %s) g""",
+                [MIX_TYPES, backlog],
+            )
+            conn.execute("VACUUM ANALYZE job_dlq")
+        return url
+
+    url = seeded()
+    limit = backlog / batched_limit(url, 1, BATCH_STATEMENT)
+    print(f"policy mix, {backlog} rows: plain SQL batches of {BATCH} (limit): {limit:,.0f} rows/s")
+    url = seeded()
+    process, _ = start_daemon(url, mix_config(), workdir)
+    replayed = backlog * (MIX_TYPES - 2) // MIX_TYPES
+    wait_for(url, "SELECT count(*) FROM dlqd_inbox", 0)
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            """SELECT extract(epoch FROM clock_timestamp() - min(replayed_at)),
+                      (SELECT count(*) FROM sink), (SELECT count(DISTINCT dlq_id) FROM sink),
+                      (SELECT count(*) FROM dlqd_entry_state WHERE state = 'waiting'),
+                      (SELECT count(*) FROM dlqd_entry_state WHERE state = 'parked_policy')
+                 FROM job_dlq"""
+        ).fetchone()
+    rss = peak_rss_mib(process.pid)
+    stop(process)
+    assert row is not None
+    span = float(row[0])
+    print(
+        f"policy mix, {backlog} rows, 1 daemon x 1 worker: every row decided {span:.2f} s after "
+        f"the first replay = {backlog / span:,.0f} rows/s = {backlog / span / limit:.2f}x the "
+        f"limit; sink {row[1]} rows ({row[2]} distinct, {replayed} expected), {row[3]} "
+        f"scheduled, {row[4]} parked; peak RSS {rss:.0f} MiB"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--latency-rows", type=int, default=1000)
@@ -411,6 +510,7 @@ def main() -> None:
     parser.add_argument("--waiting", type=int, default=100_000)
     parser.add_argument("--drain-only", action="store_true", help="skip the latency runs")
     parser.add_argument("--latency-only", action="store_true", help="skip the drain runs")
+    parser.add_argument("--mix", action="store_true", help="also drain over 20 policies")
     parser.add_argument(
         "--system-server",
         action="store_true",
@@ -428,6 +528,8 @@ def main() -> None:
             latency_with_waiting(admin, args.latency_rows, args.waiting, Path(tmp), stack)
         if not args.latency_only:
             drain(admin, args.backlog, Path(tmp), stack, args.forms.split(","))
+            if args.mix:
+                policy_mix(admin, args.backlog, Path(tmp), stack)
 
 
 def _version(url: str) -> str:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import AsyncIterator
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, NamedTuple
 
 import anyio
 import psycopg
@@ -18,7 +19,7 @@ from structlog.testing import capture_logs
 
 from dlqd.config import Match, Policy, Settings, load_settings
 from dlqd.metrics import AGE_BUCKETS, Metrics
-from dlqd.policy import first_match
+from dlqd.policy import Replay, decide, first_match
 from dlqd.replay.express import first_policy_sql, like_pattern, plan, sink_kind
 from dlqd.replay.worker import Replayer
 from dlqd.throttle import Throttle
@@ -129,14 +130,22 @@ async def test_the_sql_match_picks_the_policy_that_python_picks(db_url: str, cla
     assert decided > 100  # the comparison was not vacuous
 
 
-class _Row:
-    def __init__(self, app_id: str, type: str, error_reason: str, attempts: int) -> None:
-        self.app_id, self.type, self.error_reason, self.attempts = (
-            app_id,
-            type,
-            error_reason,
-            attempts,
-        )
+class _Entry(NamedTuple):
+    """The columns decide() reads, in the order the queries below select them."""
+
+    id: Any
+    app_id: str
+    type: str
+    error_reason: str
+    attempts: int
+    dlq_at: Any
+
+
+class _Row(NamedTuple):
+    app_id: str
+    type: str
+    error_reason: str
+    attempts: int
 
 
 def test_like_patterns_and_sink_kinds() -> None:
@@ -161,6 +170,9 @@ def test_which_policies_go_express(db_url: str) -> None:
         db_url,
         [
             {"name": "delayed", "delay": "1m", "target": sql},
+            {"name": "fixed", "delay": "1m", "backoff": "fixed", "target": sql},
+            {"name": "jittery", "delay": "1m", "jitter": 0.1, "target": sql},
+            {"name": "jitter-now", "jitter": 0.1, "target": sql},
             {"name": "capped", "max_replays": 3, "target": sql},
             {"name": "limited", "rate_limit": "5/s", "target": sql},
             {"name": "dry", "dry_run": True, "target": sql},
@@ -169,13 +181,25 @@ def test_which_policies_go_express(db_url: str) -> None:
             {"name": "held", "action": "park"},
             {"name": "fast", "match": {"type": ["a.*"]}, "target": sql},
             {"name": "elsewhere", "target": other},
-            {"name": "fast-too", "target": sql},
         ],
     )
     express = plan(settings, AGE_BUCKETS)
     assert express is not None
-    assert {p.name for p in express.policies.values()} == {"fast", "fast-too"}
-    assert plan(_settings(db_url, [{"name": "h", "action": "park"}]), AGE_BUCKETS) is None
+    # kinds: what an express page may do (park, schedule) for each policy's rows
+    assert express.params["kinds"] == [
+        "exp", "fixed", None, "fixed", None, "fixed", None, "fixed", "fixed", "park", "fixed",
+        "fixed",
+    ]  # fmt: skip
+    # due rows replay at once for these; the others' go the ordinary way
+    assert {p.name for p in express.policies.values()} == {
+        "delayed", "fixed", "jitter-now", "fast", "elsewhere",
+    }  # fmt: skip
+    # two targets, each a CTE over its own policies' rows
+    assert b"target_0 AS" in express.text
+    assert b"target_1 AS" in express.text
+    assert b"target_2" not in express.text
+    capped = [{"name": "c", "max_replays": 1, "target": sql}]
+    assert plan(_settings(db_url, capped), AGE_BUCKETS) is None
     dry = _settings(db_url, [{"name": "f", "target": sql}], dry_run=True)
     assert plan(dry, AGE_BUCKETS) is None
 
@@ -229,7 +253,18 @@ async def test_an_express_page_replays_like_the_ordinary_path(
         ("waiting", "later"),
     ]
     assert await fetch(db_url, "SELECT count(*) FROM dlqd_inbox") == [(0,)]
+    # the schedule written in SQL is the one Python decides, to the microsecond
+    (row,) = await fetch(
+        db_url,
+        """SELECT j.id, j.app_id, j.type, j.error_reason, j.attempts, j.dlq_at, s.due_at
+             FROM dlqd_entry_state s JOIN job_dlq j ON j.id = s.dlq_id
+            WHERE s.state = 'waiting'""",
+    )
+    decision = decide(_Entry(*row[:6]), current.policies, 0, row[5])
+    assert isinstance(decision, Replay)
+    assert decision.due_at == row[6]
     assert metrics.replays_total.labels("now", "replayed")._value.get() == 9
+    assert metrics.parked_total.labels("hold", "policy")._value.get() == 1
     ages = metrics.dlq_to_replay_seconds.labels("now")
     assert ages._sum.get() >= 0
     assert sum(b.get() for b in ages._buckets) == 9
@@ -429,3 +464,81 @@ def test_bulk_observations_expose_what_one_observe_per_value_does() -> None:
 
     assert histogram(one) == histogram(many)
     assert any('le="0.01",policy="p"} 2.0' in line for line in histogram(one))
+
+
+async def test_express_schedules_in_sql_what_python_would(
+    db_url: str, pool: AsyncConnectionPool[Any], sink: None
+) -> None:
+    """Due times written by express pages equal decide()'s to the microsecond:
+    a fixed delay, an exponential one (a job never replayed), a future dlq_at;
+    a job replayed before takes the ordinary path, which counts its replays."""
+    policies = [
+        {"name": "fixed", "match": {"type": ["f.*"]}, "delay": "90m", "backoff": "fixed",
+         "target": {"kind": "sql", "statement": SINK}},
+        {"name": "exp", "match": {"type": ["e.*"]}, "delay": "7s", "factor": 3.0,
+         "target": {"kind": "sql", "statement": SINK}},
+        {"name": "now", "target": {"kind": "sql", "statement": SINK}},
+    ]  # fmt: skip
+    current = _settings(db_url, policies)
+    replayer = Replayer(pool, lambda: current, Metrics(), Throttle(), anyio.Event())
+    # a job replayed once already: its next return waits 7s x 3
+    await insert(db_url, [row_json(original_job_id="back", type="x")])
+    assert (await replayer.run_once(full=False)).replayed == 1
+    future = datetime.now(UTC) + timedelta(hours=2)
+    await insert(
+        db_url,
+        [
+            row_json(original_job_id="f1", type="f.x"),
+            row_json(original_job_id="e1", type="e.x"),
+            row_json(original_job_id="back", type="e.x"),
+            row_json(original_job_id="later", type="x", dlq_at=future),
+        ],
+    )
+    with capture_logs() as logs:
+        result = await replayer.run_once(full=False)
+    assert result.scheduled == 4
+    express = [e for e in logs if e["event"] == "batch" and e.get("express")]
+    assert express == []  # schedule rows only: nothing replayed or parked
+    rows = await fetch(
+        db_url,
+        """SELECT j.id, j.app_id, j.type, j.error_reason, j.attempts, j.dlq_at, s.due_at,
+                  j.original_job_id, s.policy
+             FROM dlqd_entry_state s JOIN job_dlq j ON j.id = s.dlq_id
+            WHERE s.state = 'waiting'""",
+    )
+    assert len(rows) == 4
+    for row in rows:
+        count = 1 if row[7] == "back" else 0
+        decision = decide(_Entry(*row[:6]), current.policies, count, row[5])
+        assert isinstance(decision, Replay)
+        assert (decision.policy.name, decision.due_at) == (row[8], row[6]), row
+
+
+async def test_an_express_page_feeds_each_target_its_own_rows(
+    db_url: str, pool: AsyncConnectionPool[Any], sink: None
+) -> None:
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        await conn.execute("CREATE TABLE other (dlq_id uuid PRIMARY KEY)")
+    policies = [
+        {"name": "a", "match": {"type": ["a.*"]}, "target": {"kind": "sql", "statement": SINK}},
+        {"name": "b", "match": {"type": ["b.*"]},
+         "target": {"kind": "sql", "statement": "INSERT INTO other SELECT id FROM replayed"}},
+    ]  # fmt: skip
+    current = _settings(db_url, policies)
+    replayer = Replayer(pool, lambda: current, Metrics(), Throttle(), anyio.Event())
+    await insert(
+        db_url,
+        [row_json(original_job_id=f"a{i}", type="a.x") for i in range(3)]
+        + [row_json(original_job_id=f"b{i}", type="b.x") for i in range(2)],
+    )
+    with capture_logs() as logs:
+        assert (await replayer.run_once(full=False)).replayed == 5
+    assert [e["policies"] for e in express_batches(logs)] == [
+        {"a": {"replayed": 3}, "b": {"replayed": 2}}
+    ]
+    assert await fetch(
+        db_url, "SELECT j.type, count(*) FROM sink s JOIN job_dlq j ON j.id = s.dlq_id GROUP BY 1"
+    ) == [("a.x", 3)]
+    assert await fetch(
+        db_url, "SELECT j.type, count(*) FROM other o JOIN job_dlq j ON j.id = o.dlq_id GROUP BY 1"
+    ) == [("b.x", 2)]

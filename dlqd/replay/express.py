@@ -1,21 +1,28 @@
-"""Express pages: new rows replayed inside Postgres, one statement per page.
+"""Express pages: new rows decided and replayed inside Postgres, one statement per page.
 
-A new row (an inbox entry with no schedule row, valid, ``dlq_at`` not in the
-future) qualifies when the first policy that matches it replays at once (no
-delay, no rate limit, no ``max_replays``, no dry run, its circuit closed) into
-a target that runs over a set: a ``sql`` statement over ``replayed``, or a
-``notify`` channel. For those rows nothing is decided in Python. The
-policies' matches are compiled to SQL (``LIKE`` for globs without a character
-class), and one statement claims the page ``FOR UPDATE SKIP LOCKED``, runs
-the target over it, sets ``replayed_at``, writes the replay log and drops the
-inbox entries. What comes back is a summary: rows per policy, with their
-dead-letter-to-replay ages already bucketed for the histogram.
+A new row (an inbox entry with no schedule row, valid) goes express when the
+first policy that matches it can be applied without Python:
+
+- a park policy: the row gets its ``parked_policy`` schedule row;
+- a replay policy without ``max_replays`` or dry run, whose delay is known in
+  SQL (none, fixed, or exponential for a job never replayed; no jitter on a
+  delay): a row not due yet gets its ``waiting`` schedule row at
+  ``dlq_at + delay``; a due row is replayed at once when the policy has no
+  rate limit, its circuit is closed, and its target runs over a set (a ``sql``
+  statement over ``replayed``, or a ``notify`` channel).
+
+The policies' matches are compiled to SQL (``LIKE`` for globs without a
+character class). One statement claims the page ``FOR UPDATE SKIP LOCKED``,
+writes the schedule rows, runs the target over the due rows, sets their
+``replayed_at``, writes the replay log and drops the inbox entries. What comes
+back is a summary: rows per policy and outcome, with the replayed rows' ages
+already bucketed for the histogram.
 
 Every other row, and every row of an express page whose transaction fails,
 takes the ordinary path (``dlqd.replay.worker``), which decides row by row and
 isolates a failing row. An express page changes how fast an outcome is
-reached, never the outcome: the ordinary path would replay the same rows, at
-the same moment, through the same target, with the same replay log.
+reached, never the outcome: the ordinary path would write the same schedule
+rows, replay the same rows through the same target, and log the same replays.
 """
 
 from __future__ import annotations
@@ -23,12 +30,15 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Literal
+from uuid import UUID
 
 import psycopg
 from psycopg.pq import TransactionStatus
 
 from dlqd.config import Match, NotifyTarget, Policy, Settings, SqlTarget
+from dlqd.policy import replay_delay
 from dlqd.replay.batch import set_replay_timeouts
 from dlqd.replay.targets import is_set_based
 
@@ -74,16 +84,35 @@ def sink_kind(statement: str) -> Literal["dml", "select"] | None:
     return None
 
 
+Kind = Literal["park", "fixed", "exp"]
+
+
+def express_kind(policy: Policy, settings: Settings) -> Kind | None:
+    """What an express page may do for the rows ``policy`` is the first to match:
+    ``park`` them (a park policy), or schedule them at ``dlq_at`` plus a delay
+    known without Python (``fixed``; ``exp``: exponential, known for a job never
+    replayed, the only case it is taken), replaying the due ones at once when
+    the policy is also :func:`express_target`. None: the ordinary path decides
+    (dry runs; ``max_replays``, which counts; jitter on a delay, computed in
+    Python from the row id)."""
+    if policy.dry_run or settings.dry_run:
+        return None
+    if policy.action == "park":
+        return "park"
+    if policy.max_replays is not None or settings.target_for(policy) is None:
+        return None
+    if policy.delay.total_seconds() == 0:
+        return "fixed"  # no delay: neither the backoff nor the jitter matters
+    if policy.jitter > 0:
+        return None
+    return "fixed" if policy.backoff == "fixed" else "exp"
+
+
 def express_target(policy: Policy, settings: Settings) -> ExpressTarget | None:
-    """The target ``policy`` replays into at once, when its rows may go express."""
-    if (
-        policy.action != "replay"
-        or policy.dry_run
-        or settings.dry_run
-        or policy.delay.total_seconds() > 0
-        or policy.rate_limit is not None
-        or policy.max_replays is not None
-    ):
+    """The target an express page replays ``policy``'s due rows into, or None
+    when they take the ordinary path (rate limits are taken there; an http
+    target cannot share the transaction; a per-row statement runs per row)."""
+    if express_kind(policy, settings) not in ("fixed", "exp") or policy.rate_limit is not None:
         return None
     target = settings.target_for(policy)
     if isinstance(target, NotifyTarget):
@@ -135,62 +164,95 @@ class ExpressPlan:
 
     text: bytes
     params: dict[str, Any]
-    policies: dict[int, Policy]  # the express policies, by their index in settings.policies
+    # policies whose due rows an express page replays, by index in settings.policies
+    policies: dict[int, Policy]
 
-    def bind(self, after_seq: int, limit: int, indexes: Iterable[int]) -> dict[str, Any]:
-        return {**self.params, "after_seq": after_seq, "limit": limit, "express": list(indexes)}
+    def bind(self, after_seq: int, limit: int, replayable: Iterable[int]) -> dict[str, Any]:
+        return {
+            **self.params,
+            "after_seq": after_seq,
+            "limit": limit,
+            "replayable": list(replayable),
+        }
 
 
 def plan(settings: Settings, age_buckets: Sequence[float]) -> ExpressPlan | None:
     """The express plan for ``settings``, or None when no policy qualifies.
 
-    One target per plan: the first qualifying policy's, shared by every
-    qualifying policy with the same target; other rows take the ordinary path.
+    Each target that due rows go to runs once per page, over its own policies'
+    rows (a ``replayed`` of its own).
     """
-    chosen: ExpressTarget | None = None
-    express: dict[int, Policy] = {}
+    kinds = [express_kind(p, settings) for p in settings.policies]
+    if not any(kinds):
+        return None
+    targets: dict[str, tuple[ExpressTarget, list[int]]] = {}
+    replaying: dict[int, Policy] = {}
     for index, policy in enumerate(settings.policies):
         target = express_target(policy, settings)
-        if target is None or (chosen is not None and target != chosen):
-            continue
-        chosen = target
-        express[index] = policy
-    if chosen is None:
-        return None
+        if target is not None:
+            targets.setdefault(target.model_dump_json(), (target, []))[1].append(index)
+            replaying[index] = policy
+    delays = [
+        # microseconds, added as such: an interval's days would follow DST
+        _micros(replay_delay(p, 0, _NIL)) if kind in ("fixed", "exp") else None
+        for p, kind in zip(settings.policies, kinds, strict=True)
+    ]
     params: dict[str, Any] = {
         "names": [p.name for p in settings.policies],
+        "kinds": kinds,
+        "delays": delays,
+        "fingerprint": settings.policies_fingerprint,
+        "retention": settings.purge.log_retention,
         # width_bucket counts the bounds <= its operand: over the negated bounds,
         # those >= the age, so that an age equal to a bound falls in its bucket
         "negated_bounds": sorted(-b for b in age_buckets),
         "bucket_count": len(age_buckets),
     }
-    case = first_policy_sql(settings.policies, max(express), params)
-    if isinstance(chosen, NotifyTarget):
-        params["channel"] = chosen.channel
-        sink = _NOTIFY_SINK
-        read_sink = True
-    else:
-        sink = chosen.statement.strip().rstrip(";")
-        read_sink = sink_kind(chosen.statement) == "select"
+    last = max(i for i, kind in enumerate(kinds) if kind is not None)
+    sinks: list[str] = []
+    read: list[str] = []
+    for number, (target, indexes) in enumerate(targets.values()):
+        own = ", ".join(str(i) for i in indexes)
+        if isinstance(target, NotifyTarget):
+            params[f"channel_{number}"] = target.channel
+            sink = _NOTIFY_SINK.format(channel=f"channel_{number}")
+            reads = True
+        else:
+            sink = target.statement.strip().rstrip(";")
+            reads = sink_kind(target.statement) == "select"
+        sinks.append(
+            f", target_{number} AS (\nWITH replayed AS (SELECT (p.entry).* FROM picked p\n"
+            f"    WHERE p.action = 'replay' AND p.policy IN ({own}))\n{sink}\n)"
+        )
+        if reads:  # a SELECT runs only when read
+            read.append(f"(SELECT count(*) FROM target_{number})")
     text = _STATEMENT.format(
-        case=case,
-        sink=sink,
-        sink_rows="(SELECT count(*) FROM target)" if read_sink else "NULL::bigint",
+        case=first_policy_sql(settings.policies, last, params),
+        targets="".join(sinks),
+        sink_rows=" + ".join(read) or "NULL::bigint",
     )
-    return ExpressPlan(text.encode(), params, express)
+    return ExpressPlan(text.encode(), params, replaying)
 
 
-# The notify target's messages, as dlqd_inbox order gives them (as notify_rows).
-_NOTIFY_SINK = """SELECT count(pg_notify(%(channel)s, m.message))
-      FROM (SELECT json_build_object('id', (p.entry).id,
-                                     'original_job_id', (p.entry).original_job_id,
-                                     'app_id', (p.entry).app_id,
-                                     'type', (p.entry).type)::text AS message
-              FROM picked p ORDER BY p.seq) AS m"""
+def _micros(delay: timedelta) -> int:
+    return (delay.days * 86_400 + delay.seconds) * 1_000_000 + delay.microseconds
 
-# {case}: the first matching policy (first_policy_sql); {sink}: the target.
-# ``replayed`` holds the rows as they were claimed (replayed_at still NULL), as
-# in the ordinary path, where the target runs before the rows are marked.
+
+_NIL = UUID(int=0)
+
+
+# The notify target's messages, in inbox order (as notify_rows sends them).
+_NOTIFY_SINK = """SELECT count(pg_notify(%({channel})s, m.message))
+  FROM (SELECT json_build_object('id', r.id, 'original_job_id', r.original_job_id,
+                                 'app_id', r.app_id, 'type', r.type)::text AS message,
+               p.seq
+          FROM replayed r JOIN picked p ON p.id = r.id
+         ORDER BY p.seq) AS m"""
+
+# {case}: the first matching policy (first_policy_sql); {targets}: one CTE per
+# target, each with its own ``replayed``: the rows of its policies as they were
+# claimed (replayed_at still NULL), as in the ordinary path, where the target
+# runs before the rows are marked.
 _STATEMENT = """WITH candidates AS MATERIALIZED (
     -- the next inbox entries, locked (replicas take different ones): an index
     -- range scan whatever the filters below, which the planner cannot estimate
@@ -202,17 +264,38 @@ _STATEMENT = """WITH candidates AS MATERIALIZED (
        FOR UPDATE SKIP LOCKED
 ), picked AS MATERIALIZED (
     -- each entry's row by its primary key (a lateral subquery with a locking
-    -- clause is never flattened into a join: no plan scans job_dlq whole)
-    SELECT c.seq, c.dlq_id AS id, e.entry, e.policy
+    -- clause is never flattened into a join: no plan scans job_dlq whole),
+    -- with what to do: park, wait (a schedule row) or replay; rows with none
+    -- are left to the ordinary path
+    SELECT c.seq, c.dlq_id AS id, e.entry, e.policy, e.action, e.due_at
       FROM candidates c
      CROSS JOIN LATERAL (
-            SELECT j AS entry, m.policy
+            SELECT j AS entry, m.policy, d.action, k.due_at
               FROM job_dlq j
              CROSS JOIN LATERAL (SELECT {case} AS policy) m
+             CROSS JOIN LATERAL (
+                    SELECT (%(kinds)s::text[])[m.policy + 1] AS kind,
+                           j.dlq_at + (%(delays)s::bigint[])[m.policy + 1]
+                                      * interval '1 microsecond' AS due_at
+                   ) k
+             CROSS JOIN LATERAL (
+                    SELECT CASE
+                           WHEN k.kind = 'park' THEN 'park'
+                           -- exponential: known here for a job never replayed
+                           WHEN k.kind = 'exp' AND EXISTS (
+                                SELECT FROM dlqd_replay_log l
+                                 WHERE l.app_id = j.app_id
+                                   AND l.original_job_id = j.original_job_id
+                                   AND l.outcome = 'replayed'
+                                   AND l.at > now() - %(retention)s::interval) THEN NULL
+                           WHEN k.due_at > now() THEN 'wait'
+                           WHEN m.policy = ANY (%(replayable)s::int[]) THEN 'replay'
+                           END AS action
+                   ) d
              WHERE j.id = c.dlq_id
-               AND m.policy = ANY (%(express)s::int[])
+               AND m.policy >= 0
+               AND d.action IS NOT NULL
                AND j.replayed_at IS NULL
-               AND j.dlq_at <= now()
                AND dlqd_row_problem(j.dlq_at, j.app_id, j.type, j.error_reason,
                                     j.original_job_id) IS NULL
                AND NOT EXISTS (SELECT FROM dlqd_entry_state s WHERE s.dlq_id = j.id)
@@ -220,10 +303,17 @@ _STATEMENT = """WITH candidates AS MATERIALIZED (
            ) e
 ), inbox AS (
     DELETE FROM dlqd_inbox WHERE seq IN (SELECT seq FROM picked)
+), states AS (
+    INSERT INTO dlqd_entry_state (dlq_id, state, policy, fingerprint, due_at, failures)
+    SELECT p.id, CASE p.action WHEN 'park' THEN 'parked_policy' ELSE 'waiting' END,
+           (%(names)s::text[])[p.policy + 1], %(fingerprint)s,
+           CASE WHEN p.action = 'wait' THEN p.due_at END, 0
+      FROM picked p
+     WHERE p.action <> 'replay'
 ), marked AS (
     -- by primary key, whatever the planner thinks of a join with picked
     UPDATE job_dlq j SET replayed_at = now()
-     WHERE j.id = ANY (ARRAY(SELECT id FROM picked))
+     WHERE j.id = ANY (ARRAY(SELECT id FROM picked WHERE action = 'replay'))
     RETURNING j.id, j.original_job_id, j.app_id,
               extract(epoch FROM j.replayed_at - j.dlq_at)::float8 AS lag
 ), logged AS (
@@ -233,24 +323,23 @@ _STATEMENT = """WITH candidates AS MATERIALIZED (
       FROM marked m
       JOIN picked p ON p.id = m.id
      ORDER BY p.seq
-), replayed AS (
-    SELECT (p.entry).* FROM picked p
-), target AS (
-{sink}
 )
+{targets}
 SELECT (SELECT count(*) FROM candidates) AS scanned,
        (SELECT max(seq) FROM candidates) AS last_seq,
        (SELECT count(*) FROM picked) AS claimed,
        {sink_rows} AS sink_rows,
-       (SELECT coalesce(json_agg(json_build_array(g.policy, g.bucket, g.n, g.lag_sum)), '[]')
-          FROM (SELECT p.policy,
+       (SELECT coalesce(json_agg(json_build_array(g.policy, g.action, g.bucket, g.n, g.lag_sum)),
+                        '[]')
+          FROM (SELECT p.policy, p.action,
                        -- bounds below the age: its bucket (lowest first, +Inf last)
-                       %(bucket_count)s - width_bucket(-m.lag, %(negated_bounds)s::float8[])
+                       coalesce(%(bucket_count)s
+                                - width_bucket(-m.lag, %(negated_bounds)s::float8[]), 0)
                            AS bucket,
-                       count(*) AS n, sum(m.lag) AS lag_sum
-                  FROM marked m
-                  JOIN picked p ON p.id = m.id
-                 GROUP BY 1, 2) g) AS replayed"""
+                       count(*) AS n, coalesce(sum(m.lag), 0) AS lag_sum
+                  FROM picked p
+                  LEFT JOIN marked m ON m.id = p.id
+                 GROUP BY 1, 2, 3) g) AS outcomes"""
 
 
 @dataclass
@@ -259,9 +348,11 @@ class ExpressPage:
 
     scanned: int  # inbox entries this page locked
     last_seq: int
-    claimed: int  # of those, rows replayed here (the others are the ordinary path's)
+    claimed: int  # of those, rows done here (the others are the ordinary path's)
     # policy name -> (rows, {age bucket index: rows}, sum of ages in seconds)
     replayed: dict[str, tuple[int, dict[int, int], float]] = field(default_factory=dict)
+    parked: dict[str, int] = field(default_factory=dict)  # by a park policy
+    scheduled: int = 0  # waiting schedule rows written
     seconds: float = 0.0
 
 
@@ -271,7 +362,7 @@ async def run_page(
     settings: Settings,
     *,
     after_seq: int,
-    indexes: Iterable[int],
+    replayable: Iterable[int],
 ) -> ExpressPage:
     """One express page in its own transaction, its statements pipelined: one
     round trip for BEGIN, the timeouts, the statement and COMMIT.
@@ -284,7 +375,7 @@ async def run_page(
     constraint then fails at the Sync itself, which psycopg reports as a
     broken pipeline rather than as the constraint's error.)
     """
-    params = express.bind(after_seq, settings.replay.batch_size, indexes)
+    params = express.bind(after_seq, settings.replay.batch_size, replayable)
     try:
         async with conn.pipeline():
             await conn.execute(b"BEGIN")
@@ -304,8 +395,14 @@ async def run_page(
         claimed=int(row["claimed"]),
     )
     names = [p.name for p in settings.policies]
-    for index, bucket, n, lag_sum in row["replayed"]:
-        rows, buckets, total = page.replayed.get(names[index], (0, {}, 0.0))
-        buckets[int(bucket)] = buckets.get(int(bucket), 0) + int(n)
-        page.replayed[names[index]] = (rows + int(n), buckets, total + float(lag_sum or 0.0))
+    for index, action, bucket, n, lag_sum in row["outcomes"]:
+        name = names[index]
+        if action == "replay":
+            rows, buckets, total = page.replayed.get(name, (0, {}, 0.0))
+            buckets[int(bucket)] = buckets.get(int(bucket), 0) + int(n)
+            page.replayed[name] = (rows + int(n), buckets, total + float(lag_sum))
+        elif action == "park":
+            page.parked[name] = page.parked.get(name, 0) + int(n)
+        else:
+            page.scheduled += int(n)
     return page

@@ -133,26 +133,36 @@ def report(
 def report_express(page: ExpressPage, metrics: Metrics | None, *, duration: float) -> None:
     """Count, record and log a committed express page, per policy, not per row:
     the same counters and histograms as :func:`report`, and the same ``batch``
-    event (marked ``express``). Its rows are in the replay log table."""
-    total = sum(rows for rows, _, _ in page.replayed.values())
-    if not total:
-        return
+    event (marked ``express``). Its rows are in the replay log and schedule tables."""
+    replayed = sum(rows for rows, _, _ in page.replayed.values())
+    parked = sum(page.parked.values())
     if metrics is not None:
-        per_row = bucket_index(LATENCY_BUCKETS, page.seconds / total)
+        if replayed:
+            per_row = bucket_index(LATENCY_BUCKETS, page.seconds / replayed)
         for name, (rows, ages, age_sum) in page.replayed.items():
             metrics.replays_total.labels(name, "replayed").inc(rows)
             observe_counts(metrics.dlq_to_replay_seconds.labels(name), ages, age_sum)
             observe_counts(
                 metrics.replay_duration_seconds.labels(name),
                 {per_row: rows},
-                page.seconds * rows / total,
+                page.seconds * rows / replayed,
             )
+        for name, rows in page.parked.items():
+            metrics.replays_total.labels(name, "parked").inc(rows)
+            metrics.parked_total.labels(name, "policy").inc(rows)
+    if not replayed and not parked:
+        return  # schedule rows only: decisions, logged at debug by the ordinary path
+    policies: dict[str, dict[str, int]] = {}
+    for name, (rows, _, _) in page.replayed.items():
+        policies.setdefault(name, {})["replayed"] = rows
+    for name, rows in page.parked.items():
+        policies.setdefault(name, {})["parked"] = rows
     log.info(
         "batch",
-        replayed=total,
+        replayed=replayed,
         failed=0,
-        parked=0,
-        policies={name: {"replayed": rows} for name, (rows, _, _) in sorted(page.replayed.items())},
+        parked=parked,
+        policies=dict(sorted(policies.items())),
         duration_ms=round(duration * 1000, 1),
         manual=False,
         express=True,

@@ -206,12 +206,13 @@ class Replayer:
         rest = False
         while not self.stopping.is_set():
             closed = await self.throttle.closed_circuits(conn, list(by_name), anyio.current_time())
-            indexes = [i for i, p in express.policies.items() if p.name in closed]
-            if not indexes:
-                return True
+            # an open circuit: its due rows take the ordinary path, which defers them
+            replayable = [i for i, p in express.policies.items() if p.name in closed]
             started = anyio.current_time()
             try:
-                page = await run_page(conn, express, settings, after_seq=after_seq, indexes=indexes)
+                page = await run_page(
+                    conn, express, settings, after_seq=after_seq, replayable=replayable
+                )
             except psycopg.Error as exc:
                 timed_out = isinstance(exc, TIMEOUT_ERRORS)
                 if conn.broken or (isinstance(exc, psycopg.OperationalError) and not timed_out):
@@ -225,6 +226,9 @@ class Replayer:
             page.seconds = anyio.current_time() - started
             result.claimed += page.claimed
             result.replayed += sum(rows for rows, _, _ in page.replayed.values())
+            result.parked += sum(page.parked.values())
+            result.scheduled += page.scheduled
+            result.wrote_waiting = result.wrote_waiting or page.scheduled > 0
             rest = rest or page.scanned > page.claimed
             report_express(page, self.metrics, duration=page.seconds)
             await self._learn(conn, [(by_name[name], True, True) for name in page.replayed])
