@@ -328,7 +328,7 @@ _STATEMENT = """WITH candidates AS MATERIALIZED (
 SELECT (SELECT count(*) FROM candidates) AS scanned,
        (SELECT max(seq) FROM candidates) AS last_seq,
        (SELECT count(*) FROM picked) AS claimed,
-       {sink_rows} AS sink_rows,
+       {sink_rows} AS sink_rows,  -- read: a SELECT target runs only when read
        (SELECT coalesce(json_agg(json_build_array(g.policy, g.action, g.bucket, g.n, g.lag_sum)),
                         '[]')
           FROM (SELECT p.policy, p.action,

@@ -137,8 +137,7 @@ def report_express(page: ExpressPage, metrics: Metrics | None, *, duration: floa
     replayed = sum(rows for rows, _, _ in page.replayed.values())
     parked = sum(page.parked.values())
     if metrics is not None:
-        if replayed:
-            per_row = bucket_index(LATENCY_BUCKETS, page.seconds / replayed)
+        per_row = bucket_index(LATENCY_BUCKETS, page.seconds / max(replayed, 1))
         for name, (rows, ages, age_sum) in page.replayed.items():
             metrics.replays_total.labels(name, "replayed").inc(rows)
             observe_counts(metrics.dlq_to_replay_seconds.labels(name), ages, age_sum)
