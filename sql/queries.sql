@@ -223,6 +223,11 @@ SELECT j.id, now() AS db_now
 SELECT set_config('statement_timeout', %(statement_timeout)s, true),
        set_config('lock_timeout', %(lock_timeout)s, true)
 
+-- name: custom_plans
+-- For this transaction: plan each statement for its parameters (an express
+-- page expected to be full; dlqd/replay/express.py says why).
+SELECT set_config('plan_cache_mode', 'force_custom_plan', true)
+
 -- name: constraints_immediate
 SET CONSTRAINTS ALL IMMEDIATE
 

@@ -130,6 +130,8 @@ class Replayer:
         self._next_due_at: tuple[str, float | None] | None = None
         # the express plan of the settings object it was made for
         self._express: tuple[Settings, ExpressPlan | None] | None = None
+        # the last express page was full: a backlog, the next one will be too
+        self._express_backlog = False
 
     # ------------------------------------------------------------------ one pass
 
@@ -211,7 +213,12 @@ class Replayer:
             started = anyio.current_time()
             try:
                 page = await run_page(
-                    conn, express, settings, after_seq=after_seq, replayable=replayable
+                    conn,
+                    express,
+                    settings,
+                    after_seq=after_seq,
+                    replayable=replayable,
+                    custom_plan=self._express_backlog,
                 )
             except psycopg.Error as exc:
                 timed_out = isinstance(exc, TIMEOUT_ERRORS)
@@ -224,6 +231,7 @@ class Replayer:
                 )
                 return True
             page.seconds = anyio.current_time() - started
+            self._express_backlog = page.scanned >= settings.replay.batch_size
             result.claimed += page.claimed
             result.replayed += sum(rows for rows, _, _ in page.replayed.values())
             result.parked += sum(page.parked.values())
