@@ -2,6 +2,9 @@
 
 One pass (``run_once``) is a series of short transactions, one per page:
 
+0. *express pages* (``dlqd.replay.express``) — new rows whose policy needs
+   no Python are parked, scheduled or replayed by one statement per page;
+   what they leave (or a page that failed) goes on to step 1;
 1. *new rows* — entries of ``dlqd_inbox`` (written by the insert trigger), in
    insertion order, locked ``FOR UPDATE SKIP LOCKED``: each row is decided;
    rows due now replay in that same transaction, the others get a schedule
