@@ -273,12 +273,13 @@ _STATEMENT = """WITH candidates AS MATERIALIZED (
      CROSS JOIN LATERAL (
             SELECT j AS entry, m.policy, d.action, k.due_at
               FROM job_dlq j
-             CROSS JOIN LATERAL (SELECT {case} AS policy) m
+             -- OFFSET 0: each computed once per row, not inlined wherever it is used
+             CROSS JOIN LATERAL (SELECT {case} AS policy OFFSET 0) m
              CROSS JOIN LATERAL (
                     SELECT (%(kinds)s::text[])[m.policy + 1] AS kind,
                            j.dlq_at + (%(delays)s::bigint[])[m.policy + 1]
                                       * interval '1 microsecond' AS due_at
-                   ) k
+                    OFFSET 0) k
              CROSS JOIN LATERAL (
                     SELECT CASE
                            WHEN k.kind = 'park' THEN 'park'
@@ -292,7 +293,7 @@ _STATEMENT = """WITH candidates AS MATERIALIZED (
                            WHEN k.due_at > now() THEN 'wait'
                            WHEN m.policy = ANY (%(replayable)s::int[]) THEN 'replay'
                            END AS action
-                   ) d
+                    OFFSET 0) d
              WHERE j.id = c.dlq_id
                AND m.policy >= 0
                AND d.action IS NOT NULL
