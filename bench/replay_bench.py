@@ -287,27 +287,33 @@ target = { kind = "notify", channel = "replayed" }
     print(f"insert->replay with {waiting} rows waiting:  {percentiles(samples)}")
 
 
+def seeded(admin: str, stack: ExitStack, backlog: int, types: int = 1) -> str:
+    """A fresh database with a sink and ``backlog`` pending rows, vacuumed. One
+    type (``email.send``), or ``types`` of them in turn (``t00.event``, …)."""
+    url = fresh_db(admin, stack)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(SINK.encode())
+        conn.execute(
+            """INSERT INTO job_dlq (original_job_id, app_id, type, payload, error_reason,
+                                    attempts, dlq_at)
+               SELECT 'b' || g, 'app-' || (g %% 20),
+                      CASE WHEN %(types)s = 1 THEN 'email.send'
+                           ELSE 't' || lpad((g %% %(types)s)::text, 2, '0') || '.event' END,
+                      jsonb_build_object('to', 'u' || g || '@example.com', 'n', g),
+                      'timeout', 3, now() - interval '1 hour' + g * interval '1 ms'
+                 FROM generate_series(1, %(backlog)s) g""",
+            {"types": types, "backlog": backlog},
+        )
+        conn.execute("VACUUM ANALYZE job_dlq")
+    return url
+
+
 def drain(admin: str, backlog: int, workdir: Path, stack: ExitStack, forms: list[str]) -> None:
-    def seeded() -> str:
-        url = fresh_db(admin, stack)
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(SINK.encode())
-            conn.execute(
-                """INSERT INTO job_dlq (original_job_id, app_id, type, payload, error_reason,
-                                        attempts, dlq_at)
-                   SELECT 'b' || g, 'app-' || (g %% 20), 'email.send',
-                          jsonb_build_object('to', 'u' || g || '@example.com', 'n', g),
-                          'timeout', 3, now() - interval '1 hour' + g * interval '1 ms'
-                     FROM generate_series(1, %s) g""",
-                [backlog],
-            )
-            conn.execute("VACUUM ANALYZE job_dlq")
-        return url
 
     # plain-SQL limits: everything in one statement; then batches of BATCH rows
     # claimed with SKIP LOCKED, marked and sunk, one statement per batch, on 1
     # and 2 connections (the limit the daemon is held to)
-    url = seeded()
+    url = seeded(admin, stack, backlog)
     with psycopg.connect(url, autocommit=True) as conn:
         started = time.perf_counter()
         conn.execute(
@@ -322,7 +328,7 @@ def drain(admin: str, backlog: int, workdir: Path, stack: ExitStack, forms: list
     )
     limits: dict[int, float] = {}
     for connections in (1, 2):
-        url = seeded()
+        url = seeded(admin, stack, backlog)
         elapsed = batched_limit(url, connections, BATCH_STATEMENT)
         limits[connections] = backlog / elapsed
         print(
@@ -332,7 +338,7 @@ def drain(admin: str, backlog: int, workdir: Path, stack: ExitStack, forms: list
     # the same, also doing the writes dlqd must do: its inbox entries deleted
     # and a replay log row per replay
     for connections in (1, 2):
-        url = seeded()
+        url = seeded(admin, stack, backlog)
         elapsed = batched_limit(url, connections, BATCH_WITH_LOG_STATEMENT)
         print(
             f"drain {backlog} rows, plain SQL batches of {BATCH} x {connections} connection(s) "
@@ -358,7 +364,7 @@ target = {{ kind = "sql", statement = "{statement}" }}
 [replay]
 batch_size = {BATCH}
 """
-        url = seeded()
+        url = seeded(admin, stack, backlog)
         processes = [start_daemon(url, config, workdir, concurrency) for _ in range(daemons)]
         started = time.perf_counter()
         wait_drained(url)
@@ -464,28 +470,10 @@ batch_size = {BATCH}
 def policy_mix(admin: str, backlog: int, workdir: Path, stack: ExitStack) -> None:
     """The backlog over 20 policies: time until every row is decided (replayed,
     scheduled or parked), beside the 1-connection limit of the same rows."""
-
-    def seeded() -> str:
-        url = fresh_db(admin, stack)
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(SINK.encode())
-            conn.execute(
-                """INSERT INTO job_dlq (original_job_id, app_id, type, payload, error_reason,
-                                        attempts, dlq_at)
-                   SELECT 'b' || g, 'app-' || (g %% 20),
-                          't' || lpad((g %% %s)::text, 2, '0') || '.event',
-                          jsonb_build_object('to', 'u' || g || '@example.com', 'n', g),
-                          'timeout', 3, now() - interval '1 hour' + g * interval '1 ms'
-                     FROM generate_series(1, %s) g""",
-                [MIX_TYPES, backlog],
-            )
-            conn.execute("VACUUM ANALYZE job_dlq")
-        return url
-
-    url = seeded()
+    url = seeded(admin, stack, backlog, MIX_TYPES)
     limit = backlog / batched_limit(url, 1, BATCH_STATEMENT)
     print(f"policy mix, {backlog} rows: plain SQL batches of {BATCH} (limit): {limit:,.0f} rows/s")
-    url = seeded()
+    url = seeded(admin, stack, backlog, MIX_TYPES)
     process, _ = start_daemon(url, mix_config(), workdir)
     replayed = backlog * (MIX_TYPES - 2) // MIX_TYPES
     wait_drained(url)

@@ -119,9 +119,9 @@ class Throttle:
                 row["open"], row["cool_down_left"], row["trial_running"], now, row["clean"]
             )
 
-    async def closed_circuits(self, conn: Connection, names: Sequence[str], now: float) -> set[str]:
-        """Of ``names``, the policies whose circuit is closed; circuits not read
-        within ``CIRCUIT_FRESH`` (and open ones) are read first."""
+    async def refresh_circuits(self, conn: Connection, names: Sequence[str], now: float) -> None:
+        """Read the circuits of ``names`` not read within ``CIRCUIT_FRESH``, and
+        the open ones (whose cool-down may have ended)."""
         stale = [
             name
             for name in names
@@ -130,6 +130,10 @@ class Throttle:
             or now - self._circuits[name].read_at >= CIRCUIT_FRESH
         ]
         await self.read_circuits(conn, stale, now)
+
+    async def closed_circuits(self, conn: Connection, names: Sequence[str], now: float) -> set[str]:
+        """Of ``names``, the policies whose circuit is closed (refreshed first)."""
+        await self.refresh_circuits(conn, names, now)
         return {name for name in names if not self.circuit_view(name).open}
 
     async def admit(
@@ -138,14 +142,7 @@ class Throttle:
         """(admitted, deferred, seconds until a deferred one may go) for ``items``
         (each with ``.policy`` and ``.row.app_id``), in ``conn``'s transaction."""
         policies = {i.policy.name: i.policy for i in items if i.policy is not None}
-        stale = [
-            name
-            for name in sorted(policies)
-            if name not in self._circuits
-            or self._circuits[name].open
-            or now - self._circuits[name].read_at >= CIRCUIT_FRESH
-        ]
-        await self.read_circuits(conn, stale, now)
+        await self.refresh_circuits(conn, sorted(policies), now)
         admitted: list[Any] = []
         deferred: list[Any] = []
         waits: list[float] = []

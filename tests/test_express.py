@@ -28,6 +28,8 @@ from tests.factories import INSERT_MANY, row_json
 pytestmark = pytest.mark.anyio
 
 SINK = "INSERT INTO sink (dlq_id, type, payload) SELECT id, type, payload FROM replayed"
+# one policy replaying every row into the sink at once, parking a row at its first failure
+NOW_ONCE = {"name": "now", "max_failures": 1, "target": {"kind": "sql", "statement": SINK}}
 
 
 @pytest.fixture
@@ -62,6 +64,18 @@ async def fetch(db_url: str, query: str) -> list[tuple[Any, ...]]:
     async with await psycopg.AsyncConnection.connect(db_url) as conn:
         cur = await conn.execute(query)
         return await cur.fetchall()
+
+
+def replayer_for(
+    pool: AsyncConnectionPool[Any],
+    settings: Settings,
+    metrics: Metrics | None = None,
+    *,
+    throttle: Throttle | None = None,
+) -> Replayer:
+    return Replayer(
+        pool, lambda: settings, metrics or Metrics(), throttle or Throttle(), anyio.Event()
+    )
 
 
 def express_batches(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -222,7 +236,7 @@ async def test_an_express_page_replays_like_the_ordinary_path(
     ]  # fmt: skip
     current = _settings(db_url, policies, replay={"batch_size": 4})
     metrics = Metrics()
-    replayer = Replayer(pool, lambda: current, metrics, Throttle(), anyio.Event())
+    replayer = replayer_for(pool, current, metrics)
     rows = [row_json(original_job_id=f"e{i}", type="email.send") for i in range(9)]
     rows += [row_json(original_job_id="h", type="held.x")]
     rows += [row_json(original_job_id="l", type="later.x")]
@@ -277,10 +291,8 @@ async def test_a_failing_express_page_falls_back_and_isolates_the_bad_row(
 ) -> None:
     """One bad row fails the express statement: nothing of it happened, and
     the ordinary path replays the good rows and records the bad row's failure."""
-    current = _settings(
-        db_url, [{"name": "now", "max_failures": 1, "target": {"kind": "sql", "statement": SINK}}]
-    )
-    replayer = Replayer(pool, lambda: current, Metrics(), Throttle(), anyio.Event())
+    current = _settings(db_url, [NOW_ONCE])
+    replayer = replayer_for(pool, current)
     rows = [row_json(original_job_id=f"g{i}") for i in range(5)]
     rows.append(row_json(original_job_id="bad", type="bad.one"))
     await insert(db_url, rows)
@@ -315,10 +327,8 @@ async def test_a_constraint_failing_at_commit_falls_back(
                CREATE TABLE sink (dlq_id uuid PRIMARY KEY, type text NOT NULL
                    REFERENCES kinds DEFERRABLE INITIALLY DEFERRED, payload jsonb)"""
         )
-    current = _settings(
-        db_url, [{"name": "now", "max_failures": 1, "target": {"kind": "sql", "statement": SINK}}]
-    )
-    replayer = Replayer(pool, lambda: current, Metrics(), Throttle(), anyio.Event())
+    current = _settings(db_url, [NOW_ONCE])
+    replayer = replayer_for(pool, current)
     rows = [row_json(original_job_id=f"k{i}") for i in range(3)]
     rows.append(row_json(original_job_id="nokind", type="no.such.kind"))
     await insert(db_url, rows)
@@ -338,7 +348,7 @@ async def test_a_blocked_target_times_out_and_the_ordinary_path_records_it(
         [{"name": "now", "retry_delay": "1h", "target": {"kind": "sql", "statement": SINK}}],
         replay={"lock_timeout": "50ms"},
     )
-    replayer = Replayer(pool, lambda: current, Metrics(), Throttle(), anyio.Event())
+    replayer = replayer_for(pool, current)
     await insert(db_url, [row_json(original_job_id="blocked")])
     async with await psycopg.AsyncConnection.connect(db_url) as holder:
         await holder.execute("LOCK TABLE sink IN ACCESS EXCLUSIVE MODE")
@@ -361,7 +371,7 @@ async def test_an_open_circuit_keeps_its_rows_off_the_express_path(
 ) -> None:
     current = _settings(db_url, [{"name": "now", "target": {"kind": "sql", "statement": SINK}}])
     throttle = Throttle()
-    replayer = Replayer(pool, lambda: current, Metrics(), throttle, anyio.Event())
+    replayer = replayer_for(pool, current, throttle=throttle)
     async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
         await conn.execute(
             "INSERT INTO dlqd_circuits (policy, open_until) VALUES ('now', now() + interval '1h')"
@@ -380,7 +390,7 @@ async def test_express_notify_sends_the_ordinary_messages_in_order(
     current = _settings(
         db_url, [{"name": "n", "target": {"kind": "notify", "channel": "replayed_jobs"}}]
     )
-    replayer = Replayer(pool, lambda: current, Metrics(), Throttle(), anyio.Event())
+    replayer = replayer_for(pool, current)
     async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as listener:
         await listener.execute("LISTEN replayed_jobs")
         await insert(db_url, [row_json(original_job_id=f"n{i}", app_id="t") for i in range(5)])
@@ -411,9 +421,7 @@ async def test_replicas_on_express_pages_replay_each_row_once(
         replay={"batch_size": 25},
     )
     await insert(db_url, [row_json(original_job_id=f"r{i}") for i in range(600)])
-    replayers = [
-        Replayer(pool, lambda: current, Metrics(), Throttle(), anyio.Event()) for _ in range(3)
-    ]
+    replayers = [replayer_for(pool, current) for _ in range(3)]
     totals: list[int] = []
 
     async def drain(replayer: Replayer) -> None:
@@ -472,7 +480,7 @@ async def test_express_schedules_in_sql_what_python_would(
         {"name": "now", "target": {"kind": "sql", "statement": SINK}},
     ]  # fmt: skip
     current = _settings(db_url, policies)
-    replayer = Replayer(pool, lambda: current, Metrics(), Throttle(), anyio.Event())
+    replayer = replayer_for(pool, current)
     # a job replayed once already: its next return waits 7s x 3
     await insert(db_url, [row_json(original_job_id="back", type="x")])
     assert (await replayer.run_once(full=False)).replayed == 1
@@ -517,7 +525,7 @@ async def test_an_express_page_feeds_each_target_its_own_rows(
          "target": {"kind": "sql", "statement": "INSERT INTO other SELECT id FROM replayed"}},
     ]  # fmt: skip
     current = _settings(db_url, policies)
-    replayer = Replayer(pool, lambda: current, Metrics(), Throttle(), anyio.Event())
+    replayer = replayer_for(pool, current)
     await insert(
         db_url,
         [row_json(original_job_id=f"a{i}", type="a.x") for i in range(3)]

@@ -405,7 +405,7 @@ async def run_page(
         last_seq=int(row["last_seq"] or after_seq),
         claimed=int(row["claimed"]),
     )
-    names = [p.name for p in settings.policies]
+    names = express.params["names"]
     for index, action, bucket, n, lag_sum in row["outcomes"]:
         name = names[index]
         if action == "replay":
