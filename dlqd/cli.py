@@ -54,7 +54,7 @@ Run `dlqd COMMAND --help` for a command's flags and examples.
 
 EXAMPLES = {
     "run": "  dlqd run --config /etc/dlqd/dlqd.toml",
-    "migrate": "  dlqd migrate",
+    "migrate": "  dlqd migrate\n  dlqd migrate --wait 30s",
     "check": "  dlqd check --config /etc/dlqd/dlqd.toml",
     "status": "  dlqd status\n  dlqd status --json | jq .parked",
     "list": (
@@ -131,7 +131,20 @@ def build_parser() -> argparse.ArgumentParser:
         "/healthz and /readyz. SIGHUP reloads the config; SIGTERM finishes the batch in "
         "flight and exits 0.",
     )
-    add("migrate", "apply sql/ migrations; idempotent and safe from many replicas at once")
+    migrate = add(
+        "migrate",
+        "apply sql/ migrations; idempotent and safe from many replicas at once",
+        "Apply sql/ migrations in order, each once. Runs at the same time wait for each "
+        "other (a lock); a session holding that lock is named while waiting, for at most "
+        "--wait. Needs the rights of the schema's owner (the role that migrated it first).",
+    )
+    migrate.add_argument(
+        "--wait",
+        type=_duration,
+        default="5m",
+        metavar="DURATION",
+        help="how long to wait for another migration to finish",
+    )
     add(
         "check",
         "validate config and policies, and reach the database",
@@ -259,6 +272,15 @@ def _page_size(text: str) -> int:
     return value
 
 
+def _duration(text: str) -> float:
+    from dlqd.config import parse_duration
+
+    try:
+        return parse_duration(text).total_seconds()
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -327,7 +349,7 @@ async def _unwrapping_groups(handler: Handler, args: argparse.Namespace, setting
     ):
         raise SchemaOutdated("database schema is not up to date: run `dlqd migrate`") from None
     except psycopg.errors.InsufficientPrivilege as exc:
-        from dlqd.replay.targets import error_line
+        from dlqd.errors import error_line
 
         raise DlqdError(
             f"{error_line(exc)}: this role lacks a grant dlqd needs; as an administrator, "
@@ -350,8 +372,11 @@ async def _migrate(args: argparse.Namespace, settings: Settings) -> int:
     from dlqd.db import connection
     from dlqd.migrations import migrate
 
+    def waiting(line: str) -> None:
+        print(f"dlqd: {line}", file=sys.stderr)
+
     async with connection(settings.dsn, autocommit=True, application_name="dlqd migrate") as conn:
-        applied = await migrate(conn)
+        applied = await migrate(conn, wait=args.wait, on_wait=waiting)
     if applied:
         for migration in applied:
             print(f"applied {migration.version:03d}_{migration.name}")

@@ -101,6 +101,37 @@ Duration = Annotated[
     PlainSerializer(format_duration, return_type=str),
 ]
 
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|kB|KB|KiB|MB|MiB|GB|GiB)?\s*$")
+_SIZE_UNITS = {
+    None: 1, "B": 1, "kB": 1000, "KB": 1000, "KiB": 1024, "MB": 1000**2, "MiB": 1024**2,
+    "GB": 1000**3, "GiB": 1024**3,
+}  # fmt: skip
+
+
+def parse_size(value: object) -> int:
+    """A size in bytes: ``16MiB``, ``512kB``, ``1GB``, or a whole number of bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size like 16MiB, 512kB or 1GB")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and (match := _SIZE_RE.match(value)):
+        return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    raise ValueError("expected a size like 16MiB, 512kB or 1GB")
+
+
+def format_size(value: int) -> str:
+    for unit in ("GiB", "MiB", "KiB"):
+        if value >= _SIZE_UNITS[unit] and value % _SIZE_UNITS[unit] == 0:
+            return f"{value // _SIZE_UNITS[unit]}{unit}"
+    return f"{value}B"
+
+
+ByteSize = Annotated[
+    int,
+    BeforeValidator(parse_size),
+    PlainSerializer(format_size, return_type=str),
+]
+
 _RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m)\s*$")
 
 
@@ -189,13 +220,38 @@ class NotifyTarget(_Frozen):
     channel: str = Field(min_length=1, max_length=63)
 
 
+def _positive(value: timedelta) -> timedelta:
+    if value <= timedelta(0):
+        raise ValueError("must be longer than 0s")
+    return value
+
+
 class HttpTarget(_Frozen):
     kind: Literal["http"]
     url: str = Field(pattern=r"^https?://")
-    timeout: Duration = timedelta(seconds=10)
+    # the whole request, however slowly the server answers
+    timeout: Annotated[Duration, AfterValidator(_positive)] = timedelta(seconds=10)
     headers: dict[str, str] = Field(default_factory=dict)
     max_in_flight: int = Field(default=10, ge=1, le=1000)
     tls_verify: bool = True
+
+    @model_validator(mode="after")
+    def _one_authorization(self) -> HttpTarget:
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(self.url)
+            credentials = parts.username is not None or parts.password is not None
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            raise ValueError("url: is not a valid URL") from None
+        if credentials and any(name.lower() == "authorization" for name in self.headers):
+            # httpx would send the URL's credentials instead of the header
+            raise ValueError(
+                "url: has credentials and an Authorization header is configured too: "
+                "keep one (the header, with env:NAME, keeps the secret out of the config)"
+            )
+        return self
 
 
 Target = Annotated[SqlTarget | NotifyTarget | HttpTarget, Field(discriminator="kind")]
@@ -263,6 +319,10 @@ class ListenSettings(_Frozen):
 
 class ReplaySettings(_Frozen):
     batch_size: int = Field(default=500, ge=1, le=10000)
+    # a target statement runs over at most this many bytes of rows (as stored:
+    # payload and error_history), a page replays at most this much (at least
+    # one row): huge rows go alone, and never hold up everyone else's
+    batch_bytes: Annotated[ByteSize, Field(ge=64 * 1024, le=1024**3)] = 16 * 1024**2
     concurrency: int = Field(default=1, ge=1, le=64)
     default_target: Target | None = None
     # bound every replay transaction: a target blocked on a lock fails the

@@ -40,9 +40,8 @@ from dlqd.wake import Wakeup
 from dlqd.web import build_app, serve
 
 log = get_logger("dlqd.daemon")
-OTHER = "__other__"
-HEALTH_INTERVAL = 1.0  # seconds between database checks behind /readyz
-HEALTH_TIMEOUT = 2.0
+#: this many failed replayer passes in a row make the replica unready
+FAILING_PASSES = 3
 
 
 def raise_fd_limit() -> None:
@@ -70,6 +69,7 @@ class Daemon:
         self.health: Health | None = None
         self.leader: LeaderElector | None = None
         self.pool: AsyncConnectionPool[Any] | None = None
+        self.replayers: list[Replayer] = []
         self.http_port: int | None = None
         self.started = False
 
@@ -110,7 +110,8 @@ class Daemon:
             # A fixed pool, opened before the HTTP port: its connections are
             # held for the daemon's life, so no flood of HTTP clients can take
             # the descriptors the database work needs.
-            size = settings.replay.concurrency + 3
+            # per worker: its passes and its http leg; then the services
+            size = 2 * settings.replay.concurrency + 3
             checkout = RecentUseCheck()
             pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
                 settings.dsn,
@@ -144,6 +145,7 @@ class Daemon:
                     self.listener = Listener(self.settings, pool, self.wakeup, self.metrics)
                     await tg.start(self.listener.run)
                 workers_done: list[anyio.Event] = []
+                self.replayers = []
                 dry_runs = DryRunLedger()
                 http = HttpDeliverer()
                 stack.push_async_callback(http.aclose)
@@ -159,11 +161,12 @@ class Daemon:
                         dry_runs=dry_runs,
                         http=http,
                     )
+                    self.replayers.append(replayer)
                     await tg.start(self._worker, replayer, done)
                 # the background services, one shape each (dlqd/services/)
                 self.health = Health(pool)
                 self.leader = LeaderElector(
-                    self.settings, self.metrics, [Purger(pool, self.settings, self.metrics)]
+                    pool, self.settings, self.metrics, [Purger(pool, self.settings, self.metrics)]
                 )
                 services: list[Any] = [
                     Collector(pool, self.settings, self.metrics),
@@ -262,6 +265,13 @@ class Daemon:
             problems.append("listener not connected")
         if not (self.health and self.health.database_ok):
             problems.append("database unreachable")
+        for replayer in self.replayers:
+            if replayer.failures_in_a_row >= FAILING_PASSES:
+                problems.append(
+                    f"replayer failing ({replayer.failures_in_a_row} passes in a row): "
+                    f"{replayer.last_error}"
+                )
+                break
         if self.stopping.is_set():
             problems.append("stopping")
         return problems

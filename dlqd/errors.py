@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
+_QUOTED = re.compile(r'"[^"]*"')
+
 
 class DlqdError(Exception):
     """Root of every error dlqd raises on purpose. ``str()`` is one clear line."""
@@ -39,3 +43,17 @@ class SchemaOutdated(DlqdError):
     """The database lacks migrations this release needs: run ``dlqd migrate``."""
 
     exit_code = 78
+
+
+def error_line(exc: BaseException) -> str:
+    """The first line of an error, for logs and the replay log.
+
+    A data error quotes the offending value (``invalid input syntax for type
+    json: "..."``), which may be part of a payload: quoted text is elided.
+    """
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    sqlstate = getattr(exc, "sqlstate", None)
+    if isinstance(sqlstate, str) and sqlstate.startswith("22"):
+        first = _QUOTED.sub('"…"', first)
+    return first[:500]

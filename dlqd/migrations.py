@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import psycopg
 
 from dlqd.errors import MigrationError, SchemaOutdated
@@ -42,15 +44,68 @@ def available_migrations(directory: Path | None = None) -> list[Migration]:
     return found
 
 
-async def migrate(conn: psycopg.AsyncConnection[dict[str, Any]]) -> list[Migration]:
+#: a migration's statements wait at most this long for a lock (a table in use)
+MIGRATION_LOCK_TIMEOUT = "30s"
+#: how often a migrate waiting for the migration lock says so
+WAIT_REPORT_SECONDS = 10.0
+
+
+def _holder_line(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return "its holder has just let go"
+    since = f"{row['backend_start']:%Y-%m-%d %H:%M:%S%z}"
+    return (
+        f"held by pid {row['pid']} (role {row['usename']}, "
+        f"application {row['application_name'] or '-'!r}, connected {since})"
+    )
+
+
+async def _take_migration_lock(
+    conn: psycopg.AsyncConnection[dict[str, Any]],
+    wait: float,
+    on_wait: Callable[[str], object] | None,
+) -> None:
+    """The migration lock, waited for at most ``wait`` seconds, saying who holds it.
+
+    It is an advisory lock (the table it would guard may not exist yet), which
+    any role may take: a session holding it is named, never waited on for ever.
+    """
+    deadline = anyio.current_time() + wait
+    reported = -WAIT_REPORT_SECONDS
+    while True:
+        cur = await conn.execute(q("migrations_try_lock"))
+        row = await cur.fetchone()
+        if row is not None and row["locked"]:
+            return
+        cur = await conn.execute(q("migrations_lock_holder"))
+        holder = _holder_line(await cur.fetchone())
+        now = anyio.current_time()
+        if now >= deadline:
+            raise MigrationError(
+                f"the migration lock is still taken after {wait:g}s, {holder}: another "
+                "`dlqd migrate` may still run; otherwise end that session and migrate again"
+            )
+        if on_wait is not None and now - reported >= WAIT_REPORT_SECONDS:
+            reported = now
+            on_wait(f"waiting for the migration lock, {holder}")
+        await anyio.sleep(min(0.5, max(0.0, deadline - now)))
+
+
+async def migrate(
+    conn: psycopg.AsyncConnection[dict[str, Any]],
+    *,
+    wait: float = 300.0,
+    on_wait: Callable[[str], object] | None = None,
+) -> list[Migration]:
     """Apply what is missing; return the migrations applied now (empty: a no-op).
 
     A session-level advisory lock serialises replicas that start at once; the
-    second one waits, then finds everything applied.
+    second one waits (at most ``wait`` seconds, ``on_wait`` hearing who holds
+    the lock), then finds everything applied.
     """
     if conn.autocommit is False:
         await conn.set_autocommit(True)
-    await conn.execute(q("migrations_lock"))
+    await _take_migration_lock(conn, wait, on_wait)
     try:
         await conn.execute(q("migrations_create_table"))
         cur = await conn.execute(q("migrations_applied"))
@@ -67,6 +122,9 @@ async def migrate(conn: psycopg.AsyncConnection[dict[str, Any]]) -> list[Migrati
                 continue
             try:
                 async with conn.transaction():
+                    await conn.execute(
+                        q("migration_timeouts"), {"lock_timeout": MIGRATION_LOCK_TIMEOUT}
+                    )
                     await conn.execute(migration.sql.encode())
                     await conn.execute(
                         q("migrations_record"),
@@ -78,6 +136,11 @@ async def migrate(conn: psycopg.AsyncConnection[dict[str, Any]]) -> list[Migrati
                     )
             except psycopg.Error as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                if isinstance(exc, psycopg.errors.LockNotAvailable):
+                    first += (
+                        f" (a table it changes stayed locked for {MIGRATION_LOCK_TIMEOUT} by "
+                        "another session: see pg_locks, then migrate again)"
+                    )
                 raise MigrationError(
                     f"migration {migration.version:03d}_{migration.name} failed: {first}"
                 ) from None

@@ -54,11 +54,29 @@ SELECT id, original_job_id, app_id, type, error_reason, attempts, dlq_at, state,
  WHERE %(states)s::text[] IS NULL OR state = ANY (%(states)s::text[])
  LIMIT %(limit)s
 
--- name: migrations_lock
-SELECT pg_advisory_lock(hashtextextended('dlqd:migrate', 0))
+-- name: migrations_try_lock
+-- Serialises `dlqd migrate` runs (a session lock: the table it would guard
+-- may not exist yet). Any role may take an advisory lock: the caller waits a
+-- bounded time, saying who holds it (migrations_lock_holder).
+SELECT pg_try_advisory_lock(hashtextextended('dlqd:migrate', 0)) AS locked
+
+-- name: migrations_lock_holder
+SELECT a.pid, a.usename, a.application_name, a.backend_start
+  FROM pg_locks l
+  JOIN pg_stat_activity a ON a.pid = l.pid
+ WHERE l.locktype = 'advisory' AND l.granted AND l.database = (
+           SELECT oid FROM pg_database WHERE datname = current_database())
+   AND l.objsubid = 1
+   AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended('dlqd:migrate', 0)
+ LIMIT 1
 
 -- name: migrations_unlock
 SELECT pg_advisory_unlock(hashtextextended('dlqd:migrate', 0))
+
+-- name: migration_timeouts
+-- A migration waits a bounded time for the tables it changes (a tenant may
+-- hold a lock on job_dlq that an ALTER or CREATE INDEX would wait behind).
+SELECT set_config('lock_timeout', %(lock_timeout)s, true)
 
 -- name: migrations_create_table
 CREATE TABLE IF NOT EXISTS dlqd_schema_migrations (
@@ -89,7 +107,8 @@ SELECT current_setting('server_version_num')::int AS server_version_num
 
 -- The claim queries below return a *narrow* row: the columns a policy
 -- decides on, never payload or error_history (targets read those inside
--- Postgres). A row that cannot be decided comes back with `problem` set, its
+-- Postgres), only their stored size (row_bytes: read from the value's header,
+-- never decompressed), so that a target runs over a bounded number of bytes. A row that cannot be decided comes back with `problem` set, its
 -- dlq_at NULL and its key columns cut short, so nothing unreadable crosses
 -- into the daemon (dlqd_row_problem, migration 003).
 
@@ -102,6 +121,7 @@ SELECT j.id, left(j.original_job_id, 2049) AS original_job_id, left(j.app_id, 20
        left(j.type, 2049) AS type, left(j.error_reason, 2049) AS error_reason, j.attempts,
        CASE WHEN p.problem IS NULL THEN j.dlq_at END AS dlq_at, p.problem,
        j.replayed_at IS NOT NULL AS replayed,
+       pg_column_size(j.payload) + pg_column_size(j.error_history) AS row_bytes,
        coalesce(s.failures, 0) AS failures, s.last_failure_at, s.last_error, s.state,
        s.policy AS scheduled_policy, i.seq, now() AS db_now
   FROM dlqd_inbox i
@@ -133,6 +153,7 @@ SELECT j.id, left(j.original_job_id, 2049) AS original_job_id, left(j.app_id, 20
        left(j.type, 2049) AS type, left(j.error_reason, 2049) AS error_reason, j.attempts,
        CASE WHEN p.problem IS NULL THEN j.dlq_at END AS dlq_at, p.problem,
        j.replayed_at IS NOT NULL AS replayed,
+       pg_column_size(j.payload) + pg_column_size(j.error_history) AS row_bytes,
        s.failures, s.last_failure_at, s.last_error, s.state, s.policy AS scheduled_policy,
        c.fingerprint, NULL::bigint AS seq, now() AS db_now
   FROM candidates c
@@ -167,6 +188,7 @@ SELECT j.id, left(j.original_job_id, 2049) AS original_job_id, left(j.app_id, 20
        left(j.type, 2049) AS type, left(j.error_reason, 2049) AS error_reason, j.attempts,
        CASE WHEN p.problem IS NULL THEN j.dlq_at END AS dlq_at, p.problem,
        false AS replayed,
+       pg_column_size(j.payload) + pg_column_size(j.error_history) AS row_bytes,
        s.failures, s.last_failure_at, s.last_error, s.state, s.policy AS scheduled_policy,
        NULL::bigint AS seq, now() AS db_now
   FROM dlqd_entry_state s
@@ -201,11 +223,21 @@ SELECT u.app_id, u.original_job_id, count(*) AS replays
  WHERE l.outcome = 'replayed' AND l.at > now() - %(retention)s::interval
  GROUP BY u.app_id, u.original_job_id
 
--- name: lock_original_jobs
--- Serialises replicas replaying returns of the same job of the same tenant,
--- so that max_replays holds. Keys arrive sorted: no deadlock between replicas.
-SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0)))
-  FROM unnest(%(keys)s::text[]) WITH ORDINALITY AS u(k, n)
+-- name: lock_slots
+-- Try-locks the slots of keys (dlqd_lock_slots, migration 008) for this
+-- transaction, never waiting: the keys whose slot it now holds. A replica
+-- replaying returns of a job under max_replays holds the job's slot, so that
+-- another replica replaying a return of the same job defers it. Tenants cannot
+-- lock these rows (advisory locks, by contrast, are anyone's to take).
+WITH wanted AS (
+    SELECT k.key, dlqd_slot(k.key) AS slot FROM unnest(%(keys)s::text[]) AS k(key)
+), locked AS MATERIALIZED (
+    SELECT s.slot FROM dlqd_lock_slots s
+     WHERE s.slot IN (SELECT slot FROM wanted)
+     ORDER BY s.slot
+       FOR UPDATE SKIP LOCKED
+)
+SELECT w.key FROM wanted w JOIN locked l ON l.slot = w.slot
 
 -- name: relock_rows
 -- Rows taken up again in a new transaction (one half of a batch that failed
@@ -330,6 +362,7 @@ SELECT j.id, left(j.original_job_id, 2049) AS original_job_id, left(j.app_id, 20
        left(j.type, 2049) AS type, left(j.error_reason, 2049) AS error_reason, j.attempts,
        CASE WHEN p.problem IS NULL THEN j.dlq_at END AS dlq_at, p.problem,
        j.replayed_at IS NOT NULL AS replayed,
+       pg_column_size(j.payload) + pg_column_size(j.error_history) AS row_bytes,
        coalesce(s.failures, 0) AS failures, s.last_failure_at, s.last_error, s.state,
        s.policy AS scheduled_policy, NULL::bigint AS seq, now() AS db_now
   FROM job_dlq j
@@ -347,6 +380,7 @@ SELECT j.id, left(j.original_job_id, 2049) AS original_job_id, left(j.app_id, 20
        CASE WHEN p.problem IS NULL THEN j.dlq_at END AS dlq_at, p.problem,
        to_json(j.dlq_at) #>> '{}' AS dlq_at_text, to_json(j.replayed_at) #>> '{}' AS replayed_at_text,
        j.replayed_at IS NOT NULL AS replayed,
+       pg_column_size(j.payload) + pg_column_size(j.error_history) AS row_bytes,
        coalesce(s.failures, 0) AS failures, s.last_failure_at, s.last_error, s.state,
        s.policy AS scheduled_policy, s.parked_reason, s.due_at, NULL::bigint AS seq,
        (SELECT true FROM dlqd_inbox i WHERE i.dlq_id = j.id) AS in_inbox, now() AS db_now
@@ -389,9 +423,25 @@ SELECT count(*) AS n
     OR (%(pending_before)s::interval IS NOT NULL
         AND replayed_at IS NULL AND dlq_at < now() - %(pending_before)s::interval)
 
--- name: leader_try_lock
--- The leader holds this session-level lock on a connection of its own.
-SELECT pg_try_advisory_lock(hashtextextended('dlqd:leader', 0)) AS locked
+-- name: leader_claim
+-- The leader's lease (dlqd_leader, migration 008): taken when it has expired,
+-- renewed while it is ours; by the server's clock alone. Two replicas
+-- claiming at once: the second waits for the first's one-statement commit,
+-- then finds the lease taken. Returns a row while this replica leads.
+UPDATE dlqd_leader
+   SET holder = %(holder)s,
+       expires_at = now() + %(ttl)s::interval,
+       elected_at = CASE WHEN holder = %(holder)s AND expires_at >= now() THEN elected_at
+                         ELSE now() END
+ WHERE singleton AND (holder = %(holder)s OR expires_at < now())
+RETURNING elected_at
+
+-- name: leader_release
+-- A clean step-down: the lease ends now, a follower takes it at its next try.
+UPDATE dlqd_leader SET expires_at = now() WHERE singleton AND holder = %(holder)s
+
+-- name: leader_lease
+SELECT holder, expires_at >= now() AS active, elected_at FROM dlqd_leader WHERE singleton
 
 -- name: purge_timeouts
 SELECT set_config('lock_timeout', %(lock_timeout)s, true),
@@ -400,24 +450,39 @@ SELECT set_config('lock_timeout', %(lock_timeout)s, true),
 -- name: trim_replay_log
 SELECT dlqd_trim_replay_log(%(older_than)s, %(batch_size)s) AS deleted
 
+-- name: http_body_size
+-- The size of a request body before it is fetched: bodies held at once are
+-- capped in bytes (dlqd/replay/http.py).
+SELECT octet_length(to_jsonb(j)::text) AS size FROM job_dlq j
+ WHERE j.id = %(id)s AND j.replayed_at IS NULL
+
 -- name: http_body
 -- An http target's request body: every column, payload as an object, rendered
--- by Postgres (the daemon never decodes it).
-SELECT to_jsonb(j)::text AS body FROM job_dlq j WHERE j.id = %(id)s AND j.replayed_at IS NULL
+-- by Postgres as UTF-8 bytes (the daemon never decodes it).
+SELECT convert_to(to_jsonb(j)::text, 'UTF8') AS body FROM job_dlq j
+ WHERE j.id = %(id)s AND j.replayed_at IS NULL
 
 -- name: buckets_ensure
--- Only buckets that do not exist yet, and only by the replica that wins a
--- try-lock on the key: an insert meeting another transaction's uncommitted
--- insert of the same key would wait for it. The loser finds no bucket this
--- time (no tokens) and the committed one next time.
+-- Only buckets that do not exist yet, and only where this replica holds the
+-- key's lock slot (SKIP LOCKED): an insert meeting another transaction's
+-- uncommitted insert of the same key would wait for it. The loser finds no
+-- bucket this time (no tokens) and the committed one next time.
+WITH wanted AS (
+    SELECT w.policy, w.scope, w.burst,
+           dlqd_slot(jsonb_build_array('bucket', w.policy, w.scope)::text) AS slot
+      FROM unnest(%(policies)s::text[], %(scopes)s::text[], %(bursts)s::float8[])
+           AS w(policy, scope, burst)
+     WHERE NOT EXISTS (SELECT FROM dlqd_rate_buckets b
+                        WHERE b.policy = w.policy AND b.scope = w.scope)
+), locked AS MATERIALIZED (
+    SELECT s.slot FROM dlqd_lock_slots s
+     WHERE s.slot IN (SELECT slot FROM wanted)
+     ORDER BY s.slot
+       FOR UPDATE SKIP LOCKED
+)
 INSERT INTO dlqd_rate_buckets (policy, scope, tokens, updated_at)
 SELECT w.policy, w.scope, w.burst, clock_timestamp()
-  FROM unnest(%(policies)s::text[], %(scopes)s::text[], %(bursts)s::float8[])
-       AS w(policy, scope, burst)
- WHERE NOT EXISTS (SELECT FROM dlqd_rate_buckets b
-                    WHERE b.policy = w.policy AND b.scope = w.scope)
-   AND pg_try_advisory_xact_lock(
-           hashtextextended('dlqd:bucket:' || jsonb_build_array(w.policy, w.scope)::text, 0))
+  FROM wanted w JOIN locked l ON l.slot = w.slot
 ON CONFLICT (policy, scope) DO NOTHING
 
 -- name: buckets_take
@@ -445,10 +510,18 @@ RETURNING b.policy, b.scope, least(floor(h.available), h.wanted)::int AS granted
 
 -- name: circuits_ensure
 -- As buckets_ensure: never waits for another replica's uncommitted insert.
+WITH wanted AS (
+    SELECT p, dlqd_slot(jsonb_build_array('circuit', p)::text) AS slot
+      FROM unnest(%(policies)s::text[]) AS p
+     WHERE NOT EXISTS (SELECT FROM dlqd_circuits c WHERE c.policy = p)
+), locked AS MATERIALIZED (
+    SELECT s.slot FROM dlqd_lock_slots s
+     WHERE s.slot IN (SELECT slot FROM wanted)
+     ORDER BY s.slot
+       FOR UPDATE SKIP LOCKED
+)
 INSERT INTO dlqd_circuits (policy)
-SELECT p FROM unnest(%(policies)s::text[]) AS p
- WHERE NOT EXISTS (SELECT FROM dlqd_circuits c WHERE c.policy = p)
-   AND pg_try_advisory_xact_lock(hashtextextended('dlqd:circuit:' || p, 0))
+SELECT w.p FROM wanted w JOIN locked l ON l.slot = w.slot
 ON CONFLICT (policy) DO NOTHING
 
 -- name: circuits_read

@@ -36,6 +36,16 @@ $$;
 
 GRANT USAGE ON SCHEMA public TO dlqd, dlqd_app;
 
+-- Nobody but the schema's owner creates objects in dlqd's schema: a function
+-- or operator a tenant could create there would be found by name resolution
+-- in dlqd's own sessions (PostgreSQL 15 made this the default for public;
+-- older servers grant CREATE to PUBLIC).
+DO $$
+BEGIN
+    EXECUTE format('REVOKE CREATE ON SCHEMA %I FROM PUBLIC, dlqd, dlqd_app', current_schema());
+END
+$$;
+
 -- The daemon reads, marks replayed (only that column), and purges through
 -- SECURITY DEFINER functions: it holds no DELETE on job_dlq, and cannot
 -- rewrite or erase its own audit trail (the replay log is insert-only).
@@ -60,6 +70,10 @@ BEGIN
     END IF;
     IF to_regprocedure('dlqd_trim_replay_log(interval, integer)') IS NOT NULL THEN
         GRANT EXECUTE ON FUNCTION dlqd_trim_replay_log(interval, integer) TO dlqd;
+    END IF;
+    -- lock slots are locked FOR UPDATE (which needs UPDATE); the leader's lease is one row
+    IF to_regclass('dlqd_lock_slots') IS NOT NULL THEN
+        GRANT SELECT, UPDATE ON dlqd_lock_slots, dlqd_leader TO dlqd;
     END IF;
 END
 $$;

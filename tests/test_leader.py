@@ -20,6 +20,7 @@ from dlqd.services.purger import purge_rows, seconds_until, trim_log
 from tests.conftest import as_role
 from tests.daemon_helpers import SINK_STATEMENT, DaemonProcess, scalar, wait_until, write_config
 from tests.factories import INSERT_MANY, row_json
+from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.anyio
 
@@ -94,26 +95,58 @@ async def test_exactly_one_leader_and_it_moves_when_the_leader_is_killed(
     await wait_until(replayed, within=30)
 
 
-async def test_leadership_moves_when_the_leaders_connection_is_cut(
+async def test_a_leader_that_cannot_reach_the_database_steps_down_and_another_leads(
     sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
 ) -> None:
-    await start(daemons, sink_db, config(tmp_path), tmp_path, 2)
+    port = int(psycopg.conninfo.conninfo_to_dict(sink_db)["port"])
+    proxy = TcpProxy(port)
+    cfg = config(tmp_path)
+    async with anyio.create_task_group() as tg:
+        await proxy.run(tg)
+        proxied = psycopg.conninfo.make_conninfo(as_role(sink_db, "dlqd"), port=str(proxy.port))
+        first = DaemonProcess(proxied, cfg, tmp_path).start()
+        daemons.append(first)
+        await first.wait_ready()
+        assert await one_leader([first]) is first
+        second = DaemonProcess(as_role(sink_db, "dlqd"), cfg, tmp_path).start()
+        daemons.append(second)
+        await second.wait_ready()
+        assert await one_leader(daemons) is first  # the lease stays with its holder
+        cut_at = time.monotonic()
+        proxy.deaf_after = 0  # its new connections hear nothing either
+        proxy.deafen_all()
+
+        async def deposed() -> bool:
+            return any(e.get("event") == "leadership lost" for e in first.events())
+
+        await wait_until(deposed, within=30)
+        assert await one_leader(daemons) is second
+        print(f"leadership moved {time.monotonic() - cut_at:.2f}s after the cut ({PROBE})")
+        proxy.deaf_after = None
+        for link in proxy.links:
+            link.deaf = False  # let the first one stop cleanly
+        tg.cancel_scope.cancel()
+
+
+async def test_a_stopping_leader_hands_over_at_once(
+    sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    cfg = write_config(
+        tmp_path / "slow-probe.toml",
+        config(tmp_path).read_text().replace(f'"{PROBE}"', '"20s"'),
+    )
+    await start(daemons, sink_db, cfg, tmp_path, 2)
     first = await one_leader(daemons)
-    async with await psycopg.AsyncConnection.connect(sink_db, autocommit=True) as conn:
-        cur = await conn.execute(
-            """SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-                WHERE application_name = 'dlqd leader' AND datname = current_database()
-                  AND pid = (SELECT pid FROM pg_locks WHERE locktype = 'advisory'
-                               AND granted AND database = (SELECT oid FROM pg_database
-                                                            WHERE datname = current_database()))"""
-        )
-        assert await cur.fetchone() == (1,)
-
-    async def deposed() -> bool:
-        return any(e.get("event") == "leadership lost" for e in first.events())
-
-    await wait_until(deposed, within=30)
-    await one_leader(daemons)  # someone leads again: exactly one
+    first.send_signal(signal.SIGTERM)
+    assert await first.wait_exit() == 0
+    events = [e["event"] for e in first.events()]
+    assert "leadership released" in events
+    assert "leadership lost" not in events  # a clean stop is no warning
+    # the lease ended with the stop: the other takes over at its next try
+    # (half a probe interval, 10 s), not when a 30 s lease would have expired
+    rest = [d for d in daemons if d is not first]
+    with anyio.fail_after(20):
+        assert await one_leader(rest) is rest[0]
 
 
 async def test_the_purge_runs_on_the_leader_only(

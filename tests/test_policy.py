@@ -191,7 +191,7 @@ def test_huge_replay_counts_do_not_overflow() -> None:
 def test_data_errors_never_echo_values(db_url: str) -> None:
     import psycopg
 
-    from dlqd.replay.targets import error_line
+    from dlqd.errors import error_line
 
     with psycopg.connect(db_url) as conn:
         try:

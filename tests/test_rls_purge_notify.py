@@ -171,9 +171,8 @@ async def test_one_notification_per_insert_statement(conn: Conn, db_url: str) ->
         await listener.close()
     assert rest == ["end"]
     assert len(got) == 2
-    assert all(len(payload.encode()) < 8000 for payload in got)
-    assert '"count" : 5000' in got[0]
-    assert '"count" : 1' in got[1]
+    # a wake-up, the same whatever the rows: any role may LISTEN on the channel
+    assert got == ['{"op":"insert"}', '{"op":"insert"}']
 
 
 async def test_notification_only_after_commit(conn: Conn, db_url: str) -> None:

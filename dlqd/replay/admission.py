@@ -35,29 +35,39 @@ async def replay_counts(
     }
 
 
+def _slot_key(key: JobKey) -> str:
+    return json.dumps(["job", *key], separators=(",", ":"))
+
+
 async def enforce_max_replays(
     conn: Connection, items: list[Item], batch: Batch, retention: timedelta
-) -> list[Item]:
-    """Recount under a per-job advisory lock; rows over their policy's max_replays park."""
+) -> tuple[list[Item], list[Item]]:
+    """(admitted, deferred): recount under each job's lock slot; rows over their
+    policy's max_replays park. A row whose slot another replica holds (it is
+    replaying a return of the same job, or of one sharing the slot) is deferred,
+    never waited for: no lock anyone else takes can stall this page."""
     limited = [i for i in items if i.policy and i.policy.max_replays is not None]
     if not limited:
-        return items
+        return items, []
     keys = sorted({job_key(i.row) for i in limited})
-    await conn.execute(
-        q("lock_original_jobs"),
-        {"keys": [json.dumps(list(k), separators=(",", ":")) for k in keys]},
-    )
-    counts = await replay_counts(conn, keys, retention)
+    cur = await conn.execute(q("lock_slots"), {"keys": [_slot_key(k) for k in keys]})
+    held = {row["key"] for row in await cur.fetchall()}
+    locked = [k for k in keys if _slot_key(k) in held]
+    counts = await replay_counts(conn, locked, retention)
     keep: list[Item] = []
+    deferred: list[Item] = []
     for item in items:
         policy = item.policy
         if policy is None or policy.max_replays is None:
             keep.append(item)
             continue
         key = job_key(item.row)
+        if _slot_key(key) not in held:
+            deferred.append(item)
+            continue
         if counts.get(key, 0) >= policy.max_replays:
             _park_max_replays(batch, item.row, policy)
             continue
         counts[key] = counts.get(key, 0) + 1
         keep.append(item)
-    return keep
+    return keep, deferred

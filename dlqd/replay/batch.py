@@ -22,11 +22,12 @@ import anyio
 import psycopg
 
 from dlqd.config import HttpTarget, NotifyTarget, Policy, Settings, SqlTarget
+from dlqd.errors import error_line
 from dlqd.policy import retry_delay
 from dlqd.queries import q
-from dlqd.replay.http import Delivery
+from dlqd.replay.http import Delivery, redact_url
 from dlqd.replay.rows import Candidate
-from dlqd.replay.targets import Failure, error_line, run_isolated, runner_for
+from dlqd.replay.targets import Failure, run_isolated, runner_for
 
 Connection = psycopg.AsyncConnection[dict[str, Any]]
 Target = SqlTarget | NotifyTarget | HttpTarget
@@ -237,7 +238,7 @@ async def apply(
                         item.row,
                         item.label if item.policy else None,
                         "http_4xx",
-                        f"{delivery.error} from {target.url}",
+                        f"{delivery.error} from {redact_url(target.url)}",
                     )
                     outcome.parked.append(batch.parked[-1])
                 elif not delivery.acknowledged:
@@ -261,6 +262,7 @@ async def apply(
                     target,
                     [i.row for i in group],
                     in_db=lambda row: row.problem is not None,
+                    max_bytes=settings.replay.batch_bytes,
                 )
             )
         elapsed = anyio.current_time() - started

@@ -15,12 +15,11 @@ from uuid import UUID
 import psycopg
 
 from dlqd.config import HttpTarget, Settings, SqlTarget
-from dlqd.errors import ConfigError
+from dlqd.errors import ConfigError, error_line
 from dlqd.replay.http import resolved_headers
 from dlqd.replay.targets import (
     compile_set_statement,
     compile_statement,
-    error_line,
     is_set_based,
     sql_params,
 )

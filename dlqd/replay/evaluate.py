@@ -13,10 +13,10 @@ from typing import Literal
 from uuid import UUID
 
 from dlqd.config import Policy, Settings
+from dlqd.errors import error_line
 from dlqd.policy import Park, Unmatched, decide, first_match
 from dlqd.replay.batch import Batch, Decision, Item, StateRow
 from dlqd.replay.rows import Candidate
-from dlqd.replay.targets import error_line
 
 JobKey = tuple[str, str]  # (app_id, original_job_id): what max_replays counts
 

@@ -168,12 +168,15 @@ class ExpressPlan:
     # policies whose due rows an express page replays, by index in settings.policies
     policies: dict[int, Policy]
 
-    def bind(self, after_seq: int, limit: int, replayable: Iterable[int]) -> dict[str, Any]:
+    def bind(
+        self, after_seq: int, limit: int, replayable: Iterable[int], max_bytes: int
+    ) -> dict[str, Any]:
         return {
             **self.params,
             "after_seq": after_seq,
             "limit": limit,
             "replayable": list(replayable),
+            "max_bytes": max_bytes,
         }
 
 
@@ -222,8 +225,10 @@ def plan(settings: Settings, age_buckets: Sequence[float]) -> ExpressPlan | None
             sink = target.statement.strip().rstrip(";")
             reads = sink_kind(target.statement) == "select"
         sinks.append(
-            f", target_{number} AS (\nWITH replayed AS (SELECT (p.entry).* FROM picked p\n"
-            f"    WHERE p.action = 'replay' AND p.policy IN ({own}))\n{sink}\n)"
+            f", target_{number} AS (\nWITH replayed AS (SELECT j.* FROM job_dlq j\n"
+            f"    WHERE j.id = ANY (ARRAY(SELECT p.id FROM chosen p\n"
+            f"                             WHERE p.action = 'replay' AND p.policy IN ({own}))))"
+            f"\n{sink}\n)"
         )
         if reads:  # a SELECT runs only when read
             read.append(f"(SELECT count(*) FROM target_{number})")
@@ -247,7 +252,7 @@ _NOTIFY_SINK = """SELECT count(pg_notify(%({channel})s, m.message))
   FROM (SELECT json_build_object('id', r.id, 'original_job_id', r.original_job_id,
                                  'app_id', r.app_id, 'type', r.type)::text AS message,
                p.seq
-          FROM replayed r JOIN picked p ON p.id = r.id
+          FROM replayed r JOIN chosen p ON p.id = r.id
          ORDER BY p.seq) AS m"""
 
 # {case}: the first matching policy (first_policy_sql); {targets}: one CTE per
@@ -267,11 +272,14 @@ _STATEMENT = """WITH candidates AS MATERIALIZED (
     -- each entry's row by its primary key (a lateral subquery with a locking
     -- clause is never flattened into a join: no plan scans job_dlq whole),
     -- with what to do: park, wait (a schedule row) or replay; rows with none
-    -- are left to the ordinary path
-    SELECT c.seq, c.dlq_id AS id, e.entry, e.policy, e.action, e.due_at
+    -- are left to the ordinary path. Never the payload: only its stored size.
+    SELECT c.seq, c.dlq_id AS id, e.original_job_id, e.app_id, e.type, e.row_bytes,
+           e.policy, e.action, e.due_at
       FROM candidates c
      CROSS JOIN LATERAL (
-            SELECT j AS entry, m.policy, d.action, k.due_at
+            SELECT j.original_job_id, j.app_id, j.type,
+                   pg_column_size(j.payload) + pg_column_size(j.error_history) AS row_bytes,
+                   m.policy, d.action, k.due_at
               FROM job_dlq j
              -- OFFSET 0: each computed once per row, not inlined wherever it is used
              CROSS JOIN LATERAL (SELECT {case} AS policy OFFSET 0) m
@@ -303,19 +311,27 @@ _STATEMENT = """WITH candidates AS MATERIALIZED (
                AND NOT EXISTS (SELECT FROM dlqd_entry_state s WHERE s.dlq_id = j.id)
                FOR UPDATE OF j SKIP LOCKED
            ) e
+), chosen AS MATERIALIZED (
+    -- rows to replay up to the page's byte budget (the first always): the
+    -- rest stay in the inbox, for the ordinary path's smaller statements
+    SELECT * FROM (
+        SELECT p.*, sum(p.row_bytes) FILTER (WHERE p.action = 'replay')
+                        OVER (ORDER BY p.seq) AS running_bytes
+          FROM picked p) r
+     WHERE r.action <> 'replay' OR r.running_bytes - r.row_bytes < %(max_bytes)s
 ), inbox AS (
-    DELETE FROM dlqd_inbox WHERE seq IN (SELECT seq FROM picked)
+    DELETE FROM dlqd_inbox WHERE seq IN (SELECT seq FROM chosen)
 ), states AS (
     INSERT INTO dlqd_entry_state (dlq_id, state, policy, fingerprint, due_at, failures)
     SELECT p.id, CASE p.action WHEN 'park' THEN 'parked_policy' ELSE 'waiting' END,
            (%(names)s::text[])[p.policy + 1], %(fingerprint)s,
            CASE WHEN p.action = 'wait' THEN p.due_at END, 0
-      FROM picked p
+      FROM chosen p
      WHERE p.action <> 'replay'
 ), marked AS (
-    -- by primary key, whatever the planner thinks of a join with picked
+    -- by primary key, whatever the planner thinks of a join with chosen
     UPDATE job_dlq j SET replayed_at = now()
-     WHERE j.id = ANY (ARRAY(SELECT id FROM picked WHERE action = 'replay'))
+     WHERE j.id = ANY (ARRAY(SELECT id FROM chosen WHERE action = 'replay'))
     RETURNING j.id, j.original_job_id, j.app_id,
               extract(epoch FROM j.replayed_at - j.dlq_at)::float8 AS lag
 ), logged AS (
@@ -323,13 +339,13 @@ _STATEMENT = """WITH candidates AS MATERIALIZED (
     SELECT m.id, m.original_job_id, m.app_id, (%(names)s::text[])[p.policy + 1], 'replayed',
            false
       FROM marked m
-      JOIN picked p ON p.id = m.id
+      JOIN chosen p ON p.id = m.id
      ORDER BY p.seq
 )
 {targets}
 SELECT (SELECT count(*) FROM candidates) AS scanned,
        (SELECT max(seq) FROM candidates) AS last_seq,
-       (SELECT count(*) FROM picked) AS claimed,
+       (SELECT count(*) FROM chosen) AS claimed,
        {sink_rows} AS sink_rows,  -- read: a SELECT target runs only when read
        (SELECT coalesce(json_agg(json_build_array(g.policy, g.action, g.bucket, g.n, g.lag_sum)),
                         '[]')
@@ -339,7 +355,7 @@ SELECT (SELECT count(*) FROM candidates) AS scanned,
                                 - width_bucket(-m.lag, %(negated_bounds)s::float8[]), 0)
                            AS bucket,
                        count(*) AS n, coalesce(sum(m.lag), 0) AS lag_sum
-                  FROM picked p
+                  FROM chosen p
                   LEFT JOIN marked m ON m.id = p.id
                  GROUP BY 1, 2, 3) g) AS outcomes"""
 
@@ -384,7 +400,9 @@ async def run_page(
     longer with it (724 ms against 134 ms for 5000 rows). Worth its planning
     time (under a millisecond) for a full page, not for a trickle's one row.
     """
-    params = express.bind(after_seq, settings.replay.batch_size, replayable)
+    params = express.bind(
+        after_seq, settings.replay.batch_size, replayable, settings.replay.batch_bytes
+    )
     try:
         async with conn.pipeline():
             await conn.execute(b"BEGIN")

@@ -8,20 +8,27 @@ mark means the same request, with the same key, is sent again once the lease
 has run out: receivers deduplicate on the key.
 
 Bodies are rendered by Postgres (every column, ``payload`` as an object) and
-fetched one request at a time, so the daemon holds at most ``max_in_flight``
-bodies per target. 2xx replays; 5xx, 408, 429, timeouts and connection errors
-are failed attempts (retried after ``retry_delay``, or after ``Retry-After``
-when the server says); any other 4xx parks the row (``http_4xx``).
+fetched one request at a time; the bodies a process holds at once are capped
+in bytes (``BODY_BYTES_IN_FLIGHT``; a bigger one goes alone). A request has a
+total deadline (``timeout``, however slowly the server answers) and at most
+``MAX_RESPONSE_BYTES`` of an answer are read. 2xx replays; 5xx, 408, 429,
+timeouts and connection errors are failed attempts (retried after
+``retry_delay``, or after ``Retry-After`` when the server says, clamped to
+what a policy allows); any other 4xx parks the row (``http_4xx``). URLs are
+shown with their credentials and query values redacted.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
 import httpx
@@ -35,6 +42,28 @@ Connection = psycopg.AsyncConnection[dict[str, Any]]
 RETRYABLE_STATUS = frozenset({408, 429})
 #: a lease outlives the calls it covers by this much
 LEASE_MARGIN_SECONDS = 5.0
+#: bytes of an answer read at most (its status and headers are all that count)
+MAX_RESPONSE_BYTES = 64 * 1024
+#: request bodies held at once by a process, in bytes (a bigger one goes alone)
+BODY_BYTES_IN_FLIGHT = 64 * 1024**2
+#: the longest Retry-After honoured (a policy's max_delay caps it further)
+MAX_RETRY_AFTER_SECONDS = 7 * 86400.0
+
+
+def redact_url(url: str) -> str:
+    """``url`` for logs and messages: credentials and query values replaced."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+    except ValueError:
+        return "<invalid url>"
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host if parts.port is None else f"{host}:{parts.port}"
+    if parts.username is not None or parts.password is not None:
+        netloc = f"***@{netloc}"
+    query = urlencode([(k, "***") for k, _ in parse_qsl(parts.query, keep_blank_values=True)])
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,21 +111,49 @@ def lease_seconds(target: HttpTarget, rows: int) -> float:
     return rounds * target.timeout.total_seconds() + LEASE_MARGIN_SECONDS
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    if not value:
+def retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds a ``Retry-After`` value asks for: a number or an HTTP date, clamped
+    to ``[0, MAX_RETRY_AFTER_SECONDS]``; None for anything else (``inf``, garbage)."""
+    if not value or len(value) > 64:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, OverflowError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    if not math.isfinite(seconds):
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    return min(max(0.0, seconds), MAX_RETRY_AFTER_SECONDS)
+
+
+class ByteBudget:
+    """At most ``capacity`` bytes held at once; a request for more than the
+    capacity waits until nothing else is held, then goes alone."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._changed = anyio.Condition()
+
+    @asynccontextmanager
+    async def hold(self, size: int) -> AsyncIterator[None]:
+        size = max(1, min(size, self.capacity))
+        async with self._changed:
+            while self.used + size > self.capacity:
+                await self._changed.wait()
+            self.used += size
+        try:
+            yield
+        finally:
+            with anyio.CancelScope(shield=True):
+                async with self._changed:
+                    self.used -= size
+                    self._changed.notify_all()
 
 
 async def deliver_all(
@@ -114,10 +171,12 @@ async def deliver_all(
 
 
 class HttpDeliverer:
-    """One client (connection pool and concurrency cap) per target."""
+    """One client (connection pool and concurrency cap) per target; one budget
+    for the request bodies held at once, whatever the target."""
 
-    def __init__(self) -> None:
+    def __init__(self, body_bytes: int = BODY_BYTES_IN_FLIGHT) -> None:
         self._clients: dict[str, tuple[httpx.AsyncClient, anyio.Semaphore]] = {}
+        self.bodies = ByteBudget(body_bytes)
 
     def _client(self, target: HttpTarget) -> tuple[httpx.AsyncClient, anyio.Semaphore]:
         key = target.model_dump_json()
@@ -144,11 +203,19 @@ class HttpDeliverer:
         async def one(row_id: Any) -> None:
             async with slots:
                 async with lock:
-                    cur = await conn.execute(q("http_body"), {"id": row_id})
+                    cur = await conn.execute(q("http_body_size"), {"id": row_id})
                     row = await cur.fetchone()
                 if row is None:
                     return  # purged meanwhile: nothing to deliver
-                results[row_id] = await self._post(client, target, row_id, row["body"])
+                async with self.bodies.hold(int(row["size"])):
+                    async with lock:
+                        cur = await conn.execute(q("http_body"), {"id": row_id})
+                        row = await cur.fetchone()
+                    if row is None:
+                        return
+                    body: bytes = row["body"]
+                    del row
+                    results[row_id] = await self._post(client, target, row_id, body)
 
         async with anyio.create_task_group() as tg:
             for row_id in ids:
@@ -157,22 +224,38 @@ class HttpDeliverer:
 
     @staticmethod
     async def _post(
-        client: httpx.AsyncClient, target: HttpTarget, row_id: Any, body: str
+        client: httpx.AsyncClient, target: HttpTarget, row_id: Any, body: bytes
     ) -> Delivery:
-        try:
-            response = await client.post(
-                target.url,
-                content=body.encode(),
-                headers={"Content-Type": "application/json", "Idempotency-Key": str(row_id)},
-            )
-        except httpx.TimeoutException:
-            return Delivery(None, f"HTTP timeout after {target.timeout.total_seconds():g}s")
-        except httpx.HTTPError as exc:
-            return Delivery(None, f"HTTP error: {type(exc).__name__}")
-        status = response.status_code
+        """One request under a total deadline: the status counts, at most
+        MAX_RESPONSE_BYTES of the answer are read, then the connection is let go."""
+        timeout = target.timeout.total_seconds()
+        status: int | None = None
+        wait: str | None = None
+        error: str | None = None
+        with anyio.move_on_after(timeout):
+            try:
+                async with client.stream(
+                    "POST",
+                    target.url,
+                    content=body,
+                    headers={"Content-Type": "application/json", "Idempotency-Key": str(row_id)},
+                ) as response:
+                    status = response.status_code
+                    wait = response.headers.get("retry-after")
+                    read = 0
+                    async for chunk in response.aiter_raw():
+                        read += len(chunk)
+                        if read >= MAX_RESPONSE_BYTES:
+                            break
+            except httpx.TimeoutException:
+                error = f"HTTP timeout after {timeout:g}s"
+            except httpx.HTTPError as exc:
+                error = f"HTTP error: {type(exc).__name__}"
+        if status is None:
+            return Delivery(None, error or f"HTTP timeout after {timeout:g}s")
         if 200 <= status < 300:
             return Delivery(status)
-        return Delivery(status, f"HTTP {status}", _retry_after(response))
+        return Delivery(status, f"HTTP {status}", retry_after(wait))
 
     async def aclose(self) -> None:
         for client, _ in self._clients.values():

@@ -32,12 +32,14 @@ class Candidate:
     state: str | None  # dlqd_entry_state.state, None while new
     scheduled_policy: str | None
     seq: int | None  # dlqd_inbox.seq for rows claimed from the inbox
+    row_bytes: int = 0  # payload and error_history as stored (never read here)
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Candidate:
         values: dict[str, Any] = {name: row.get(name) for name in _FIELDS}
         values["failures"] = int(values["failures"] or 0)
         values["replayed"] = bool(values["replayed"])
+        values["row_bytes"] = int(values["row_bytes"] or 0)
         return cls(**values)
 
 

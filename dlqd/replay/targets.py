@@ -31,6 +31,7 @@ from uuid import UUID
 import psycopg
 
 from dlqd.config import NotifyTarget, SqlTarget
+from dlqd.errors import error_line
 from dlqd.policy import MatchLike
 from dlqd.queries import q
 
@@ -39,7 +40,6 @@ Connection = psycopg.AsyncConnection[dict[str, Any]]
 # Columns bound from the narrow row; every other column is read in Postgres.
 _BOUND = ("id", "original_job_id", "app_id", "type", "error_reason", "attempts")
 _TOKEN = re.compile(r"%%|%\((\w+)\)s")
-_QUOTED = re.compile(r'"[^"]*"')
 TIMEOUT_ERRORS = (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable)
 _REPLAYED = re.compile(r"\breplayed\b", re.IGNORECASE)
 _LEADING_WITH = re.compile(r"^\s*WITH(\s+RECURSIVE)?\s+", re.IGNORECASE)
@@ -81,20 +81,6 @@ class Failure:
     error: str
     target_down: bool = False
     retry_after: float | None = None
-
-
-def error_line(exc: BaseException) -> str:
-    """The first line of an error, for logs and the replay log.
-
-    A data error quotes the offending value (``invalid input syntax for type
-    json: "..."``), which may be part of a payload: quoted text is elided.
-    """
-    text = str(exc).strip()
-    first = text.splitlines()[0] if text else type(exc).__name__
-    sqlstate = getattr(exc, "sqlstate", None)
-    if isinstance(sqlstate, str) and sqlstate.startswith("22"):
-        first = _QUOTED.sub('"…"', first)
-    return first[:500]
 
 
 @functools.lru_cache(maxsize=256)
@@ -150,26 +136,53 @@ def runner_for(target: SqlTarget | NotifyTarget) -> Callable[..., Awaitable[None
     return functools.partial(_run_notify, target)
 
 
+def chunks(rows: Sequence[Any], max_bytes: int) -> list[list[Any]]:
+    """``rows`` in order, cut so that each chunk's rows (``.row_bytes``) fit in
+    ``max_bytes``; a row bigger than that goes alone."""
+    found: list[list[Any]] = []
+    size = 0
+    for row in rows:
+        bytes_ = int(getattr(row, "row_bytes", 0))
+        if not found or (size + bytes_ > max_bytes and found[-1]):
+            found.append([])
+            size = 0
+        found[-1].append(row)
+        size += bytes_
+    return found
+
+
+@dataclass
+class _Run:
+    """One target's runs for a page: the rows that failed, and whether a lone
+    row has timed out (then the target is slow for any row, and the rest of
+    the page fails at once instead of each waiting for its own timeout)."""
+
+    failures: dict[UUID, Failure]
+    slow: Failure | None = None
+
+
 async def run_isolated(
     conn: Connection,
     target: SqlTarget | NotifyTarget,
     rows: Sequence[RowValues],
     *,
     in_db: Callable[[Any], bool] = lambda _: False,
+    max_bytes: int = 16 * 1024**2,
 ) -> dict[UUID, Failure]:
     """Run ``target`` for ``rows`` in ``conn``'s transaction; the rows that failed.
 
-    ``in_db(row)`` says whether a row's key columns must be read inside
-    Postgres too (an invalid row replayed by hand).
+    Rows run in chunks of at most ``max_bytes`` (stored bytes). ``in_db(row)``
+    says whether a row's key columns must be read inside Postgres too (an
+    invalid row replayed by hand).
     """
     run = runner_for(target)
-    failures: dict[UUID, Failure] = {}
+    state = _Run({})
     plain = [r for r in rows if not in_db(r)]
     special = [r for r in rows if in_db(r)]
     for group, all_in_db in ((plain, False), (special, True)):
-        if group:
-            await _bisect(conn, run, group, all_in_db, failures)
-    return failures
+        for chunk in chunks(group, max_bytes):
+            await _bisect(conn, run, chunk, all_in_db, state)
+    return state.failures
 
 
 async def _bisect(
@@ -177,26 +190,40 @@ async def _bisect(
     run: Callable[..., Awaitable[None]],
     rows: Sequence[RowValues],
     all_in_db: bool,
-    failures: dict[UUID, Failure],
+    state: _Run,
 ) -> None:
+    """Run ``rows`` under a savepoint; on failure, each half on its own.
+
+    A lock timeout fails the whole group (the target is blocked, not the rows
+    bad). A statement timeout of several rows splits them like any failure (a
+    group can be too big where each of its rows is fine); the first lone row
+    that times out says the target is slow: it and every row not tried yet
+    fail at once, as evidence that the target is down.
+    """
+    if state.slow is not None:
+        state.failures.update(dict.fromkeys((r.id for r in rows), state.slow))
+        return
     try:
         async with conn.transaction():  # a savepoint
             await run(conn, rows, all_in_db)
             await conn.execute(q("constraints_immediate"))
         return
-    except TIMEOUT_ERRORS as exc:
+    except psycopg.errors.LockNotAvailable as exc:
         if conn.broken:
             raise
-        # blocked, not bad: every row of the group failed this attempt
         failure = Failure(error_line(exc), target_down=True)
-        failures.update(dict.fromkeys((r.id for r in rows), failure))
+        state.failures.update(dict.fromkeys((r.id for r in rows), failure))
         return
     except Exception as exc:
         if conn.broken:
             raise
         if len(rows) == 1:
-            failures[rows[0].id] = Failure(error_line(exc))
+            timed_out = isinstance(exc, psycopg.errors.QueryCanceled)
+            failure = Failure(error_line(exc), target_down=timed_out)
+            state.failures[rows[0].id] = failure
+            if timed_out:
+                state.slow = failure
             return
     middle = len(rows) // 2
-    await _bisect(conn, run, rows[:middle], all_in_db, failures)
-    await _bisect(conn, run, rows[middle:], all_in_db, failures)
+    await _bisect(conn, run, rows[:middle], all_in_db, state)
+    await _bisect(conn, run, rows[middle:], all_in_db, state)

@@ -32,12 +32,12 @@ from uuid import UUID
 
 import anyio
 import psycopg
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from dlqd.backoff import Backoff
 from dlqd.config import HttpTarget, Policy, Settings
-from dlqd.errors import DatabaseUnavailable
+from dlqd.errors import DatabaseUnavailable, error_line
 from dlqd.logs import get_logger
 from dlqd.metrics import AGE_BUCKETS, Metrics
 from dlqd.queries import q
@@ -57,7 +57,6 @@ from dlqd.replay.express import ExpressPlan, plan, run_page
 from dlqd.replay.http import HttpDeliverer, deliver_all, lease_seconds
 from dlqd.replay.report import circuit_attempts, report, report_express
 from dlqd.replay.rows import Candidate
-from dlqd.replay.targets import TIMEOUT_ERRORS, error_line
 from dlqd.throttle import Throttle
 from dlqd.wake import WakeFlag
 
@@ -70,6 +69,10 @@ TRANSIENT_ERRORS = (psycopg.OperationalError, DatabaseUnavailable, PoolTimeout)
 # a flood of notifications (from anyone: pg_notify needs no privilege) then
 # costs at most one pass per interval, while real work never waits
 SPURIOUS_WAKE_COALESCE = 0.05
+# a row whose job another replica is replaying right now is due again this soon
+CONTENDED_RETRY = timedelta(milliseconds=200)
+# seconds a pass works before it looks at new rows again
+PASS_BUDGET = 1.0
 
 _NIL = UUID(int=0)
 _MAX_UUID = UUID(int=2**128 - 1)
@@ -92,6 +95,18 @@ class PassResult:
     # this pass wrote a waiting schedule row (a delay, a retry, a lease, a
     # throttled row): the next due time must be read again
     wrote_waiting: bool = False
+    # monotonic time after which the pass starts no new page (``more`` then)
+    deadline: float = math.inf
+    # the pass stopped with work left: the next one starts at once
+    more: bool = False
+    # the last page left due rows over its byte budget: more pages follow
+    deferred: bool = False
+
+    def out_of_time(self) -> bool:
+        if anyio.current_time() < self.deadline:
+            return False
+        self.more = True
+        return True
 
     def add_throttle(self, seconds: float | None) -> None:
         if seconds is None:
@@ -135,6 +150,13 @@ class Replayer:
         self._express: tuple[Settings, ExpressPlan | None] | None = None
         # the last express page was full: a backlog, the next one will be too
         self._express_backlog = False
+        # the http leg, beside the passes (set by run(); None: calls in line)
+        self._lane: TaskGroup | None = None
+        self._http_busy = False
+        self._flag: WakeFlag | None = None
+        # passes failed since the last one that succeeded (/readyz reports them)
+        self.failures_in_a_row = 0
+        self.last_error: str | None = None
 
     # ------------------------------------------------------------------ one pass
 
@@ -148,6 +170,10 @@ class Replayer:
         fingerprint = settings.policies_fingerprint
         result = PassResult()
         batch_size = settings.replay.batch_size
+        # a pass looks at new rows first, and again at least every PASS_BUDGET:
+        # a backlog of due rows (a tenant's huge ones, say) is worked through
+        # in passes, never in front of the rows inserted meanwhile
+        result.deadline = anyio.current_time() + PASS_BUDGET
         # one connection for the whole pass: each page is its own transaction
         async with self.pool.connection() as conn:
             after_seq = 0
@@ -157,7 +183,7 @@ class Replayer:
                 rows = await self._page(conn, settings, self._inbox_claim(after_seq), result)
                 if rows:
                     after_seq = int(rows[-1]["seq"])
-                if len(rows) < batch_size:
+                if len(rows) < batch_size or result.out_of_time():
                     break
             if full:
                 # fingerprints below ours, then above: both index range scans
@@ -176,11 +202,14 @@ class Replayer:
                             break
             result.next_due_in = await self._due_in(conn, fingerprint, full or result.wrote_waiting)
             while not self.stopping.is_set() and _is_due(result.next_due_in):
+                if result.out_of_time():
+                    break
                 claim = self._due_claim(settings, fingerprint, result)
                 rows = await self._page(conn, settings, claim, result, due=True)
-                if len(rows) < batch_size:
+                if len(rows) < batch_size and not result.deferred:
                     result.next_due_in = await self._due_in(conn, fingerprint, True)
                     break
+                result.deferred = False
             if full:
                 # another replica may have opened (or closed) a circuit
                 names = [p.name for p in settings.policies if p.action == "replay"]
@@ -224,17 +253,21 @@ class Replayer:
                     custom_plan=self._express_backlog,
                 )
             except psycopg.Error as exc:
-                timed_out = isinstance(exc, TIMEOUT_ERRORS)
-                if conn.broken or (isinstance(exc, psycopg.OperationalError) and not timed_out):
+                if conn.broken:
                     raise
-                # nothing of it happened: the ordinary path does these rows
-                # again, and isolates the one that failed
+                # nothing of it happened (whatever the error: a bad row, a
+                # timeout, a resource limit): the ordinary path does these rows
+                # again, in smaller statements, and isolates the one that failed
                 log.warning(
                     "express page failed: the ordinary path takes it", error=error_line(exc)
                 )
                 return True
             page.seconds = anyio.current_time() - started
             self._express_backlog = page.scanned >= settings.replay.batch_size
+            if (page.scanned > page.claimed and page.claimed == 0) or result.out_of_time():
+                # nothing of it was express's (or the pass's time is up): the
+                # ordinary pages take the inbox from here, in insertion order
+                return True
             result.claimed += page.claimed
             result.replayed += sum(rows for rows, _, _ in page.replayed.values())
             result.parked += sum(page.parked.values())
@@ -344,17 +377,18 @@ class Replayer:
                 if not rows:
                     return rows
                 batch = await self._prepare(conn, rows, settings, result, due=due)
-                http_items = self._lease(batch)
+                http_items = self._lease(batch, defer=self._http_busy)
                 optimistic = not isolate and len(rows) == 1
                 outcome = await apply(conn, batch, settings, optimistic=optimistic)
         except IsolationNeeded:
             # nothing of that transaction happened: the same claim again, isolated
             return await self._page(conn, settings, claim, result, due=due, isolate=True)
         except psycopg.Error as exc:
-            if conn.broken or batch is None or isinstance(exc, psycopg.OperationalError):
+            if conn.broken or batch is None:
                 raise
-            # the transaction failed as a whole (at COMMIT, say): nothing of it
-            # happened; find the row responsible by halves
+            # the transaction failed as a whole (at COMMIT, say, or over a
+            # resource limit): nothing of it happened; find the row responsible
+            # by halves
             log.warning(
                 "batch failed as a whole: retrying it in halves",
                 error=error_line(exc),
@@ -365,17 +399,37 @@ class Replayer:
         self._tally(outcome, batch, result)
         await self._after_commit(conn, outcome, started)
         if batch is not None and http_items:
-            await self._call_http(conn, settings, batch, http_items, result)
+            if self._lane is None:  # a pass run on its own (tests): the calls in line
+                await self._call_http(conn, settings, batch, http_items, result)
+            else:
+                # beside the replays, never in front of them: a slow receiver
+                # holds up its own rows only
+                self._http_busy = True
+                self._lane.start_soon(self._deliver_in_lane, settings, batch, http_items)
         return rows
 
     @staticmethod
-    def _lease(batch: Batch) -> list[Item]:
+    def _lease(batch: Batch, *, defer: bool = False) -> list[Item]:
         """Take the http items out of the transaction: their rows are leased
-        (due again only after the calls could have ended), called after COMMIT."""
+        (due again only after the calls could have ended), called after COMMIT.
+        ``defer``: the calls of an earlier page are still running: the rows are
+        scheduled as due instead, for a page once those are done."""
         http_items = [i for i in batch.replay if isinstance(i.target, HttpTarget)]
         if not http_items:
             return []
         batch.replay = [i for i in batch.replay if not isinstance(i.target, HttpTarget)]
+        if defer:
+            for item in http_items:
+                assert item.policy is not None  # noqa: S101 - automatic replays have one
+                batch.states[item.row.id] = StateRow(
+                    "waiting",
+                    item.policy.name,
+                    due_at=item.due_at or batch.db_now,
+                    failures=item.row.failures,
+                    last_error=item.row.last_error,
+                    last_failure_at=item.row.last_failure_at,
+                )
+            return []
         counts: dict[str, int] = {}
         for item in http_items:
             key = item.target.model_dump_json()
@@ -393,6 +447,19 @@ class Replayer:
                 last_failure_at=item.row.last_failure_at,
             )
         return http_items
+
+    async def _deliver_in_lane(self, settings: Settings, leased: Batch, items: list[Item]) -> None:
+        """The calls for one page, on a connection of their own; the replayer
+        hears when they are done (rows of http policies wait for that)."""
+        try:
+            async with self.pool.connection() as conn:
+                await self._call_http(conn, settings, leased, items, PassResult())
+        except Exception as exc:  # noqa: BLE001 - the rows stay leased: due again after it
+            log.warning("http deliveries failed", error=error_line(exc), rows=len(items))
+        finally:
+            self._http_busy = False
+            if self._flag is not None:
+                self._flag.set()
 
     async def _call_http(
         self,
@@ -419,7 +486,7 @@ class Replayer:
                 batch.replay = [i for i in items if i.row.id in locked]
                 outcome = await apply(conn, batch, settings)
         except psycopg.Error as exc:
-            if conn.broken or isinstance(exc, psycopg.OperationalError):
+            if conn.broken:
                 raise
             outcome = await settle_split(conn, batch, settings, exc)
         self._tally(outcome, batch, result)
@@ -492,6 +559,7 @@ class Replayer:
             counts = await replay_counts(conn, keys, retention)
             evaluate(candidates, settings, counts, batch, self.dry_runs)
 
+        self._fit_bytes(batch, settings.replay.batch_bytes, result)
         trial_lease = settings.replay.statement_timeout + timedelta(seconds=5)
         admitted, deferred, wait = await self.throttle.admit(
             conn, batch.replay, anyio.current_time(), trial_lease=trial_lease
@@ -509,8 +577,45 @@ class Replayer:
                     last_error=item.row.last_error,
                     last_failure_at=item.row.last_failure_at,
                 )
-        batch.replay = await enforce_max_replays(conn, admitted, batch, retention)
+        batch.replay, contended = await enforce_max_replays(conn, admitted, batch, retention)
+        for item in contended:
+            # another replica is replaying a return of the same job: after it
+            assert item.policy is not None  # noqa: S101 - max_replays comes from a policy
+            batch.states[item.row.id] = StateRow(
+                "waiting",
+                item.policy.name,
+                due_at=db_now + CONTENDED_RETRY,
+                failures=item.row.failures,
+                last_error=item.row.last_error,
+                last_failure_at=item.row.last_failure_at,
+            )
         return batch
+
+    @staticmethod
+    def _fit_bytes(batch: Batch, budget: int, result: PassResult) -> None:
+        """Keep the page's replays within ``budget`` stored bytes (the first one
+        always); the rest are due again at once, for the next pages: a page of
+        a tenant's huge rows takes one of them at a time, not all of them."""
+        kept: list[Item] = []
+        size = 0
+        for item in batch.replay:
+            bytes_ = 0 if isinstance(item.target, HttpTarget) else item.row.row_bytes
+            if kept and size + bytes_ > budget:
+                result.deferred = True
+                if item.due_at is not None and item.policy is not None:
+                    # a new row: scheduled as due (its inbox entry goes)
+                    batch.states[item.row.id] = StateRow(
+                        "waiting",
+                        item.policy.name,
+                        due_at=item.due_at,
+                        failures=item.row.failures,
+                        last_error=item.row.last_error,
+                        last_failure_at=item.row.last_failure_at,
+                    )
+                continue
+            kept.append(item)
+            size += bytes_
+        batch.replay = kept
 
     def _blocked(
         self, settings: Settings, now: float, result: PassResult
@@ -520,6 +625,11 @@ class Replayer:
         ``result`` learns when the first may go again, so the loop sleeps that long."""
         names, pairs, wait = self.throttle.blocked(settings.policies, now)
         result.add_throttle(wait)
+        if self._http_busy:
+            # their rows are claimed once the calls in flight are done (a wake-up)
+            names |= {
+                p.name for p in settings.policies if isinstance(settings.target_for(p), HttpTarget)
+            }
         return names, pairs
 
     # ------------------------------------------------------------------ the loop
@@ -530,7 +640,18 @@ class Replayer:
         *,
         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Replay until ``stopping`` is set; never let one failure end the loop."""
+        """Replay until ``stopping`` is set; never let one failure end the loop.
+        The http calls of a page run beside the passes, in a task group of
+        their own, which the loop waits for when it stops."""
+        self._flag = flag
+        async with anyio.create_task_group() as lane:
+            self._lane = lane
+            try:
+                await self._loop(flag, task_status)
+            finally:
+                self._lane = None
+
+    async def _loop(self, flag: WakeFlag, task_status: TaskStatus[None]) -> None:
         backoff = Backoff(base=0.2, cap=15.0)
         last_full = -math.inf
         last_fingerprint = ""
@@ -554,9 +675,11 @@ class Replayer:
                     last_full, last_fingerprint = started, fingerprint
             except TRANSIENT_ERRORS as exc:
                 wait = backoff.next()
+                self._failed(exc)
                 log.warning("replayer pass failed", error=error_line(exc), retry_in=round(wait, 3))
             except Exception as exc:  # one bad pass must not end the daemon
                 wait = backoff.next()
+                self._failed(exc)
                 log.error(
                     "replayer pass failed",
                     error=error_line(exc),
@@ -566,6 +689,7 @@ class Replayer:
                 )
             else:
                 backoff.reset()
+                self.failures_in_a_row, self.last_error = 0, None
                 wait = self._next_wait(result, poll)
                 idle = woken and result.claimed == 0
             if self.stopping.is_set():
@@ -584,8 +708,14 @@ class Replayer:
                 # cooldown share one pass (less CPU per row, that much latency)
                 await anyio.sleep(max(0.0, started + cooldown - anyio.current_time()))
 
+    def _failed(self, exc: BaseException) -> None:
+        self.failures_in_a_row += 1
+        self.last_error = error_line(exc)
+
     @staticmethod
     def _next_wait(result: PassResult, poll: float) -> float:
+        if result.more:
+            return 0.0
         wait = poll
         if result.next_due_in is not None:
             if result.next_due_in > 0:

@@ -17,8 +17,8 @@ import anyio
 from anyio.abc import TaskStatus
 
 from dlqd.backoff import Backoff
+from dlqd.errors import error_line
 from dlqd.logs import get_logger
-from dlqd.replay.targets import error_line
 
 R = TypeVar("R")
 

@@ -1,54 +1,59 @@
 """Leader election through Postgres: one replica at a time runs the leader-only services.
 
-The leader holds a session-level advisory lock on a connection of its own (to
-``listen_database_url``: session locks need a direct connection, as LISTEN
-does). Why a lock and not a lease row: the server drops the lock the moment
-the holder's session ends — the process exits, is killed, or its connection
-is terminated — so a follower, trying every ``listen.probe_interval``, takes
-over within one interval, with no clock to trust and no row to expire. The
-leader pings its connection every interval and steps down (cancelling the
-leader-only services) as soon as a ping fails or times out. The one case a
-lock cannot see at once is a network partition that leaves the server's
-backend alive: the server then releases the lock when TCP keepalives give up
-on the session (dlqd asks for keepalives on this connection). Leader-only work
-(purge) is safe to overlap for that moment: it deletes with SKIP LOCKED.
+The leader holds a lease: the one row of ``dlqd_leader``, which it renews every
+half ``listen.probe_interval`` for 1.5 intervals at a time, by the server's
+clock alone. Followers try to take it every half interval; they succeed once
+it has expired, so a leader that dies, is killed or cannot reach the
+database is replaced within two probe intervals, and one that stops cleanly
+hands over at once (it ends its lease). A leader that has not renewed for a
+whole interval steps down before its lease can expire, so two leaders overlap
+at most while clocks disagree by more than half an interval; leader-only
+work (the purge) is safe to overlap anyway (it deletes with SKIP LOCKED).
+
+Why a lease row and not an advisory lock: any role that can connect may take
+any advisory lock (they need no privilege), and ``pg_locks`` shows everyone
+the key the leader holds, so a tenant could hold leadership away from every
+replica. Only ``dlqd`` may write ``dlqd_leader``. The renewals are one-row
+UPDATEs through the pool: no session of its own, so it also works through a
+transaction pooler.
 """
 
 from __future__ import annotations
 
+import os
+import secrets
+import socket
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
 
 import anyio
-import psycopg
 from anyio.abc import TaskStatus
+from psycopg_pool import AsyncConnectionPool
 
 from dlqd.backoff import Backoff
 from dlqd.config import Settings
-from dlqd.db import connect
-from dlqd.errors import DatabaseUnavailable
+from dlqd.errors import error_line
 from dlqd.logs import get_logger
 from dlqd.metrics import Metrics
 from dlqd.queries import q
-from dlqd.replay.targets import error_line
 from dlqd.services.base import Signal
-from dlqd.services.listener import KEEPALIVES
 
 log = get_logger("dlqd.leader")
 
-
-class Service(Protocol):
-    name: str
-
-    async def run(self, *, task_status: TaskStatus[None] = ...) -> None: ...
+#: the lease lasts this many probe intervals; renewals and claims come every half
+LEASE_INTERVALS = 1.5
 
 
-class LeadershipLost(Exception):
-    """The leader's connection stopped answering."""
+@dataclass
+class _Lease:
+    """What the leader knows of its lease: renew it by ``renewed_by``
+    (monotonic), or why it is ``lost``."""
 
-
-# errors after which the elector reconnects and campaigns again
-RECOVERABLE = (psycopg.Error, DatabaseUnavailable, OSError, LeadershipLost, TimeoutError)
+    renewed_by: float
+    lost: str | None = None
+    changed: anyio.Event = field(default_factory=anyio.Event)
 
 
 class LeaderSignals:
@@ -62,87 +67,106 @@ class LeaderElector:
 
     def __init__(
         self,
+        pool: AsyncConnectionPool[Any],
         settings: Callable[[], Settings],
         metrics: Metrics,
         services: Sequence[Any],
     ) -> None:
+        self.pool = pool
         self.settings = settings
         self.metrics = metrics
         self.services = list(services)
         self.is_leader = False
         self.signals = LeaderSignals()
-        self.backend_pid: int | None = None
+        # who leads, as other replicas and operators see it in dlqd_leader
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
     def _probe(self) -> float:
         return self.settings().listen.probe_interval.total_seconds()
+
+    async def _claim(self) -> bool:
+        """Take or renew the lease (one statement); whether this replica holds it."""
+        probe = self._probe()
+        with anyio.fail_after(probe / 2):
+            async with self.pool.connection(timeout=probe / 2) as conn:
+                cur = await conn.execute(
+                    q("leader_claim"),
+                    {
+                        "holder": self.holder,
+                        "ttl": timedelta(seconds=probe * LEASE_INTERVALS),
+                    },
+                )
+                return await cur.fetchone() is not None
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         backoff = Backoff(base=0.5, cap=max(1.0, self._probe()), reset_after=60.0)
         task_status.started()
         while True:
             try:
-                conn = await connect(
-                    self.settings().listen_dsn,
-                    autocommit=True,
-                    application_name="dlqd leader",
-                    **KEEPALIVES,
-                )
-                try:
-                    self.backend_pid = conn.info.backend_pid
+                if await self._claim():
                     backoff.reset()
-                    await self._campaign(conn)
-                finally:
-                    with anyio.CancelScope(shield=True):
-                        await conn.close()
-            except (
-                psycopg.Error,
-                DatabaseUnavailable,
-                OSError,
-                LeadershipLost,
-                TimeoutError,
-            ) as exc:
+                    await self._lead()
+                wait = self._probe() / 2
+            except Exception as exc:  # noqa: BLE001 - an election round never ends the daemon
                 wait = backoff.next()
                 log.warning(
                     "leader election interrupted", error=error_line(exc), retry_in=round(wait, 3)
                 )
-                await anyio.sleep(wait)
+            await anyio.sleep(wait)
 
-    async def _campaign(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        """Try for the lock every probe interval; lead while it is held."""
-        while True:
-            with anyio.fail_after(self._probe()):
-                cur = await conn.execute(q("leader_try_lock"))
-                row = await cur.fetchone()
-            if row is not None and row["locked"]:
-                await self._lead(conn)  # returns only by an exception
-            await anyio.sleep(self._probe())
-
-    async def _lead(self, conn: psycopg.AsyncConnection[Any]) -> None:
+    async def _lead(self) -> None:
+        """Run the leader-only services while the lease is renewed; return once
+        it is lost (another round of the election follows)."""
         self._set(True)
-        log.info(
-            "leadership acquired",
-            backend_pid=self.backend_pid,
-            services=[s.name for s in self.services],
-        )
+        names = [s.name for s in self.services]
+        log.info("leadership acquired", holder=self.holder, services=names)
         self.signals.elected.fire()
+        lease = _Lease(anyio.current_time() + self._probe())
         try:
             async with anyio.create_task_group() as tg:
                 for service in self.services:
                     tg.start_soon(service.run, name=service.name)
-                while True:
-                    await anyio.sleep(self._probe())
-                    try:
-                        with anyio.fail_after(self._probe()):
-                            await conn.execute("SELECT 1")
-                    except (psycopg.Error, TimeoutError) as exc:
-                        raise LeadershipLost(f"leader connection lost: {error_line(exc)}") from exc
-        except ExceptionGroup as group:  # the task group wraps what ended it
-            first = group.exceptions[0]
-            raise LeadershipLost(error_line(first)) from group
-        finally:
+                tg.start_soon(self._renew, lease)
+                # the deadline holds even while a renewal hangs on a dead connection
+                while lease.lost is None:
+                    left = lease.renewed_by - anyio.current_time()
+                    if left <= 0:
+                        lease.lost = f"lease not renewed for {self._probe():g}s"
+                        break
+                    with anyio.move_on_after(left):
+                        await lease.changed.wait()
+                    lease.changed = anyio.Event()
+                self._set(False)  # at once: the services may take a moment to unwind
+                tg.cancel_scope.cancel()
+        except BaseException:
+            # shutting down: hand over at once rather than when the lease expires
             self._set(False)
-            log.warning("leadership lost")
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                async with self.pool.connection(timeout=2) as conn:
+                    await conn.execute(q("leader_release"), {"holder": self.holder})
+            log.info("leadership released", holder=self.holder)
             self.signals.deposed.fire()
+            raise
+        log.warning("leadership lost", holder=self.holder, reason=lease.lost)
+        self.signals.deposed.fire()
+
+    async def _renew(self, lease: _Lease) -> None:
+        """Renew every half interval; the lease must be renewed within a whole
+        interval of the last renewal (it is 1.5 intervals long on the server)."""
+        while True:
+            probe = self._probe()
+            await anyio.sleep(probe / 2)
+            sent = anyio.current_time()
+            try:
+                still = await self._claim()
+            except Exception as exc:  # noqa: BLE001 - retried until the deadline
+                log.info("lease renewal failed: retrying", error=error_line(exc))
+                continue
+            if not still:
+                lease.lost = "another replica holds the lease"
+            else:
+                lease.renewed_by = sent + probe
+            lease.changed.set()
 
     def _set(self, leader: bool) -> None:
         self.is_leader = leader

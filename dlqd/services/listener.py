@@ -22,10 +22,9 @@ from psycopg_pool import AsyncConnectionPool
 from dlqd.backoff import Backoff
 from dlqd.config import Settings
 from dlqd.db import connect
-from dlqd.errors import DatabaseUnavailable
+from dlqd.errors import DatabaseUnavailable, error_line
 from dlqd.logs import get_logger
 from dlqd.metrics import Metrics
-from dlqd.replay.targets import error_line
 from dlqd.wake import Wakeup
 
 CHANNEL = "dlqd_job_dlq"

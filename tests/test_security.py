@@ -1,0 +1,492 @@
+"""A hostile tenant must not escape its rows, nor stall anyone else's replays.
+
+Every attack runs as a tenant would: connected as ``dlqd_app`` with
+``app.current_app_id`` set to its own tenant (or, where the attack goes through
+a function only the daemon may call, as the ``dlqd`` role). The databases are
+migrated by the superuser and by an ordinary owner role, the two set-ups
+operators run.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from dlqd.db import connect
+from dlqd.migrations import migrate
+from tests.conftest import as_role, dlqd_cli, with_dbname
+from tests.daemon_helpers import (
+    SINK_STATEMENT,
+    DaemonProcess,
+    scalar,
+    wait_until,
+    write_config,
+)
+from tests.factories import INSERT_MANY, row_json
+
+pytestmark = pytest.mark.anyio
+
+
+# --------------------------------------------------------------------------- set-ups
+
+
+@pytest.fixture(params=["superuser", "ordinary owner"])
+def owned_db(request: pytest.FixtureRequest, admin_url: str, template_db: str) -> Iterator[str]:
+    """A migrated database with the role script applied, its tables owned by the
+    superuser (cloned from the suite's template) or by an ordinary role that
+    migrated it itself. Yields a superuser URL."""
+    name = f"dlqd_sec_{uuid.uuid4().hex[:12]}"
+    owner = f"dlqd_owner_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        if request.param == "superuser":
+            conn.execute(
+                sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                    sql.Identifier(name), sql.Identifier(template_db)
+                )
+            )
+        else:
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(owner)))
+            conn.execute(
+                sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                    sql.Identifier(name), sql.Identifier(owner)
+                )
+            )
+    url = with_dbname(admin_url, name)
+    if request.param != "superuser":
+        with psycopg.connect(url, autocommit=True) as conn:
+            # an ordinary owner owns the schema it migrates into (as on PostgreSQL 15+)
+            conn.execute(sql.SQL("ALTER SCHEMA public OWNER TO {}").format(sql.Identifier(owner)))
+
+        async def as_owner() -> None:
+            owner_conn = await connect(as_role(url, owner), autocommit=True)
+            try:
+                await migrate(owner_conn)
+            finally:
+                await owner_conn.close()
+
+        anyio.run(as_owner)
+        from dlqd.queries import sql_dir
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute((sql_dir() / "roles.sql").read_text().encode())
+    try:
+        yield url
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(owner)))
+
+
+def tenant(url: str, app_id: str) -> psycopg.Connection[Any]:
+    conn = psycopg.connect(as_role(url, "dlqd_app"), autocommit=True)
+    conn.execute("SELECT set_config('app.current_app_id', %s, false)", [app_id])
+    return conn
+
+
+def definer_functions(url: str) -> dict[str, list[str]]:
+    """Every SECURITY DEFINER function in dlqd's schema, with its settings."""
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            """SELECT p.oid::regprocedure::text, coalesce(p.proconfig, '{}')
+                 FROM pg_proc p
+                WHERE p.pronamespace = current_schema()::regnamespace AND p.prosecdef"""
+        ).fetchall()
+    return {name: list(config) for name, config in rows}
+
+
+SECRET = {"card": "4111-secret"}
+
+
+def seed_victim(url: str) -> None:
+    """Another tenant's rows, replayed long ago (what a purge would delete) and pending."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            """INSERT INTO job_dlq (original_job_id, app_id, type, payload, error_reason,
+                                    attempts, replayed_at)
+               VALUES ('v1', 'victim', 't', %s, 'r', 1, NULL),
+                      ('v2', 'victim', 't', %s, 'r', 1, now() - interval '30 days')""",
+            [psycopg.types.json.Jsonb(SECRET), psycopg.types.json.Jsonb(SECRET)],
+        )
+        conn.execute(
+            """INSERT INTO dlqd_replay_log (dlq_id, original_job_id, app_id, outcome, at)
+               VALUES (gen_random_uuid(), 'v0', 'victim', 'replayed', now() - interval '90 days')"""
+        )
+
+
+def shadow_everything(conn: psycopg.Connection[Any], url: str) -> None:
+    """In ``conn``'s own temporary schema: a table for every relation of dlqd's
+    schema (and the trigger's transition table), each with triggers that copy
+    what they can see and try to escalate; functions and operators named like
+    the built-ins definer code calls. Whatever of it runs, runs as whoever calls
+    it, and leaves a trace in ``pg_temp.loot``."""
+    with psycopg.connect(url) as admin:
+        tables = admin.execute(
+            """SELECT c.relname,
+                      string_agg(quote_ident(a.attname) || ' ' ||
+                                 format_type(a.atttypid, a.atttypmod), ', '
+                                 ORDER BY a.attnum)
+                 FROM pg_class c
+                 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind IN ('r', 'p')
+                GROUP BY c.relname"""
+        ).fetchall()
+    conn.execute(
+        """CREATE TEMP TABLE loot (who text, what text);
+           CREATE FUNCTION pg_temp.pwn() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN
+               INSERT INTO pg_temp.loot
+               SELECT current_user, coalesce(string_agg(payload::text, ','), 'no rows')
+                 FROM public.job_dlq;
+               PERFORM set_config('dlqd.maintenance', 'on', true);
+               INSERT INTO pg_temp.loot
+               SELECT current_user, coalesce(string_agg(payload::text, ','), 'no rows')
+                 FROM public.job_dlq;
+               RETURN NULL;
+           END $$;"""
+    )
+    names = [*tables, ("new_rows", "id uuid, replayed_at timestamptz, dlq_at timestamptz")]
+    for name, columns in names:
+        table = sql.Identifier(name)
+        conn.execute(sql.SQL("CREATE TEMP TABLE {} ({})").format(table, sql.SQL(columns)))
+        conn.execute(
+            sql.SQL(
+                "CREATE TRIGGER pwn AFTER INSERT OR UPDATE OR DELETE ON pg_temp.{} "
+                "FOR EACH STATEMENT EXECUTE FUNCTION pg_temp.pwn()"
+            ).format(table)
+        )
+    # rows the purge functions would find in a shadowing job_dlq or replay log
+    conn.execute(
+        """INSERT INTO pg_temp.job_dlq (id, original_job_id, app_id, type, payload, error_reason,
+                                        attempts, error_history, dlq_at, replayed_at)
+           VALUES (gen_random_uuid(), 'x', 'x', 'x', '{}', 'x', 1, '[]', now() - interval '9 days',
+                   now() - interval '9 days')"""
+    )
+    conn.execute(
+        """INSERT INTO pg_temp.dlqd_replay_log (dlq_id, original_job_id, app_id, outcome, at)
+           VALUES (gen_random_uuid(), 'x', 'x', 'replayed', now() - interval '99 days')"""
+    )
+    conn.execute("DELETE FROM pg_temp.loot")  # the seeding above fired our own triggers
+    # functions and operators: never looked up in pg_temp unless it is named
+    conn.execute(
+        """CREATE FUNCTION pg_temp.pwn_text(a text, b text) RETURNS boolean LANGUAGE plpgsql AS $$
+           BEGIN INSERT INTO pg_temp.loot VALUES (current_user, 'operator'); RETURN a = b; END $$;
+           CREATE OPERATOR pg_temp.= (LEFTARG = text, RIGHTARG = text, FUNCTION = pg_temp.pwn_text);
+           CREATE FUNCTION pg_temp.pg_notify(text, text) RETURNS void LANGUAGE plpgsql AS $$
+           BEGIN INSERT INTO pg_temp.loot VALUES (current_user, 'pg_notify'); END $$;
+           CREATE FUNCTION pg_temp.now() RETURNS timestamptz LANGUAGE plpgsql AS $$
+           BEGIN INSERT INTO pg_temp.loot VALUES (current_user, 'now'); RETURN now(); END $$;
+           CREATE FUNCTION pg_temp.set_config(text, text, boolean) RETURNS text
+           LANGUAGE plpgsql AS $$
+           BEGIN INSERT INTO pg_temp.loot VALUES (current_user, 'set_config'); RETURN ''; END $$;"""
+    )
+
+
+def loot(conn: psycopg.Connection[Any]) -> list[tuple[str, str]]:
+    return conn.execute("SELECT who, what FROM pg_temp.loot").fetchall()
+
+
+# --------------------------------------------------------------------------- finding 1
+
+
+def test_every_security_definer_function_pins_its_search_path(owned_db: str) -> None:
+    """Finding 1: definer code resolves names through a pinned path: pg_catalog
+    first, dlqd's schema, the caller's temporary schema last."""
+    functions = definer_functions(owned_db)
+    assert set(functions) == {
+        "job_dlq_notify_insert()",
+        "job_dlq_purge(interval,interval,integer)",
+        "dlqd_trim_replay_log(interval,integer)",
+    }
+    for name, settings in functions.items():
+        assert "search_path=pg_catalog, public, pg_temp" in settings, (name, settings)
+
+
+def test_a_tenant_cannot_shadow_what_the_insert_trigger_uses(owned_db: str) -> None:
+    """Finding 1: temporary tables, functions and operators named like what the
+    insert trigger (SECURITY DEFINER) uses are never reached, by any tenant."""
+    seed_victim(owned_db)
+    with tenant(owned_db, "attacker") as conn:
+        shadow_everything(conn, owned_db)
+        conn.execute(
+            """INSERT INTO public.job_dlq (original_job_id, app_id, type, payload, error_reason,
+                                           attempts)
+               VALUES ('mine', 'attacker', 't', '{}', 'r', 1)"""
+        )
+        assert loot(conn) == []
+        # the real inbox got the row, the shadow nothing
+        assert conn.execute("SELECT count(*) FROM pg_temp.dlqd_inbox").fetchone() == (0,)
+    with psycopg.connect(owned_db) as admin:
+        assert admin.execute("SELECT count(*) FROM dlqd_inbox").fetchone() == (2,)
+        assert admin.execute(
+            "SELECT rolsuper FROM pg_roles WHERE rolname = 'dlqd_app'"
+        ).fetchone() == (False,)
+
+
+def test_the_daemon_role_cannot_shadow_what_the_purge_functions_use(owned_db: str) -> None:
+    """Finding 1: the purge and trim functions run as the tables' owner; the
+    ``dlqd`` role calling them with its own shadows gains nothing."""
+    seed_victim(owned_db)
+    with psycopg.connect(as_role(owned_db, "dlqd"), autocommit=True) as conn:
+        shadow_everything(conn, owned_db)
+        purged = conn.execute("SELECT job_dlq_purge('7 days')").fetchone()
+        trimmed = conn.execute("SELECT dlqd_trim_replay_log('30 days')").fetchone()
+        assert loot(conn) == []
+        assert purged == (1,)  # the victim's old replayed row, the real one
+        assert trimmed == (1,)
+        # the shadows were not touched
+        assert conn.execute("SELECT count(*) FROM pg_temp.job_dlq").fetchone() == (1,)
+        assert conn.execute("SELECT count(*) FROM pg_temp.dlqd_replay_log").fetchone() == (1,)
+
+
+def test_tenants_cannot_call_maintenance_functions_or_create_in_dlqds_schema(
+    owned_db: str,
+) -> None:
+    """Finding 1: what a tenant could shadow with, it cannot create; what runs
+    with more rights, it cannot call."""
+    with tenant(owned_db, "attacker") as conn:
+        for statement in (
+            "SELECT job_dlq_purge('0s')",
+            "SELECT dlqd_trim_replay_log('0s')",
+            "CREATE TABLE public.mine (x int)",
+            "CREATE FUNCTION public.now() RETURNS timestamptz LANGUAGE sql AS 'SELECT 1'",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)
+        # the maintenance switch is the owner's alone: set, it shows a tenant nothing more
+        seed_victim(owned_db)
+        conn.execute("SELECT set_config('dlqd.maintenance', 'on', false)")
+        assert conn.execute("SELECT count(*) FROM job_dlq").fetchone() == (0,)
+
+
+# --------------------------------------------------------------------------- finding 3
+
+
+def config(tmp_path: Path, policies: str, extra: str = "") -> Path:
+    return write_config(
+        tmp_path / "dlqd.toml",
+        f"""
+{extra}
+[listen]
+poll_interval = "1h"
+probe_interval = "500ms"
+
+{policies}
+""",
+    )
+
+
+SINK_POLICY = f"""
+[[policies]]
+name = "all"
+max_replays = 5
+target = {{ kind = "sql", statement = "{SINK_STATEMENT}" }}
+"""
+
+
+async def start(
+    daemons: list[DaemonProcess], db_url: str, cfg: Path, tmp_path: Path, **env: str
+) -> DaemonProcess:
+    daemon = DaemonProcess(as_role(db_url, "dlqd"), cfg, tmp_path, **env).start()
+    daemons.append(daemon)
+    await daemon.wait_ready()
+    return daemon
+
+
+async def insert_as(db_url: str, app_id: str, *original_job_ids: str, **fields: Any) -> None:
+    rows = [row_json(original_job_id=j, app_id=app_id, **fields) for j in original_job_ids]
+    async with await psycopg.AsyncConnection.connect(
+        as_role(db_url, "dlqd_app"), autocommit=True
+    ) as conn:
+        await conn.execute("SELECT set_config('app.current_app_id', %s, false)", [app_id])
+        await conn.execute(INSERT_MANY, {"rows": Jsonb(rows)})
+
+
+async def sunk(db_url: str, app_id: str) -> int:
+    return int(
+        await scalar(
+            db_url,
+            "SELECT count(*) FROM sink s JOIN job_dlq j ON j.id = s.dlq_id WHERE j.app_id = %s",
+            [app_id],
+        )
+    )
+
+
+ADVISORY_KEYS = (
+    "SELECT pg_advisory_lock(hashtextextended(k, 0)) FROM unnest(%s::text[]) AS k",
+    [
+        [
+            '["t1","lockme"]',
+            '["job","t1","lockme"]',
+            "dlqd:leader",
+            "dlqd:migrate",
+            'dlqd:bucket:["all",""]',
+            "dlqd:circuit:all",
+        ]
+    ],
+)
+
+
+def test_no_query_of_the_daemon_takes_an_advisory_lock() -> None:
+    """Finding 3: any role may take any advisory lock, so nothing the daemon waits
+    on may be one; only `dlqd migrate` (an operator, waiting visibly) uses one."""
+    from dlqd.queries import _QUERIES
+
+    advisory = {name for name, text in _QUERIES.items() if re.search(r"advisory\w*\(", text)}
+    assert advisory == {"migrations_try_lock", "migrations_unlock"}
+
+
+async def test_a_tenants_advisory_locks_stall_no_replay_and_no_election(
+    sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    """Finding 3: a tenant holding every advisory lock dlqd ever used (the job
+    key of a max_replays row, the leader's and the migration's) stalls nothing:
+    its own row replays, other tenants' rows replay, a leader is elected."""
+    holder = tenant(sink_db, "t1")
+    try:
+        holder.execute(*ADVISORY_KEYS)
+        daemon = await start(daemons, sink_db, config(tmp_path, SINK_POLICY), tmp_path)
+        await insert_as(sink_db, "t1", "lockme")
+        await insert_as(sink_db, "t2", "other-1", "other-2")
+
+        async def replayed() -> bool:
+            return await sunk(sink_db, "t1") == 1 and await sunk(sink_db, "t2") == 2
+
+        await wait_until(replayed, within=10)
+
+        async def leads() -> bool:
+            return daemon.metric("dlqd_leader") == 1
+
+        await wait_until(leads, within=10)
+        assert daemon.http("/readyz")[0] == 200
+        failed = [e for e in daemon.events() if e.get("event") == "replayer pass failed"]
+        assert failed == []
+    finally:
+        holder.close()
+
+
+def test_migrate_names_the_session_holding_its_lock_and_gives_up(db_url: str) -> None:
+    """Finding 3: `dlqd migrate` waits for the migration lock a bounded time,
+    saying who holds it, then fails in one line."""
+    holder = tenant(db_url, "t1")
+    try:
+        holder.execute(*ADVISORY_KEYS)
+        pid = holder.info.backend_pid
+        started = time.monotonic()
+        result = dlqd_cli("migrate", "--wait", "2s", env={"DLQD_DATABASE_URL": db_url})
+        took = time.monotonic() - started
+    finally:
+        holder.close()
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("dlqd: waiting for the migration lock, held by pid")
+    assert f"pid {pid} (role dlqd_app" in lines[-1]
+    assert lines[-1].startswith("dlqd: error: the migration lock is still taken after 2s")
+    assert took < 30
+    freed = dlqd_cli("migrate", "--wait", "2s", env={"DLQD_DATABASE_URL": db_url})
+    assert freed.returncode == 0, freed.stderr
+    assert freed.stdout == "database is up to date\n"
+
+
+# --------------------------------------------------------------------------- findings 4 to 7:
+# one tenant does its worst, another tenant's rows keep replaying
+
+NEIGHBOUR_WAIT = 10  # seconds: the stalls found took 45 s to forever
+
+
+async def replayed_soon(db_url: str, app_id: str, n: int = 1) -> None:
+    """``n`` rows of tenant ``app_id``, inserted now, are replayed into the sink soon."""
+    jobs = [f"{app_id}-{uuid.uuid4().hex[:8]}" for _ in range(n)]
+    await insert_as(db_url, app_id, *jobs, type="quick")
+
+    async def done() -> bool:
+        return await sunk(db_url, app_id) >= n
+
+    await wait_until(done, within=NEIGHBOUR_WAIT)
+
+
+SET_BASED = "INSERT INTO sink (dlq_id, type, payload) SELECT id, type, payload FROM replayed"
+
+
+async def test_huge_rows_past_the_servers_temp_file_limit_stall_nobody(
+    sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    """Finding 4: with temp_file_limit = 100MB on the daemon's role, 40 rows of
+    3.2 MB from one tenant: no page fails for good, every row replays, and
+    another tenant's row is replayed meanwhile; /readyz stays truthful."""
+    dbname = psycopg.conninfo.conninfo_to_dict(sink_db)["dbname"]
+    with psycopg.connect(sink_db, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("ALTER ROLE dlqd IN DATABASE {} SET temp_file_limit = '100MB'").format(
+                sql.Identifier(str(dbname))
+            )
+        )
+    policy = f"""
+[[policies]]
+name = "set"
+target = {{ kind = "sql", statement = "{SET_BASED}" }}
+"""
+    daemon = await start(daemons, sink_db, config(tmp_path, policy), tmp_path)
+    with tenant(sink_db, "noisy") as conn:
+        # 3.2 MB of hex each, which TOAST cannot squeeze much
+        conn.execute(
+            """INSERT INTO job_dlq (original_job_id, app_id, type, payload, error_reason, attempts)
+               SELECT 'big' || g, 'noisy', 'huge',
+                      jsonb_build_object('blob', (SELECT string_agg(md5(g::text || s), '')
+                                                    FROM generate_series(1, 100000) s)),
+                      'r', 1
+                 FROM generate_series(1, 40) g"""
+        )
+    await replayed_soon(sink_db, "quiet")
+
+    async def all_of_them() -> bool:
+        return await sunk(sink_db, "noisy") == 40
+
+    await wait_until(all_of_them, within=120)
+    assert daemon.http("/readyz")[0] == 200
+    assert await scalar(sink_db, "SELECT count(*) FROM dlqd_entry_state") == 0
+
+
+async def test_a_group_too_big_for_the_statement_timeout_is_split_not_parked(
+    sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    """Finding 5: rows fine alone but too slow as one group are split until
+    they fit; none is parked, the circuit never opens, and another tenant's
+    small rows of the same page replay too."""
+    slow = (
+        "INSERT INTO sink (dlq_id, type, payload) SELECT r.id, r.type, r.payload FROM replayed r"
+        " CROSS JOIN LATERAL (SELECT pg_sleep(CASE WHEN r.type = 'slow' THEN 0.15 ELSE 0 END)) s"
+    )
+    policy = f"""
+[[policies]]
+name = "set"
+retry_delay = "100ms"
+circuit_breaker = {{ failures = 3, cool_down = "1h" }}
+target = {{ kind = "sql", statement = "{slow}" }}
+"""
+    extra = '[replay]\nstatement_timeout = "1s"\n'
+    daemon = await start(daemons, sink_db, config(tmp_path, policy, extra), tmp_path)
+    rows = [row_json(original_job_id=f"slow{i}", app_id="noisy", type="slow") for i in range(20)]
+    rows += [row_json(original_job_id=f"fast{i}", app_id="quiet", type="fast") for i in range(5)]
+    async with await psycopg.AsyncConnection.connect(sink_db, autocommit=True) as conn:
+        await conn.execute(INSERT_MANY, {"rows": Jsonb(rows)})
+
+    async def all_of_them() -> bool:
+        return int(await scalar(sink_db, "SELECT count(*) FROM sink")) == 25
+
+    await wait_until(all_of_them, within=60)
+    parked = await scalar(sink_db, "SELECT count(*) FROM dlqd_entry_state")
+    assert parked == 0
+    assert daemon.metric('dlqd_circuit_open{policy="set"}') == 0
+    assert not any(e.get("event") == "circuit opened" for e in daemon.events())
