@@ -9,14 +9,17 @@ operators run.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import psycopg
 import pytest
 from psycopg import sql
@@ -490,3 +493,246 @@ target = {{ kind = "sql", statement = "{slow}" }}
     assert parked == 0
     assert daemon.metric('dlqd_circuit_open{policy="set"}') == 0
     assert not any(e.get("event") == "circuit opened" for e in daemon.events())
+
+
+class RawReceiver:
+    """An HTTP/1.1 receiver on a raw socket: reads each request (head and
+    body), then lets ``answer(request, stream)`` reply however badly it likes.
+    Records requests, how many ran at once, and when each connection closed."""
+
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+        self.requests: list[dict[str, Any]] = []
+        self.active = 0
+        self.most_active = 0
+        self.closed_after: list[float] = []  # seconds from request to the client's close
+        self.sent = 0
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    async def serve(self, tg: Any) -> None:
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+        self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        tg.start_soon(listener.serve, self._handle)
+
+    async def _read_request(self, stream: Any, buffer: bytes) -> tuple[dict[str, Any], bytes]:
+        while b"\r\n\r\n" not in buffer:
+            buffer += await stream.receive()
+        head, first = buffer.split(b"\r\n\r\n", 1)
+        lines = head.decode().split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, v in (h.split(":", 1) for h in lines[1:])}
+        length = int(headers.get("content-length", "0"))
+        rest = bytearray(first)
+        while len(rest) < length:
+            rest += await stream.receive(1024 * 1024)
+        body = json.loads(rest[:length])
+        # a big body is kept as its size only
+        kept = body if length < 1024**2 else {"original_job_id": body["original_job_id"]}
+        return {"headers": headers, "body": kept}, bytes(rest[length:])
+
+    async def _handle(self, stream: Any) -> None:
+        buffer = b""
+        async with stream:
+            while True:
+                try:
+                    request, buffer = await self._read_request(stream, buffer)
+                except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                    return
+                self.requests.append(request)
+                self.active += 1
+                self.most_active = max(self.most_active, self.active)
+                started = time.monotonic()
+                try:
+                    await self.answer(request, stream, self)
+                except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                    self.closed_after.append(time.monotonic() - started)
+                    return
+                finally:
+                    self.active -= 1
+
+
+def http_policy(url: str, extra: str = "") -> str:
+    return f"""
+[[policies]]
+name = "hook"
+match = {{ type = ["hook"] }}
+retry_delay = "1h"
+target = {{ kind = "http", url = "{url}", timeout = "2s"{extra} }}
+{SINK_POLICY}"""
+
+
+async def test_a_slow_receiver_holds_up_only_its_own_rows(
+    sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    """Finding 6: a receiver sending a byte every half second, never finishing its
+    answer: the request fails at its total deadline (2 s), and other policies'
+    rows replay meanwhile."""
+
+    async def trickle(request: dict[str, Any], stream: Any, receiver: RawReceiver) -> None:
+        while True:
+            await stream.send(b"H")
+            await anyio.sleep(0.5)
+
+    receiver = RawReceiver(trickle)
+    async with anyio.create_task_group() as tg:
+        await receiver.serve(tg)
+        cfg = config(tmp_path, http_policy(receiver.url))
+        daemon = await start(daemons, sink_db, cfg, tmp_path)
+        await insert_as(sink_db, "noisy", "slow-hook", type="hook")
+
+        async def called() -> bool:
+            return len(receiver.requests) == 1
+
+        await wait_until(called, within=NEIGHBOUR_WAIT)
+        await replayed_soon(sink_db, "quiet", 3)
+
+        async def gave_up() -> bool:
+            return len(receiver.closed_after) == 1
+
+        await wait_until(gave_up, within=NEIGHBOUR_WAIT)
+        assert receiver.closed_after[0] < 6  # the 2 s deadline, not a read timeout
+        last_error = await scalar(sink_db, "SELECT last_error FROM dlqd_entry_state")
+        assert last_error == "HTTP timeout after 2s"
+        assert daemon.http("/readyz")[0] == 200
+        tg.cancel_scope.cancel()
+
+
+async def test_a_huge_answer_is_never_read_whole(
+    sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    """Finding 6: a 2xx with a 100 MB body acknowledges the row; the daemon reads a
+    bounded part of it and lets the connection go."""
+    size = 100 * 1024**2
+
+    async def flood(request: dict[str, Any], stream: Any, receiver: RawReceiver) -> None:
+        await stream.send(f"HTTP/1.1 200 OK\r\nContent-Length: {size}\r\n\r\n".encode())
+        chunk = b"\0" * 65536
+        while receiver.sent < size:
+            await stream.send(chunk)
+            receiver.sent += len(chunk)
+
+    receiver = RawReceiver(flood)
+    async with anyio.create_task_group() as tg:
+        await receiver.serve(tg)
+        await start(daemons, sink_db, config(tmp_path, http_policy(receiver.url)), tmp_path)
+        await insert_as(sink_db, "noisy", "flood", type="hook")
+
+        async def acknowledged() -> bool:
+            return bool(await scalar(sink_db, "SELECT replayed_at IS NOT NULL FROM job_dlq"))
+
+        await wait_until(acknowledged, within=NEIGHBOUR_WAIT)
+
+        async def let_go() -> bool:
+            return len(receiver.closed_after) == 1
+
+        await wait_until(let_go, within=NEIGHBOUR_WAIT)
+        assert receiver.sent < size / 2
+        tg.cancel_scope.cancel()
+
+
+async def test_request_bodies_held_at_once_are_capped_in_bytes(
+    sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    """Finding 6: three rows of 40 MB (max_in_flight 10): sent one at a time, as
+    the bodies a daemon holds at once are capped (64 MiB)."""
+
+    async def slow_ok(request: dict[str, Any], stream: Any, receiver: RawReceiver) -> None:
+        await anyio.sleep(0.3)
+        await stream.send(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    receiver = RawReceiver(slow_ok)
+    async with anyio.create_task_group() as tg:
+        await receiver.serve(tg)
+        await start(daemons, sink_db, config(tmp_path, http_policy(receiver.url)), tmp_path)
+        with tenant(sink_db, "noisy") as conn:
+            conn.execute(
+                """INSERT INTO job_dlq (original_job_id, app_id, type, payload, error_reason,
+                                        attempts)
+                   SELECT 'big' || g, 'noisy', 'hook',
+                          jsonb_build_object('blob', repeat('x', 40000000)), 'r', 1
+                     FROM generate_series(1, 3) g"""
+            )
+
+        async def acknowledged() -> bool:
+            count = "SELECT count(*) FROM job_dlq WHERE replayed_at IS NOT NULL"
+            return int(await scalar(sink_db, count)) == 3
+
+        await wait_until(acknowledged, within=60)
+        assert len(receiver.requests) == 3
+        assert receiver.most_active == 1
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("value", ["inf", "1e18", "nan", "Fri, 31 Dec 9999 23:59:59 GMT"])
+async def test_a_retry_after_of_any_value_is_clamped_and_nothing_is_sent_twice(
+    value: str, sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    """Finding 7: `Retry-After: inf` (or 1e18, ...) on one row of a page: each good
+    row is POSTed once, the bad row's failed attempt is recorded."""
+
+    async def answer(request: dict[str, Any], stream: Any, receiver: RawReceiver) -> None:
+        if request["body"]["original_job_id"] == "bad":
+            head = f"HTTP/1.1 503 Busy\r\nRetry-After: {value}\r\nContent-Length: 0\r\n\r\n"
+        else:
+            head = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+        await stream.send(head.encode())
+
+    receiver = RawReceiver(answer)
+    async with anyio.create_task_group() as tg:
+        await receiver.serve(tg)
+        cfg = config(tmp_path, http_policy(receiver.url).replace('retry_delay = "1h"', ""))
+        daemon = await start(daemons, sink_db, cfg, tmp_path)
+        rows = [row_json(original_job_id=j, app_id="t", type="hook") for j in ("a", "b", "bad")]
+        rows += [row_json(original_job_id=j, app_id="t", type="hook") for j in ("c", "d", "e")]
+        async with await psycopg.AsyncConnection.connect(sink_db, autocommit=True) as conn:
+            await conn.execute(INSERT_MANY, {"rows": Jsonb(rows)})
+
+        async def settled() -> bool:
+            done = await scalar(
+                sink_db, "SELECT count(*) FROM job_dlq WHERE replayed_at IS NOT NULL"
+            )
+            failed = await scalar(sink_db, "SELECT failures FROM dlqd_entry_state")
+            return int(done) == 1 and failed == 1
+
+        await wait_until(settled, within=NEIGHBOUR_WAIT)
+        keys = [r["headers"]["idempotency-key"] for r in receiver.requests]
+        good = [r for r in receiver.requests if r["body"]["original_job_id"] != "bad"]
+        assert len(good) == 5 == len({r["headers"]["idempotency-key"] for r in good})
+        assert len(keys) == 6
+        errors = [e for e in daemon.events() if e.get("level") == "error"]
+        assert errors == []
+        due = await scalar(sink_db, "SELECT due_at - now() FROM dlqd_entry_state")
+        assert due <= timedelta(hours=1)  # the policy's max_delay caps what the server asked
+        tg.cancel_scope.cancel()
+
+
+async def test_readiness_says_when_every_pass_fails(
+    sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    """Finding 3: a replayer whose every pass fails is not ready (it said ready
+    while no row moved), and is again once its passes succeed."""
+    extra = '[replay]\nlock_timeout = "200ms"\n'
+    daemon = await start(daemons, sink_db, config(tmp_path, SINK_POLICY, extra), tmp_path)
+    blocker = await psycopg.AsyncConnection.connect(sink_db)
+    try:
+        await blocker.execute("LOCK TABLE dlqd_inbox IN ACCESS EXCLUSIVE MODE")
+        await scalar(sink_db, "SELECT pg_notify('dlqd_job_dlq', 'wake up')")
+
+        async def unready() -> bool:
+            status, text = daemon.http("/readyz")
+            return status == 503 and "replayer failing" in text
+
+        await wait_until(unready, within=NEIGHBOUR_WAIT)
+        _, text = daemon.http("/readyz")
+        assert "lock timeout" in text
+    finally:
+        await blocker.close()
+
+    async def ready() -> bool:
+        return daemon.http("/readyz")[0] == 200
+
+    await wait_until(ready, within=NEIGHBOUR_WAIT * 2)
+    await replayed_soon(sink_db, "quiet")
