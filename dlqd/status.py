@@ -16,6 +16,11 @@ from dlqd.queries import q
 
 Connection = psycopg.AsyncConnection[dict[str, Any]]
 GroupKey = tuple[str, str, str]
+OTHER = "__other__"
+#: groups a status document names; the smaller ones fold into one __other__
+#: group (keys are cut to 128 characters in SQL): a status stays small
+#: whatever tenants write
+MAX_GROUPS = 1000
 
 
 @dataclass
@@ -91,5 +96,22 @@ async def collect_status(conn: Connection) -> Status:
             continue  # replayed or inserted between the two queries
         group.parked = min(group.pending, int(row["parked"]))
         group.unmatched = min(group.pending - group.parked, int(row["unmatched"]))
-    ordered = sorted(groups.values(), key=lambda g: (g.app_id, g.type, g.error_reason))
-    return Status(groups=ordered)
+    return Status(groups=fold(list(groups.values()), MAX_GROUPS))
+
+
+def fold(groups: list[Group], limit: int) -> list[Group]:
+    """The ``limit - 1`` largest groups by name, the others summed as ``__other__``;
+    sorted by key."""
+    if len(groups) > limit:
+        ranked = sorted(groups, key=lambda g: g.pending, reverse=True)
+        other = Group(OTHER, OTHER, OTHER)
+        for group in ranked[limit - 1 :]:
+            other.pending += group.pending
+            other.parked += group.parked
+            other.unmatched += group.unmatched
+            if group.oldest_pending_age_seconds is not None:
+                other.oldest_pending_age_seconds = max(
+                    other.oldest_pending_age_seconds or 0.0, group.oldest_pending_age_seconds
+                )
+        groups = [*ranked[: limit - 1], other]
+    return sorted(groups, key=lambda g: (g.app_id, g.type, g.error_reason))

@@ -46,15 +46,24 @@ BACKLOG = 64  # connections the kernel queues while the daemon is busy
 MAX_HEAD_BYTES = 16 * 1024
 GRACE = 1.0  # seconds in-flight requests get at shutdown
 MAX_IN_FLIGHT = 64  # requests served at once; more are answered 503 at once
+# seconds a request may take from its arrival to the last byte of its answer:
+# a client that never reads (an HTTP/2 stream with a zero window, say) loses
+# its slot then, whatever it does
+RESPONSE_DEADLINE = 10.0
 
 
 class ConcurrencyLimit:
     """ASGI middleware: at most ``limit`` HTTP requests in flight; the next
-    ones get 503 with Retry-After at once, costing nothing but the answer."""
+    ones get 503 with Retry-After at once, costing nothing but the answer.
+    A request in flight longer than ``deadline`` seconds (its answer never
+    drained by the client) is cancelled and gives its slot back."""
 
-    def __init__(self, app: ASGIApp, limit: int = MAX_IN_FLIGHT) -> None:
+    def __init__(
+        self, app: ASGIApp, limit: int = MAX_IN_FLIGHT, deadline: float = RESPONSE_DEADLINE
+    ) -> None:
         self.app = app
         self.limit = limit
+        self.deadline = deadline
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -67,12 +76,18 @@ class ConcurrencyLimit:
             return
         self.in_flight += 1
         try:
-            await self.app(scope, receive, send)
+            with anyio.move_on_after(self.deadline):
+                await self.app(scope, receive, send)
         finally:
             self.in_flight -= 1
 
 
-def build_app(registry: CollectorRegistry, readiness: Callable[[], list[str]]) -> Starlette:
+def build_app(
+    registry: CollectorRegistry,
+    readiness: Callable[[], list[str]],
+    *,
+    deadline: float = RESPONSE_DEADLINE,
+) -> Starlette:
     """The ASGI application: metrics from ``registry``; ``readiness()`` returns
     what stops the daemon from being ready (empty when it is)."""
 
@@ -100,7 +115,7 @@ def build_app(registry: CollectorRegistry, readiness: Callable[[], list[str]]) -
             Route("/readyz", readyz, methods=["GET"]),
         ],
         middleware=[
-            Middleware(ConcurrencyLimit, limit=MAX_IN_FLIGHT),
+            Middleware(ConcurrencyLimit, limit=MAX_IN_FLIGHT, deadline=deadline),
             Middleware(GZipMiddleware, minimum_size=500),
         ],
     )

@@ -323,14 +323,16 @@ SELECT count(pg_notify(%(channel)s, m))
          ORDER BY u.n) AS messages
 
 -- name: status_groups
--- Index-only over job_dlq_pending_group_idx.
+-- Index-only over job_dlq_pending_group_idx. Keys as labels (dlqd_label: a
+-- tenant's over-long value is cut, and its groups merge).
 -- Rows with an infinite dlq_at count as pending but have no age.
-SELECT app_id, type, error_reason, count(*) AS pending,
+SELECT dlqd_label(app_id) AS app_id, dlqd_label(type) AS type,
+       dlqd_label(error_reason) AS error_reason, count(*) AS pending,
        greatest(0, extract(epoch FROM now() - min(dlq_at) FILTER (WHERE isfinite(dlq_at))))::float8
            AS oldest_age
   FROM job_dlq
  WHERE replayed_at IS NULL
- GROUP BY app_id, type, error_reason
+ GROUP BY 1, 2, 3
 
 -- name: status_held
 -- Parked (by policy or by event) and unmatched rows, as the daemon recorded
@@ -338,13 +340,14 @@ SELECT app_id, type, error_reason, count(*) AS pending,
 WITH held AS MATERIALIZED (
     SELECT dlq_id, state FROM dlqd_entry_state WHERE state <> 'waiting'
 )
-SELECT j.app_id, j.type, j.error_reason,
+SELECT dlqd_label(j.app_id) AS app_id, dlqd_label(j.type) AS type,
+       dlqd_label(j.error_reason) AS error_reason,
        count(*) FILTER (WHERE h.state IN ('parked', 'parked_policy')) AS parked,
        count(*) FILTER (WHERE h.state = 'unmatched') AS unmatched
   FROM held h
   JOIN job_dlq j ON j.id = h.dlq_id
  WHERE j.replayed_at IS NULL
- GROUP BY j.app_id, j.type, j.error_reason
+ GROUP BY 1, 2, 3
 
 -- name: notification_queue_usage
 SELECT pg_notification_queue_usage()::float8 AS usage

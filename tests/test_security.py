@@ -736,3 +736,44 @@ async def test_readiness_says_when_every_pass_fails(
 
     await wait_until(ready, within=NEIGHBOUR_WAIT * 2)
     await replayed_soon(sink_db, "quiet")
+
+
+# --------------------------------------------------------------------------- finding 9
+
+
+async def test_tenant_values_cannot_blow_up_metrics_or_status(
+    sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    """Finding 9: 500 rows whose type is 100,000 characters, and 1,500 more types:
+    label values and status keys are cut to 128 characters, status names at
+    most 1,000 groups, and both stay small."""
+    with tenant(sink_db, "noisy") as conn:
+        conn.execute(
+            """INSERT INTO job_dlq (original_job_id, app_id, type, payload, error_reason, attempts)
+               SELECT 'long' || g, 'noisy', repeat('t', 99990) || g, '{}'::jsonb, 'r', 1
+                 FROM generate_series(1, 500) g
+               UNION ALL
+               SELECT 'many' || g, 'noisy', 'type-' || g, '{}'::jsonb, 'r', 1
+                 FROM generate_series(1, 1500) g"""
+        )
+    extra = '[metrics]\nrefresh_interval = "1s"\n'
+    daemon = await start(daemons, sink_db, config(tmp_path, "", extra), tmp_path)
+
+    async def collected() -> bool:
+        _, text = daemon.http("/metrics")
+        return 'dlqd_pending_entries{app_id="__other__"' in text
+
+    await wait_until(collected, within=NEIGHBOUR_WAIT)
+    _, text = daemon.http("/metrics")
+    assert len(text) < 1024**2
+    labels = re.findall(r'="([^"]*)"', text)
+    assert max(len(v) for v in labels) <= 128
+    result = dlqd_cli("status", "--json", env={"DLQD_DATABASE_URL": sink_db})
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout) < 1024**2
+    status = json.loads(result.stdout)
+    assert status["pending"] == 2000
+    assert len(status["groups"]) == 1000
+    assert sum(g["pending"] for g in status["groups"]) == 2000
+    assert max(len(g["type"]) for g in status["groups"]) == 128
+    assert any(g["type"].endswith("…") for g in status["groups"])

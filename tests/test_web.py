@@ -240,3 +240,53 @@ async def test_requests_beyond_the_cap_are_answered_503_at_once() -> None:
         assert answers == [200, 200, 200]
         assert limited.in_flight == 0
         assert (await client.get("/metrics")).status_code == 200
+
+
+async def test_http2_streams_that_never_drain_give_their_slots_back() -> None:
+    """Security finding 8: 7 HTTP/2 connections of 10 /metrics streams each, with a
+    zero flow-control window and never read, used to hold every in-flight slot
+    for ever (503 on /healthz for good). Each now loses its slot at the
+    response deadline, while its client is still connected."""
+    import h2.config
+    import h2.connection
+    import h2.settings
+
+    metrics = Metrics()
+    app = web.build_app(metrics.registry, list, deadline=1.0)
+    stalled: list[socket.socket] = []
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(web.serve, "127.0.0.1", 0, app)
+        try:
+            for _ in range(7):
+                conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+                conn.initiate_connection()
+                conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+                for _ in range(10):
+                    stream = conn.get_next_available_stream_id()
+                    conn.send_headers(
+                        stream,
+                        [
+                            (":method", "GET"),
+                            (":path", "/metrics"),
+                            (":scheme", "http"),
+                            (":authority", f"127.0.0.1:{port}"),
+                        ],
+                        end_stream=True,
+                    )
+                sock = socket.create_connection(("127.0.0.1", port))
+                sock.sendall(conn.data_to_send())
+                stalled.append(sock)
+
+            async def healthy() -> bool:
+                return (await _aget(port, "/healthz")).status_code == 200
+
+            with anyio.fail_after(20):
+                while not await healthy():  # noqa: ASYNC110 - the server's own state
+                    await anyio.sleep(0.1)
+        finally:
+            for sock in stalled:
+                sock.close()
+        # and for good: later requests are answered too
+        for _ in range(5):
+            assert (await _aget(port, "/metrics")).status_code == 200
+        tg.cancel_scope.cancel()

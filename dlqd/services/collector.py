@@ -19,9 +19,7 @@ from dlqd.config import Settings
 from dlqd.metrics import Metrics
 from dlqd.queries import q
 from dlqd.services.base import PeriodicService
-from dlqd.status import collect_status
-
-OTHER = "__other__"
+from dlqd.status import OTHER, collect_status
 
 
 @dataclass(frozen=True, slots=True)
