@@ -400,8 +400,11 @@ async def _check(args: argparse.Namespace, settings: Settings) -> int:
         await require_current_schema(conn)
         print("schema: up to date")
         problems = await sql_target_problems(conn, settings)
+    invalid = [text for text, kind in problems if kind != "timeout"]
+    if invalid:
+        raise ConfigError("invalid configuration: " + "; ".join(invalid))
     if problems:
-        raise ConfigError("invalid configuration: " + "; ".join(text for text, _ in problems))
+        raise DlqdError("; ".join(text for text, _ in problems))
     print(f"config: ok ({len(settings.policies)} policies)")
     return 0
 

@@ -98,7 +98,7 @@ class Daemon:
             # the job system has not deployed yet may appear later: warn only
             # (failed attempts and the circuit breaker guard the rest).
             problems = await sql_target_problems(probe, settings)
-            fatal = [text for text, syntax in problems if syntax]
+            fatal = [text for text, kind in problems if kind == "syntax"]
             if fatal:
                 raise ConfigError("invalid configuration: " + "; ".join(fatal))
             for text, _ in problems:

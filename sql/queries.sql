@@ -255,6 +255,12 @@ SELECT j.id, now() AS db_now
 SELECT set_config('statement_timeout', %(statement_timeout)s, true),
        set_config('lock_timeout', %(lock_timeout)s, true)
 
+-- name: validation_timeouts
+-- `dlqd check` and start-up plan target statements under these: a locked
+-- table is a one-line error, not a hang.
+SELECT set_config('lock_timeout', %(lock_timeout)s, true),
+       set_config('statement_timeout', %(statement_timeout)s, true)
+
 -- name: custom_plans
 -- For this transaction: plan each statement for its parameters (an express
 -- page expected to be full; dlqd/replay/express.py says why).

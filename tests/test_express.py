@@ -542,3 +542,41 @@ async def test_an_express_page_feeds_each_target_its_own_rows(
     assert await fetch(
         db_url, "SELECT j.type, count(*) FROM other o JOIN job_dlq j ON j.id = o.dlq_id GROUP BY 1"
     ) == [("b.x", 2)]
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        f"{SINK}; -- note",
+        f"  /* sink */ {SINK} ;; ",
+        "-- leading\nWITH keep AS (SELECT 1) " + SINK.replace("replayed", "replayed, keep") + ";",
+        f"{SINK} -- a comment mentioning replayed;\n",
+    ],
+)
+async def test_comments_semicolons_and_a_leading_with_run_as_checked(
+    db_url: str, sink: None, pool: AsyncConnectionPool[Any], statement: str
+) -> None:
+    """A statement with a trailing semicolon and comment passed `check`, then
+    every express page failed on it. Every path runs, and check plans, the
+    statement's body: the same text."""
+    from dlqd.replay.checks import sql_target_problems
+    from dlqd.replay.targets import compile_set_statement
+    from dlqd.statements import statement_body
+
+    policy = {**NOW_ONCE, "target": {"kind": "sql", "statement": statement}}
+    settings = load_settings(database_url=db_url, policies=[policy])
+    async with pool.connection() as conn:
+        assert await sql_target_problems(conn, settings) == []
+    express = plan(settings, AGE_BUCKETS)
+    body = statement_body(statement)
+    if sink_kind(statement) is not None:
+        assert express is not None
+        assert body.encode() in express.text
+    # the ordinary path joins its own WITH list to the statement's
+    assert body.removeprefix("WITH ").encode() in compile_set_statement(statement)
+    await insert(db_url, [row_json(original_job_id=f"s{i}") for i in range(3)])
+    with capture_logs() as logs:
+        result = await replayer_for(pool, settings).run_once()
+    assert result.replayed == 3
+    assert [e for e in logs if e["log_level"] == "warning"] == []
+    assert len(await fetch(db_url, "SELECT * FROM sink")) == 3

@@ -777,3 +777,70 @@ async def test_tenant_values_cannot_blow_up_metrics_or_status(
     assert sum(g["pending"] for g in status["groups"]) == 2000
     assert max(len(g["type"]) for g in status["groups"]) == 128
     assert any(g["type"].endswith("…") for g in status["groups"])
+
+
+# --------------------------------------------------------------------------- finding 10
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "ANALYZE SELECT nextval('probe_seq'), pg_sleep(3)",
+        "analyze verbose SELECT nextval('probe_seq')",
+        "VERBOSE SELECT nextval('probe_seq')",
+        "CREATE TABLE stolen AS SELECT nextval('probe_seq')",
+        "DECLARE c CURSOR FOR SELECT nextval('probe_seq')",
+        "EXECUTE something",
+        "/* hi */ SELECT 1; SELECT nextval('probe_seq')",
+    ],
+)
+def test_check_and_start_refuse_what_is_not_one_query_and_run_nothing(
+    statement: str, db_url: str, tmp_path: Path
+) -> None:
+    """Finding 10: `ANALYZE SELECT ...` made validation's EXPLAIN an EXPLAIN
+    ANALYZE (the sequence advanced, a pg_terminate_backend ran). Anything but
+    one SELECT, INSERT, UPDATE, DELETE or MERGE is refused, and nothing runs."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("CREATE SEQUENCE probe_seq")
+        conn.execute("GRANT USAGE ON SEQUENCE probe_seq TO dlqd")
+    target = f'{{ kind = "sql", statement = "{statement}" }}'
+    cfg = config(tmp_path, f'[[policies]]\nname = "sneaky"\ntarget = {target}')
+    env = {"DLQD_DATABASE_URL": as_role(db_url, "dlqd"), "DLQD_METRICS_PORT": "0"}
+    for command in ("check", "run"):
+        started = time.monotonic()
+        result = dlqd_cli(command, "--config", str(cfg), env=env)
+        assert result.returncode == 78, (command, result.stderr)
+        assert result.stderr.startswith("dlqd: error: invalid configuration: policies[0].target")
+        assert result.stderr.count("\n") == 1
+        assert time.monotonic() - started < 20
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT last_value, is_called FROM probe_seq").fetchone() == (1, False)
+
+
+async def test_a_locked_target_table_is_a_one_line_error_for_check_and_no_hang_at_start(
+    sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    """Finding 10: with the target's table locked, `check` hung and start-up sat
+    silent with no port open. Validation waits 2 s for a lock."""
+    cfg = config(
+        tmp_path,
+        f'[[policies]]\nname = "set"\ntarget = {{ kind = "sql", statement = "{SET_BASED}" }}',
+    )
+    blocker = await psycopg.AsyncConnection.connect(sink_db)
+    try:
+        await blocker.execute("LOCK TABLE sink IN ACCESS EXCLUSIVE MODE")
+        env = {"DLQD_DATABASE_URL": as_role(sink_db, "dlqd")}
+        result = await anyio.to_thread.run_sync(
+            lambda: dlqd_cli("check", "--config", str(cfg), env=env)
+        )
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.startswith(
+            "dlqd: error: policies[0].target.statement: could not be planned within 2s"
+        )
+        assert result.stderr.count("\n") == 1
+        daemon = await start(daemons, sink_db, cfg, tmp_path)  # ready, not stuck
+        warned = [e for e in daemon.events() if e.get("event") == "sql target does not plan"]
+        assert "could not be planned within 2s" in warned[0]["problem"]
+    finally:
+        await blocker.close()
+    await replayed_soon(sink_db, "quiet")

@@ -1,21 +1,25 @@
 """Validating targets before any replay: refused kinds, and sql statements planned.
 
-A statement is validated through the extended protocol only (a server-side
-prepare of ``EXPLAIN <statement>``): the server's parser refuses more than one
-statement, EXPLAIN refuses anything but one plannable statement, and EXPLAIN
-without ANALYZE plans without running. Everything happens in a transaction
-that is rolled back.
+A statement is first read as tokens (``dlqd.statements``): exactly one
+statement, starting with SELECT, INSERT, UPDATE, DELETE, MERGE, WITH or VALUES.
+Then it is planned through the extended protocol only (a server-side prepare
+of ``EXPLAIN (COSTS OFF) <statement as it runs>``): the server's parser refuses
+more than one statement, and EXPLAIN with options in parentheses refuses
+anything but one plannable statement and never runs it (``ANALYZE SELECT ...``
+is a syntax error there). Everything happens in a transaction that is rolled
+back, under short lock and statement timeouts.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 import psycopg
 
 from dlqd.config import HttpTarget, Settings, SqlTarget
 from dlqd.errors import ConfigError, error_line
+from dlqd.queries import q
 from dlqd.replay.http import resolved_headers
 from dlqd.replay.targets import (
     compile_set_statement,
@@ -23,6 +27,7 @@ from dlqd.replay.targets import (
     is_set_based,
     sql_params,
 )
+from dlqd.statements import target_problem
 
 Connection = psycopg.AsyncConnection[dict[str, Any]]
 
@@ -53,8 +58,21 @@ def _policy_name(settings: Settings, where: str) -> str:
     return ""
 
 
-async def explain_sql(conn: Connection, target: SqlTarget) -> tuple[str, bool] | None:
-    """Plan (never run) a statement: None when valid, else (error, is_a_syntax_error)."""
+#: validation waits at most this long for a lock on a table a statement uses,
+#: and plans for at most VALIDATE_STATEMENT_TIMEOUT
+VALIDATE_LOCK_TIMEOUT = "2s"
+VALIDATE_STATEMENT_TIMEOUT = "5s"
+Kind = Literal["syntax", "plan", "timeout"]
+
+
+async def explain_sql(conn: Connection, target: SqlTarget) -> tuple[str, Kind] | None:
+    """Plan (never run) a statement exactly as it will run: None when valid, else
+    (one line, kind). ``EXPLAIN (COSTS OFF)``: options in parentheses, so a
+    statement written ``ANALYZE SELECT ...`` is a syntax error, never EXPLAIN
+    ANALYZE. Under short lock and statement timeouts: a locked table is a
+    ``timeout``, not a hang."""
+    if (problem := target_problem(target.statement)) is not None:
+        return problem, "syntax"
     if is_set_based(target.statement):
         text = compile_set_statement(target.statement)
         params: dict[str, Any] = {"ids": [_SampleRow().id]}
@@ -62,37 +80,57 @@ async def explain_sql(conn: Connection, target: SqlTarget) -> tuple[str, bool] |
         text, names = compile_statement(target.statement)
         params = sql_params(_SampleRow(), names)
     try:
-        async with conn.transaction(force_rollback=True), conn.cursor() as cur:
-            await cur.execute(b"EXPLAIN " + text, params, prepare=True)
+        async with conn.transaction(force_rollback=True):
+            await conn.execute(
+                q("validation_timeouts"),
+                {
+                    "lock_timeout": VALIDATE_LOCK_TIMEOUT,
+                    "statement_timeout": VALIDATE_STATEMENT_TIMEOUT,
+                },
+            )
+            async with conn.cursor() as cur:
+                await cur.execute(b"EXPLAIN (COSTS OFF) " + text, params, prepare=True)
     except psycopg.Error as exc:
         if conn.broken:
             raise
-        syntax = isinstance(exc, psycopg.errors.SyntaxError)
         message = error_line(exc)
-        if "cannot insert multiple commands" in message:
-            message = "must be exactly one SQL statement"
-        elif syntax:
-            message = (
-                f"{message} (a target is one SELECT, INSERT, UPDATE, DELETE or MERGE statement)"
+        if isinstance(exc, psycopg.errors.LockNotAvailable | psycopg.errors.QueryCanceled):
+            return (
+                f"could not be planned within {VALIDATE_LOCK_TIMEOUT}: a table it uses is "
+                f"locked by another session ({message})",
+                "timeout",
             )
-        return message, syntax
+        if "cannot insert multiple commands" in message:
+            return "must be exactly one SQL statement", "syntax"
+        if isinstance(exc, psycopg.errors.SyntaxError):
+            return (
+                f"{message} (a target is one SELECT, INSERT, UPDATE, DELETE or MERGE statement)",
+                "syntax",
+            )
+        return message, "plan"
     return None
 
 
-async def sql_target_problems(conn: Connection, settings: Settings) -> list[tuple[str, bool]]:
-    """Every sql target planned: (one line naming the target, fatal at start-up)."""
-    problems: list[tuple[str, bool]] = []
+async def sql_target_problems(conn: Connection, settings: Settings) -> list[tuple[str, Kind]]:
+    """Every sql target planned: (one line naming the target, its kind)."""
+    problems: list[tuple[str, Kind]] = []
     for where, target in _targets(settings):
         if isinstance(target, SqlTarget) and (found := await explain_sql(conn, target)):
-            message, syntax = found
+            message, kind = found
             name = _policy_name(settings, where)
-            problems.append((f"{where}.statement: {message}{name}", syntax))
+            problems.append((f"{where}.statement: {message}{name}", kind))
     return problems
 
 
 def check_targets(settings: Settings) -> None:
-    """What can be checked without a database: http headers read from the environment."""
+    """What can be checked without a database: sql statements are one statement
+    of a kind a target may be; http headers read from the environment."""
     for where, target in _targets(settings):
+        if isinstance(target, SqlTarget) and (problem := target_problem(target.statement)):
+            raise ConfigError(
+                f"invalid configuration: {where}.statement: {problem}"
+                f"{_policy_name(settings, where)}"
+            )
         if isinstance(target, HttpTarget):
             try:
                 resolved_headers(target)

@@ -27,7 +27,6 @@ rows, replay the same rows through the same target, and log the same replays.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -42,12 +41,11 @@ from dlqd.policy import replay_delay
 from dlqd.queries import q
 from dlqd.replay.batch import set_replay_timeouts
 from dlqd.replay.targets import is_set_based
+from dlqd.statements import first_keyword, statement_body, target_problem
 
 Connection = psycopg.AsyncConnection[dict[str, Any]]
 ExpressTarget = SqlTarget | NotifyTarget
 
-_COMMENTS = re.compile(r"\A(?:\s+|--[^\n]*(?:\n|\Z)|/\*.*?\*/)*", re.DOTALL)
-_FIRST_WORD = re.compile(r"[A-Za-z]+")
 _KEY_COLUMNS = ("app_id", "type", "error_reason")
 
 
@@ -73,11 +71,9 @@ def sink_kind(statement: str) -> Literal["dml", "select"] | None:
     """How a set-based statement runs as a data-modifying CTE: ``dml`` (INSERT,
     UPDATE, DELETE run whether read or not), ``select`` (read, so that it
     runs), or None (anything else, a leading WITH included: not express)."""
-    if not is_set_based(statement):
+    if not is_set_based(statement) or target_problem(statement) is not None:
         return None
-    rest = statement[_COMMENTS.match(statement).end() :]  # type: ignore[union-attr]
-    word = _FIRST_WORD.match(rest)
-    keyword = word.group(0).upper() if word else ""
+    keyword = first_keyword(statement)
     if keyword in ("INSERT", "UPDATE", "DELETE"):
         return "dml"
     if keyword == "SELECT":
@@ -222,7 +218,7 @@ def plan(settings: Settings, age_buckets: Sequence[float]) -> ExpressPlan | None
             sink = _NOTIFY_SINK.format(channel=f"channel_{number}")
             reads = True
         else:
-            sink = target.statement.strip().rstrip(";")
+            sink = statement_body(target.statement)
             reads = sink_kind(target.statement) == "select"
         sinks.append(
             f", target_{number} AS (\nWITH replayed AS (SELECT j.* FROM job_dlq j\n"

@@ -34,6 +34,7 @@ from dlqd.config import NotifyTarget, SqlTarget
 from dlqd.errors import error_line
 from dlqd.policy import MatchLike
 from dlqd.queries import q
+from dlqd.statements import StatementError, statement_body, tokens
 
 Connection = psycopg.AsyncConnection[dict[str, Any]]
 
@@ -41,21 +42,30 @@ Connection = psycopg.AsyncConnection[dict[str, Any]]
 _BOUND = ("id", "original_job_id", "app_id", "type", "error_reason", "attempts")
 _TOKEN = re.compile(r"%%|%\((\w+)\)s")
 TIMEOUT_ERRORS = (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable)
-_REPLAYED = re.compile(r"\breplayed\b", re.IGNORECASE)
 _LEADING_WITH = re.compile(r"^\s*WITH(\s+RECURSIVE)?\s+", re.IGNORECASE)
 _REPLAYED_CTE = "replayed AS (SELECT * FROM job_dlq WHERE id = ANY (%(ids)s::uuid[]))"
 
 
+@functools.lru_cache(maxsize=256)
 def is_set_based(statement: str) -> bool:
-    """No placeholder, and the relation ``replayed`` named: once per group."""
+    """No placeholder, and the relation ``replayed`` named (as a word of the
+    statement, not of a comment or a string): once per group."""
     has_placeholder = any(m.group(1) for m in _TOKEN.finditer(statement))
-    return not has_placeholder and _REPLAYED.search(statement) is not None
+    if has_placeholder:
+        return False
+    try:
+        found = tokens(statement)
+    except StatementError:
+        return False
+    return any(t.text.lower() == "replayed" for t in found)
 
 
 @functools.lru_cache(maxsize=256)
 def compile_set_statement(statement: str) -> bytes:
     """The set-based statement as run: ``replayed`` defined first (joined to the
-    statement's own WITH list when it has one); binds ``ids``."""
+    statement's own WITH list when it has one); binds ``ids``. Comments and
+    trailing semicolons around the statement are dropped (statement_body)."""
+    statement = statement_body(statement)
     leading = _LEADING_WITH.match(statement)
     if leading:
         head, rest = statement[: leading.end()], statement[leading.end() :]
@@ -93,6 +103,7 @@ def compile_statement(statement: str, *, all_in_db: bool = False) -> tuple[bytes
     shortened).
     """
     bound = ("id",) if all_in_db else _BOUND
+    statement = statement_body(statement)
 
     def rewrite(match: re.Match[str]) -> str:
         name = match.group(1)
