@@ -218,6 +218,9 @@ class SqlTarget(_Frozen):
 class NotifyTarget(_Frozen):
     kind: Literal["notify"]
     channel: str = Field(min_length=1, max_length=63)
+    # what a message carries: the row's id, original job id, tenant and type
+    # (row), or its id alone (id): any role that can connect may LISTEN
+    message: Literal["row", "id"] = "row"
 
 
 def _positive(value: timedelta) -> timedelta:

@@ -73,3 +73,16 @@ INSERT INTO dlqd_leader DEFAULT VALUES;
 CREATE FUNCTION dlqd_label(value text) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT CASE WHEN length(value) > 128 THEN left(value, 127) || '…' ELSE value END $$;
+
+-- A notify target's message, the one definition of its shape: the row's id,
+-- original job id, tenant and type; with only_id, the id alone (any role may
+-- LISTEN on any channel: a consumer reads the row by id, under its own rights).
+CREATE FUNCTION dlqd_notify_message(id uuid, original_job_id text, app_id text, type text,
+                                    only_id boolean)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT CASE WHEN only_id THEN json_build_object('id', id)
+                ELSE json_build_object('id', id, 'original_job_id', original_job_id,
+                                       'app_id', app_id, 'type', type) END::text
+$$;

@@ -322,8 +322,7 @@ ON CONFLICT (dlq_id) DO UPDATE
 -- name: notify_rows
 -- The notify target: one message per row, built inside Postgres, in batch order.
 SELECT count(pg_notify(%(channel)s, m))
-  FROM (SELECT json_build_object('id', j.id, 'original_job_id', j.original_job_id,
-                                 'app_id', j.app_id, 'type', j.type)::text AS m
+  FROM (SELECT dlqd_notify_message(j.id, j.original_job_id, j.app_id, j.type, %(only_id)s) AS m
           FROM unnest(%(ids)s::uuid[]) WITH ORDINALITY AS u(id, n)
           JOIN job_dlq j ON j.id = u.id
          ORDER BY u.n) AS messages

@@ -410,6 +410,37 @@ async def test_express_notify_sends_the_ordinary_messages_in_order(
     assert set(messages[0]) == {"id", "original_job_id", "app_id", "type"}
 
 
+@pytest.mark.parametrize("express", [True, False])
+async def test_a_notify_target_with_message_id_sends_the_id_alone(
+    db_url: str, pool: AsyncConnectionPool[Any], express: bool
+) -> None:
+    """Security finding 2: any role may LISTEN on a target's channel; with
+    message = "id" it hears only ids, which it cannot read without access to
+    the row (express and ordinary paths alike)."""
+    policy: dict[str, Any] = {
+        "name": "n",
+        "target": {"kind": "notify", "channel": "replayed_ids", "message": "id"},
+    }
+    if not express:
+        policy["rate_limit"] = "1000/s"  # never express
+    current = _settings(db_url, [policy])
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as listener:
+        await listener.execute("LISTEN replayed_ids")
+        await insert(db_url, [row_json(original_job_id=f"i{i}", app_id="t") for i in range(3)])
+        with capture_logs() as logs:
+            assert (await replayer_for(pool, current).run_once(full=False)).replayed == 3
+        assert bool(express_batches(logs)) is express
+        got: list[str] = []
+        with anyio.fail_after(10):
+            async for note in listener.notifies():
+                got.append(note.payload)
+                if len(got) == 3:
+                    break
+    ids = {str(r[0]) for r in await fetch(db_url, "SELECT id FROM job_dlq")}
+    assert [set(json.loads(m)) for m in got] == [{"id"}] * 3
+    assert {json.loads(m)["id"] for m in got} == ids
+
+
 async def test_replicas_on_express_pages_replay_each_row_once(
     db_url: str, pool: AsyncConnectionPool[Any], sink: None
 ) -> None:

@@ -844,3 +844,68 @@ async def test_a_locked_target_table_is_a_one_line_error_for_check_and_no_hang_a
     finally:
         await blocker.close()
     await replayed_soon(sink_db, "quiet")
+
+
+# --------------------------------------------------------------------------- finding 11
+
+
+async def test_url_credentials_and_query_values_never_show(
+    sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    """Finding 11: an http target's URL with credentials and a token in its query:
+    a 404 parks the row, and neither secret is in the log, last_error, the
+    replay log, `show` or `list`."""
+
+    async def not_found(request: dict[str, Any], stream: Any, receiver: RawReceiver) -> None:
+        await stream.send(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+
+    receiver = RawReceiver(not_found)
+    async with anyio.create_task_group() as tg:
+        await receiver.serve(tg)
+        url = f"http://user:hunter2@127.0.0.1:{receiver.port}/notfound?token=SECRET&x=1"
+        daemon = await start(daemons, sink_db, config(tmp_path, http_policy(url)), tmp_path)
+        await insert_as(sink_db, "t", "hooked", type="hook")
+
+        async def parked() -> bool:
+            reason = "SELECT parked_reason FROM dlqd_entry_state"
+            return await scalar(sink_db, reason) == "http_4xx"
+
+        await wait_until(parked, within=NEIGHBOUR_WAIT)
+        assert receiver.requests[0]["headers"]["authorization"].startswith("Basic ")
+        tg.cancel_scope.cancel()
+    row_id = str(await scalar(sink_db, "SELECT id FROM job_dlq"))
+    env = {"DLQD_DATABASE_URL": sink_db}
+    shown = [
+        daemon.logs(),
+        str(await scalar(sink_db, "SELECT last_error FROM dlqd_entry_state")),
+        str(await scalar(sink_db, "SELECT string_agg(error, ' ') FROM dlqd_replay_log")),
+        dlqd_cli("show", row_id, env=env).stdout,
+        dlqd_cli("show", row_id, "--json", env=env).stdout,
+        dlqd_cli("list", "--json", env=env).stdout,
+        dlqd_cli("list", env=env).stdout,
+    ]
+    for text in shown:
+        assert "hunter2" not in text
+        assert "SECRET" not in text
+    assert (
+        f"HTTP 404 from http://***@127.0.0.1:{receiver.port}/notfound?token=***&x=***" in shown[1]
+    )
+
+
+def test_a_url_with_credentials_and_an_authorization_header_is_refused(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Finding 11: the URL's credentials silently replaced the configured
+    Authorization header: the two together are a configuration error."""
+    target = (
+        '{ kind = "http", url = "https://user:hunter2@hooks.example/x", '
+        'headers = { Authorization = "env:HOOK_TOKEN" } }'
+    )
+    cfg = config(tmp_path, f'[[policies]]\nname = "hook"\ntarget = {target}')
+    result = dlqd_cli(
+        "check", "--config", str(cfg), env={"DLQD_DATABASE_URL": db_url, "HOOK_TOKEN": "t0k"}
+    )
+    assert result.returncode == 78
+    assert "policies[0].target: url: has credentials and an Authorization header" in result.stderr
+    assert "hunter2" not in result.stderr
+    assert result.stderr.count("\n") == 1

@@ -215,7 +215,8 @@ def plan(settings: Settings, age_buckets: Sequence[float]) -> ExpressPlan | None
         own = ", ".join(str(i) for i in indexes)
         if isinstance(target, NotifyTarget):
             params[f"channel_{number}"] = target.channel
-            sink = _NOTIFY_SINK.format(channel=f"channel_{number}")
+            params[f"only_id_{number}"] = target.message == "id"
+            sink = _NOTIFY_SINK.format(channel=f"channel_{number}", only_id=f"only_id_{number}")
             reads = True
         else:
             sink = statement_body(target.statement)
@@ -245,8 +246,8 @@ _NIL = UUID(int=0)
 
 # The notify target's messages, in inbox order (as notify_rows sends them).
 _NOTIFY_SINK = """SELECT count(pg_notify(%({channel})s, m.message))
-  FROM (SELECT json_build_object('id', r.id, 'original_job_id', r.original_job_id,
-                                 'app_id', r.app_id, 'type', r.type)::text AS message,
+  FROM (SELECT dlqd_notify_message(r.id, r.original_job_id, r.app_id, r.type,
+                                   %({only_id})s) AS message,
                p.seq
           FROM replayed r JOIN chosen p ON p.id = r.id
          ORDER BY p.seq) AS m"""

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
 import anyio
 import httpx
@@ -62,7 +62,8 @@ def redact_url(url: str) -> str:
     netloc = host if parts.port is None else f"{host}:{parts.port}"
     if parts.username is not None or parts.password is not None:
         netloc = f"***@{netloc}"
-    query = urlencode([(k, "***") for k, _ in parse_qsl(parts.query, keep_blank_values=True)])
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    query = "&".join(f"{quote(k, safe='')}=***" for k, _ in pairs)
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 

@@ -138,7 +138,10 @@ async def _run_sql(
 async def _run_notify(
     target: NotifyTarget, conn: Connection, rows: Sequence[RowValues], all_in_db: bool
 ) -> None:
-    await conn.execute(q("notify_rows"), {"channel": target.channel, "ids": [r.id for r in rows]})
+    await conn.execute(
+        q("notify_rows"),
+        {"channel": target.channel, "ids": [r.id for r in rows], "only_id": target.message == "id"},
+    )
 
 
 def runner_for(target: SqlTarget | NotifyTarget) -> Callable[..., Awaitable[None]]:
