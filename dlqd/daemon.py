@@ -18,7 +18,13 @@ from psycopg_pool import AsyncConnectionPool
 
 from dlqd import __version__
 from dlqd.config import Settings, load_settings
-from dlqd.db import RecentUseCheck, connect, describe_dsn, password_of
+from dlqd.db import (
+    RecentUseCheck,
+    connect,
+    describe_dsn,
+    password_of,
+    pooler_drops_prepared_statements,
+)
 from dlqd.errors import ConfigError
 from dlqd.logs import get_logger, register_secret
 from dlqd.metrics import Metrics
@@ -94,6 +100,14 @@ class Daemon:
         probe = await connect(settings.dsn, autocommit=True, application_name="dlqd preflight")
         try:
             await require_current_schema(probe)
+            prepare: int | None = 0
+            if await pooler_drops_prepared_statements(probe):
+                prepare = None
+                log.warning(
+                    "database_url goes through a connection pooler that does not keep prepared "
+                    "statements (PgBouncer before 1.21, or max_prepared_statements = 0): "
+                    "running without them"
+                )
             # Anything but exactly one plannable statement is refused. A target
             # the job system has not deployed yet may appear later: warn only
             # (failed attempts and the circuit breaker guard the rest).
@@ -122,8 +136,9 @@ class Daemon:
                     "row_factory": dict_row,
                     "application_name": "dlqd",
                     # the replayer's statements run many times a second:
-                    # server-side prepared from the first run (no re-parsing)
-                    "prepare_threshold": 0,
+                    # server-side prepared from the first run (no re-parsing),
+                    # unless a pooler in between cannot keep them
+                    "prepare_threshold": prepare,
                 },
                 check=checkout.check,
                 reset=checkout.reset,

@@ -18,6 +18,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from dlqd.errors import ConfigError, DatabaseUnavailable
+from dlqd.queries import q
 
 CONNECT_TIMEOUT_SECONDS = 5
 
@@ -74,8 +75,12 @@ def check_dsn(dsn: str) -> None:
 async def connect(
     dsn: str, *, autocommit: bool = False, application_name: str = "dlqd", **params: Any
 ) -> psycopg.AsyncConnection[dict[str, object]]:
-    """Open a connection returning rows as dicts; raise DatabaseUnavailable on failure."""
+    """Open a connection returning rows as dicts; raise DatabaseUnavailable on failure.
+
+    No prepared statements unless asked for (``prepare_threshold``): a
+    one-off connection gains little from them, and a pooler may not keep them."""
     check_dsn(dsn)
+    params.setdefault("prepare_threshold", None)
     try:
         return await psycopg.AsyncConnection.connect(
             dsn,
@@ -128,3 +133,30 @@ class RecentUseCheck:
         if returned is not None and time.monotonic() - returned < self.fresh and not conn.broken:
             return
         await AsyncConnectionPool.check_connection(conn)
+
+
+async def pooler_drops_prepared_statements(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Whether ``conn`` goes through a connection pooler that hands the server
+    our own prepared statement names (PgBouncer before 1.21, or with
+    ``max_prepared_statements = 0``): in transaction mode the next transaction
+    may land on a server connection where the name is missing, or means
+    another statement.
+
+    A pooler answers the connection with its own cancel key, so the backend
+    pid the client was told differs from the server's; one that keeps
+    prepared statements itself (PgBouncer 1.21+) renames them on the server.
+    """
+    async with conn.transaction():
+        cur = await conn.execute(q("backend_pid"))
+        row = await cur.fetchone()
+        if row is None or row["pid"] == conn.info.backend_pid:
+            return False  # a direct connection
+        threshold = conn.prepare_threshold
+        conn.prepare_threshold = 0  # None would refuse even a forced prepare
+        try:
+            await conn.execute(q("pooler_probe"), prepare=True)
+        finally:
+            conn.prepare_threshold = threshold
+        cur = await conn.execute(q("pooler_probe_prepared"), {"probe": q("pooler_probe")})
+        row = await cur.fetchone()
+    return bool(row and row["ours"])

@@ -102,6 +102,18 @@ SELECT at, policy, outcome, error, manual, actor, reason
  WHERE dlq_id = %(id)s
  ORDER BY at, id
 
+-- name: backend_pid
+SELECT pg_backend_pid() AS pid
+
+-- name: pooler_probe
+SELECT 'dlqd pooler probe' AS probe
+
+-- name: pooler_probe_prepared
+-- psycopg names the statements it prepares _pg3_0, _pg3_1, ...: seen on the
+-- server as such, a pooler in between passes our names through.
+SELECT count(*) AS ours FROM pg_prepared_statements
+ WHERE statement = %(probe)s AND starts_with(name, '_pg3_')
+
 -- name: ping
 SELECT current_setting('server_version_num')::int AS server_version_num
 
