@@ -695,7 +695,7 @@ async def test_a_retry_after_of_any_value_is_clamped_and_nothing_is_sent_twice(
                 sink_db, "SELECT count(*) FROM job_dlq WHERE replayed_at IS NOT NULL"
             )
             failed = await scalar(sink_db, "SELECT failures FROM dlqd_entry_state")
-            return int(done) == 1 and failed == 1
+            return int(done) == 5 and failed == 1
 
         await wait_until(settled, within=NEIGHBOUR_WAIT)
         keys = [r["headers"]["idempotency-key"] for r in receiver.requests]
