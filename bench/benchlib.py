@@ -7,9 +7,9 @@ from contextlib import asynccontextmanager
 
 import psycopg
 
-from dlqd.db import connect
-from dlqd.migrations import migrate
-from dlqd.pgcluster import Cluster
+from dlqd.db.connector import connect
+from dlqd.db.migrations import migrate
+from tests.pgcluster import Cluster
 
 
 @asynccontextmanager

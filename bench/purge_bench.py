@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from benchlib import migrated_cluster  # type: ignore[import-not-found]
 
 from dlqd.config import load_settings
-from dlqd.db import connect
+from dlqd.db.connector import connect
 from dlqd.services.purger import purge_rows
 
 FILL = """

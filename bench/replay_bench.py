@@ -27,7 +27,7 @@ from psycopg.conninfo import make_conninfo
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dlqd.pgcluster import Cluster, free_port
+from tests.pgcluster import Cluster, free_port
 
 INSERT_ONE = """INSERT INTO job_dlq (original_job_id, app_id, type, payload, error_reason, attempts)
                 VALUES (%s, 'bench', 'email.send', '{"to": "x@example.com"}', 'timeout', 3)"""

@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT))
 from benchlib import migrated_cluster  # type: ignore[import-not-found]
 
 from dlqd.config import load_settings
+from dlqd.db.queries import q
 from dlqd.metrics import Metrics
-from dlqd.queries import q
 from dlqd.services.collector import Collector
 from dlqd.web import build_app, serve
 

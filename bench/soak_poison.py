@@ -31,7 +31,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dlqd.pgcluster import Cluster, free_port
+from tests.pgcluster import Cluster, free_port
 
 SETUP = """
 CREATE TABLE sink (dlq_id uuid PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp());

@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "sql":
         # needs no configuration: an administrator runs it before dlqd has any
-        from dlqd.queries import sql_dir
+        from dlqd.db.queries import sql_dir
 
         sys.stdout.write((sql_dir() / f"{args.what}.sql").read_text(encoding="utf-8"))
         return 0
@@ -369,8 +369,8 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 @command("migrate")
 async def _migrate(args: argparse.Namespace, settings: Settings) -> int:
-    from dlqd.db import connection
-    from dlqd.migrations import migrate
+    from dlqd.db.connector import connection
+    from dlqd.db.migrations import migrate
 
     def waiting(line: str) -> None:
         print(f"dlqd: {line}", file=sys.stderr)
@@ -387,8 +387,8 @@ async def _migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 @command("check")
 async def _check(args: argparse.Namespace, settings: Settings) -> int:
-    from dlqd.db import connection
-    from dlqd.migrations import require_current_schema
+    from dlqd.db.connector import connection
+    from dlqd.db.migrations import require_current_schema
     from dlqd.replay.checks import check_targets, sql_target_problems
 
     check_targets(settings)
@@ -410,8 +410,8 @@ async def _check(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _print_reachable(conn: Any, dsn: str) -> None:
-    from dlqd.db import describe_dsn
-    from dlqd.queries import q
+    from dlqd.db.connector import describe_dsn
+    from dlqd.db.queries import q
 
     cur = await conn.execute(q("ping"))
     row = await cur.fetchone()
@@ -431,7 +431,7 @@ def _filter(args: argparse.Namespace) -> PendingFilter:
 
 @command("list")
 async def _list(args: argparse.Namespace, settings: Settings) -> int:
-    from dlqd.db import connection
+    from dlqd.db.connector import connection
     from dlqd.repository import Repository
 
     async with connection(settings.dsn, application_name="dlqd list") as conn:
@@ -459,8 +459,8 @@ _SHOWN_JSON_CHARS = 2000  # a payload on a terminal: its start, then --json for 
 async def _show(args: argparse.Namespace, settings: Settings) -> int:
     import json
 
-    from dlqd.db import connection
-    from dlqd.queries import q
+    from dlqd.db.connector import connection
+    from dlqd.db.queries import q
     from dlqd.repository import parse_entry_id
 
     entry_id = parse_entry_id(args.id)
@@ -520,7 +520,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
 
 @command("status")
 async def _status(args: argparse.Namespace, settings: Settings) -> int:
-    from dlqd.db import connection
+    from dlqd.db.connector import connection
     from dlqd.status import collect_status
 
     async with connection(settings.dsn, autocommit=True, application_name="dlqd status") as conn:
@@ -563,7 +563,7 @@ def _age(seconds: float | None) -> str:
 
 @command("explain")
 async def _explain(args: argparse.Namespace, settings: Settings) -> int:
-    from dlqd.db import connection
+    from dlqd.db.connector import connection
     from dlqd.operations import explain
     from dlqd.repository import parse_entry_id
 
@@ -581,7 +581,7 @@ async def _explain(args: argparse.Namespace, settings: Settings) -> int:
 
 @command("replay")
 async def _replay(args: argparse.Namespace, settings: Settings) -> int:
-    from dlqd.db import connection
+    from dlqd.db.connector import connection
     from dlqd.errors import UsageError
     from dlqd.operations import count_pending, manual_replay
     from dlqd.replay.checks import check_targets
@@ -661,7 +661,7 @@ def _actor() -> str:
 
 @command("purge")
 async def _purge(args: argparse.Namespace, settings: Settings) -> int:
-    from dlqd.db import connection
+    from dlqd.db.connector import connection
     from dlqd.operations import purge
 
     async with connection(settings.dsn, autocommit=True, application_name="dlqd purge") as conn:

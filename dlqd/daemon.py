@@ -18,17 +18,17 @@ from psycopg_pool import AsyncConnectionPool
 
 from dlqd import __version__
 from dlqd.config import Settings, load_settings
-from dlqd.db import (
+from dlqd.db.connector import (
     RecentUseCheck,
     connect,
     describe_dsn,
     password_of,
     pooler_drops_prepared_statements,
 )
+from dlqd.db.migrations import require_current_schema
 from dlqd.errors import ConfigError
 from dlqd.logs import get_logger, register_secret
 from dlqd.metrics import Metrics
-from dlqd.migrations import require_current_schema
 from dlqd.replay.checks import check_targets, sql_target_problems
 from dlqd.replay.evaluate import DryRunLedger
 from dlqd.replay.http import HttpDeliverer

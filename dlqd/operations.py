@@ -13,9 +13,9 @@ import anyio
 import psycopg
 
 from dlqd.config import HttpTarget, NotifyTarget, Policy, Settings, SqlTarget
+from dlqd.db.queries import q
 from dlqd.errors import DlqdError, UsageError
 from dlqd.policy import MatchLike, Park, Replay, Unmatched, decide, matches, mismatch
-from dlqd.queries import q
 from dlqd.replay.admission import replay_counts
 from dlqd.replay.batch import Batch, Item, apply, set_replay_timeouts, settle_split
 from dlqd.replay.evaluate import job_key

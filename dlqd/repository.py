@@ -12,9 +12,9 @@ from uuid import UUID
 import psycopg
 from psycopg.types.json import Jsonb
 
+from dlqd.db.queries import q
 from dlqd.errors import UsageError
 from dlqd.models import DlqEntry, NewEntry
-from dlqd.queries import q
 
 Connection = psycopg.AsyncConnection[dict[str, Any]]
 

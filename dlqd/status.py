@@ -12,7 +12,7 @@ from typing import Any
 
 import psycopg
 
-from dlqd.queries import q
+from dlqd.db.queries import q
 
 Connection = psycopg.AsyncConnection[dict[str, Any]]
 GroupKey = tuple[str, str, str]

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import psycopg
 
 from dlqd.config import Policy
-from dlqd.queries import q
+from dlqd.db.queries import q
 
 Connection = psycopg.AsyncConnection[dict[str, Any]]
 #: a bucket or a trial another replica holds right now: look again this soon

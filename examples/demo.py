@@ -26,9 +26,9 @@ from psycopg.types.json import Jsonb
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dlqd.db import connect
-from dlqd.migrations import migrate
-from dlqd.pgcluster import Cluster, free_port
+from dlqd.db.connector import connect
+from dlqd.db.migrations import migrate
+from tests.pgcluster import Cluster, free_port
 
 DEMO_TABLE = """
 CREATE TABLE IF NOT EXISTS demo_jobs (

@@ -2,7 +2,7 @@
 
 The server: ``$DLQD_TEST_DATABASE_URL``, else 127.0.0.1:5432 (started with
 ``pg_ctlcluster`` when installed but down), else a throwaway cluster from
-:mod:`dlqd.pgcluster`. Each test gets its own database cloned from a template
+:mod:`tests.pgcluster`. Each test gets its own database cloned from a template
 that ``dlqd migrate`` prepared once per session, so tests never see each
 other's rows or notifications.
 """
@@ -26,10 +26,10 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 
-from dlqd.db import connect
-from dlqd.migrations import migrate
-from dlqd.pgcluster import Cluster
-from dlqd.queries import sql_dir
+from dlqd.db.connector import connect
+from dlqd.db.migrations import migrate
+from dlqd.db.queries import sql_dir
+from tests.pgcluster import Cluster
 
 # Correctness, not speed: a loaded CI machine must not fail an example on time.
 hypothesis.settings.register_profile("dlqd", deadline=None, print_blob=True)

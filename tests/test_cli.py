@@ -8,9 +8,9 @@ from pathlib import Path
 import psycopg
 from psycopg.types.json import Jsonb
 
-from dlqd.pgcluster import free_port
 from tests.conftest import dlqd_cli
 from tests.factories import INSERT_MANY, row_json
+from tests.pgcluster import free_port
 
 SECRET = "s3cret-pass-word"
 COLUMNS = {

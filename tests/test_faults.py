@@ -13,10 +13,10 @@ import pytest
 from psycopg.conninfo import make_conninfo
 from psycopg.types.json import Jsonb
 
-from dlqd.pgcluster import Cluster
 from tests.conftest import dlqd_cli
 from tests.daemon_helpers import SINK_DDL, SINK_STATEMENT, DaemonProcess, scalar, wait_until
 from tests.factories import INSERT_MANY, row_json
+from tests.pgcluster import Cluster
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.anyio

@@ -70,7 +70,11 @@ def test_only_the_runtime_is_installed(image_venv: Path) -> None:
         cwd="/",
     ).stdout
     assert where.startswith(str(image_venv))
-    assert (Path(where).parent / "_sql").is_dir()  # migrations ship in the wheel
+    package = Path(where).parent
+    assert (package / "_sql").is_dir()  # migrations ship in the wheel
+    # test and demo support stays in the checkout
+    assert not (package / "pgcluster.py").exists()
+    assert sorted(p.name for p in package.glob("pgcluster*")) == []
 
 
 async def test_the_installed_dlqd_checks_and_runs(

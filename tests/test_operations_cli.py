@@ -10,10 +10,10 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from dlqd.pgcluster import free_port
 from tests.conftest import as_role, dlqd_cli
 from tests.daemon_helpers import SINK_DDL, SINK_STATEMENT, write_config
 from tests.factories import INSERT_MANY, row_json
+from tests.pgcluster import free_port
 
 
 def seed(db_url: str, rows: list[dict[str, object]]) -> None:
@@ -225,7 +225,7 @@ def test_status_json_shape_and_explain(db_url: str, tmp_path: Path) -> None:
 
 
 def test_run_and_check_refuse_an_unmigrated_database(empty_db_url: str) -> None:
-    from dlqd.migrations import available_migrations
+    from dlqd.db.migrations import available_migrations
 
     env = {"DLQD_DATABASE_URL": empty_db_url}
     names = ", ".join(f"{m.version:03d}_{m.name}" for m in available_migrations())

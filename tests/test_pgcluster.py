@@ -5,7 +5,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from dlqd.pgcluster import Cluster
+from tests.pgcluster import Cluster
 
 
 def _answers(url: str) -> bool:

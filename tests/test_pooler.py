@@ -130,7 +130,7 @@ target = {{ kind = "sql", statement = "{SINK_STATEMENT}" }}
 
 
 async def test_a_direct_connection_keeps_its_prepared_statements(db_url: str) -> None:
-    from dlqd.db import connect, pooler_drops_prepared_statements
+    from dlqd.db.connector import connect, pooler_drops_prepared_statements
 
     conn = await connect(db_url, autocommit=True)
     try:

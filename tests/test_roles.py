@@ -19,11 +19,11 @@ import pytest
 from psycopg.conninfo import make_conninfo
 from psycopg.types.json import Jsonb
 
-from dlqd.pgcluster import Cluster
-from dlqd.queries import sql_dir
+from dlqd.db.queries import sql_dir
 from tests.conftest import dlqd_cli
 from tests.daemon_helpers import SINK_DDL, SINK_STATEMENT, DaemonProcess, scalar, wait_until
 from tests.factories import INSERT_MANY, row_json
+from tests.pgcluster import Cluster
 
 pytestmark = pytest.mark.anyio
 

@@ -9,10 +9,10 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from dlqd.db import connect
+from dlqd.db.connector import connect
+from dlqd.db.migrations import available_migrations, migrate
+from dlqd.db.queries import q
 from dlqd.errors import MigrationError
-from dlqd.migrations import available_migrations, migrate
-from dlqd.queries import q
 
 pytestmark = pytest.mark.anyio
 

@@ -25,8 +25,8 @@ import pytest
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from dlqd.db import connect
-from dlqd.migrations import migrate
+from dlqd.db.connector import connect
+from dlqd.db.migrations import migrate
 from tests.conftest import as_role, dlqd_cli, with_dbname
 from tests.daemon_helpers import (
     SINK_STATEMENT,
@@ -78,7 +78,7 @@ def owned_db(request: pytest.FixtureRequest, admin_url: str, template_db: str) -
                 await owner_conn.close()
 
         anyio.run(as_owner)
-        from dlqd.queries import sql_dir
+        from dlqd.db.queries import sql_dir
 
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute((sql_dir() / "roles.sql").read_text().encode())
@@ -344,7 +344,7 @@ ADVISORY_KEYS = (
 def test_no_query_of_the_daemon_takes_an_advisory_lock() -> None:
     """Finding 3: any role may take any advisory lock, so nothing the daemon waits
     on may be one; only `dlqd migrate` (an operator, waiting visibly) uses one."""
-    from dlqd.queries import _QUERIES
+    from dlqd.db.queries import _QUERIES
 
     advisory = {name for name, text in _QUERIES.items() if re.search(r"advisory\w*\(", text)}
     assert advisory == {"migrations_try_lock", "migrations_unlock"}

@@ -9,7 +9,7 @@ from typing import Any
 
 import psycopg
 
-from dlqd.queries import q
+from dlqd.db.queries import q
 from dlqd.replay.batch import Batch, Item
 from dlqd.replay.evaluate import JobKey, _park_max_replays, job_key
 

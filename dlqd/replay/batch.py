@@ -22,9 +22,9 @@ import anyio
 import psycopg
 
 from dlqd.config import HttpTarget, NotifyTarget, Policy, Settings, SqlTarget
+from dlqd.db.queries import q
 from dlqd.errors import error_line
 from dlqd.policy import retry_delay
-from dlqd.queries import q
 from dlqd.replay.http import Delivery, redact_url
 from dlqd.replay.rows import Candidate
 from dlqd.replay.targets import Failure, run_isolated, runner_for

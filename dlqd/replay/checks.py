@@ -18,8 +18,8 @@ from uuid import UUID
 import psycopg
 
 from dlqd.config import HttpTarget, Settings, SqlTarget
+from dlqd.db.queries import q
 from dlqd.errors import ConfigError, error_line
-from dlqd.queries import q
 from dlqd.replay.http import resolved_headers
 from dlqd.replay.targets import (
     compile_set_statement,

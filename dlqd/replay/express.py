@@ -37,8 +37,8 @@ import psycopg
 from psycopg.pq import TransactionStatus
 
 from dlqd.config import Match, NotifyTarget, Policy, Settings, SqlTarget
+from dlqd.db.queries import q
 from dlqd.policy import replay_delay
-from dlqd.queries import q
 from dlqd.replay.batch import set_replay_timeouts
 from dlqd.replay.targets import is_set_based
 from dlqd.statements import first_keyword, statement_body, target_problem

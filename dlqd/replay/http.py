@@ -35,8 +35,8 @@ import httpx
 import psycopg
 
 from dlqd.config import HttpTarget
+from dlqd.db.queries import q
 from dlqd.errors import ConfigError
-from dlqd.queries import q
 
 Connection = psycopg.AsyncConnection[dict[str, Any]]
 RETRYABLE_STATUS = frozenset({408, 429})

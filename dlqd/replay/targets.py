@@ -31,9 +31,9 @@ from uuid import UUID
 import psycopg
 
 from dlqd.config import NotifyTarget, SqlTarget
+from dlqd.db.queries import q
 from dlqd.errors import error_line
 from dlqd.policy import MatchLike
-from dlqd.queries import q
 from dlqd.statements import StatementError, statement_body, tokens
 
 Connection = psycopg.AsyncConnection[dict[str, Any]]

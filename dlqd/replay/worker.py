@@ -37,10 +37,10 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from dlqd.backoff import Backoff
 from dlqd.config import HttpTarget, Policy, Settings
+from dlqd.db.queries import q
 from dlqd.errors import DatabaseUnavailable, error_line
 from dlqd.logs import get_logger
 from dlqd.metrics import AGE_BUCKETS, Metrics
-from dlqd.queries import q
 from dlqd.replay.admission import enforce_max_replays, replay_counts
 from dlqd.replay.batch import (
     Batch,

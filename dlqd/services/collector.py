@@ -16,8 +16,8 @@ from typing import Any
 from psycopg_pool import AsyncConnectionPool
 
 from dlqd.config import Settings
+from dlqd.db.queries import q
 from dlqd.metrics import Metrics
-from dlqd.queries import q
 from dlqd.services.base import PeriodicService
 from dlqd.status import OTHER, collect_status
 

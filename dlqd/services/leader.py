@@ -34,10 +34,10 @@ from psycopg_pool import AsyncConnectionPool
 
 from dlqd.backoff import Backoff
 from dlqd.config import Settings
+from dlqd.db.queries import q
 from dlqd.errors import error_line
 from dlqd.logs import get_logger
 from dlqd.metrics import Metrics
-from dlqd.queries import q
 from dlqd.services.base import Signal
 
 log = get_logger("dlqd.leader")

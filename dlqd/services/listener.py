@@ -21,7 +21,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from dlqd.backoff import Backoff
 from dlqd.config import Settings
-from dlqd.db import connect
+from dlqd.db.connector import connect
 from dlqd.errors import DatabaseUnavailable, error_line
 from dlqd.logs import get_logger
 from dlqd.metrics import Metrics

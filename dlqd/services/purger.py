@@ -24,8 +24,8 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from dlqd.config import Settings, parse_duration
+from dlqd.db.queries import q
 from dlqd.metrics import Metrics
-from dlqd.queries import q
 from dlqd.services.base import PeriodicService
 
 Connection = psycopg.AsyncConnection[dict[str, Any]]

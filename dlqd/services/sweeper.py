@@ -14,7 +14,7 @@ from typing import Any
 from psycopg_pool import AsyncConnectionPool
 
 from dlqd.config import Settings
-from dlqd.queries import q
+from dlqd.db.queries import q
 from dlqd.services.base import PeriodicService
 from dlqd.wake import Wakeup
 

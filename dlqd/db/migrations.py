@@ -12,8 +12,8 @@ from typing import Any
 import anyio
 import psycopg
 
+from dlqd.db.queries import q, sql_dir
 from dlqd.errors import MigrationError, SchemaOutdated
-from dlqd.queries import q, sql_dir
 
 _FILE_RE = re.compile(r"^(\d{3})_(\w+)\.sql$")
 

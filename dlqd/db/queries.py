@@ -13,10 +13,11 @@ from typing import LiteralString
 
 def sql_dir() -> Path:
     """The ``sql/`` folder: bundled in the wheel, or the source tree's."""
-    bundled = Path(__file__).parent / "_sql"
+    package = Path(__file__).resolve().parent.parent
+    bundled = package / "_sql"
     if bundled.is_dir():
         return bundled
-    return Path(__file__).resolve().parent.parent / "sql"
+    return package.parent / "sql"
 
 
 _HEADER = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)

@@ -17,8 +17,8 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from dlqd.db.queries import q
 from dlqd.errors import ConfigError, DatabaseUnavailable
-from dlqd.queries import q
 
 CONNECT_TIMEOUT_SECONDS = 5
 
