@@ -1,4 +1,10 @@
-"""dlqd's exceptions: one root, a few leaves, each with its CLI exit code."""
+"""dlqd's exceptions: one root, a few leaves, each with its CLI exit code.
+
+Errors of the database come out of ``dlqd.db`` as :class:`DatabaseError` and
+its leaves (psycopg's own never pass that boundary): what the layers above
+decide on is whether the connection is gone (``broken``: the pass ends and
+backs off) or one statement failed (its rows are isolated and retried).
+"""
 
 from __future__ import annotations
 
@@ -43,6 +49,39 @@ class SchemaOutdated(DlqdError):
     """The database lacks migrations this release needs: run ``dlqd migrate``."""
 
     exit_code = 78
+
+
+class DatabaseError(DlqdError):
+    """A statement, or the connection it ran on, failed.
+
+    ``broken``: the connection is gone (nothing more can run on it);
+    ``sqlstate``: the server's code, when it answered.
+    """
+
+    def __init__(self, message: str, *, sqlstate: str | None = None, broken: bool = False) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        self.broken = broken
+
+
+class ConnectionLost(DatabaseError):
+    """The connection broke, the server is shutting down, or none came from the pool."""
+
+
+class StatementTimeout(DatabaseError):
+    """``statement_timeout`` (or a cancel) ended a statement: a target that is slow."""
+
+
+class LockTimeout(StatementTimeout):
+    """``lock_timeout`` ended a statement: what it needs is locked by another session."""
+
+
+class PermissionDenied(DatabaseError):
+    """The role lacks a grant."""
+
+
+class StatementRejected(DatabaseError):
+    """The server refused a statement's text (syntax, an unknown name or type)."""
 
 
 def error_line(exc: BaseException) -> str:

@@ -117,6 +117,21 @@ SELECT count(*) AS ours FROM pg_prepared_statements
 -- name: ping
 SELECT current_setting('server_version_num')::int AS server_version_num
 
+-- fragment: narrow_row
+-- The narrow row (dlqd/replay/rows.py), over job_dlq j, the row_problem
+-- join p and the schedule row s (LEFT JOINed where it may be missing).
+j.id, left(j.original_job_id, 2049) AS original_job_id, left(j.app_id, 2049) AS app_id,
+       left(j.type, 2049) AS type, left(j.error_reason, 2049) AS error_reason, j.attempts,
+       CASE WHEN p.problem IS NULL THEN j.dlq_at END AS dlq_at, p.problem,
+       j.replayed_at IS NOT NULL AS replayed,
+       pg_column_size(j.payload) + pg_column_size(j.error_history) AS row_bytes,
+       coalesce(s.failures, 0) AS failures, s.last_failure_at, s.last_error, s.state,
+       s.policy AS scheduled_policy
+
+-- fragment: row_problem
+CROSS JOIN LATERAL (SELECT dlqd_row_problem(j.dlq_at, j.app_id, j.type, j.error_reason,
+                                            j.original_job_id) AS problem) p
+
 -- The claim queries below return a *narrow* row: the columns a policy
 -- decides on, never payload or error_history (targets read those inside
 -- Postgres), only their stored size (row_bytes: read from the value's header,
@@ -129,17 +144,10 @@ SELECT current_setting('server_version_num')::int AS server_version_num
 -- row) so that replicas split them and a manual replay waits for us. Driven by
 -- the inbox's primary key; a candidates CTE would be simpler to plan but lets
 -- replicas collide on the same unlocked candidates.
-SELECT j.id, left(j.original_job_id, 2049) AS original_job_id, left(j.app_id, 2049) AS app_id,
-       left(j.type, 2049) AS type, left(j.error_reason, 2049) AS error_reason, j.attempts,
-       CASE WHEN p.problem IS NULL THEN j.dlq_at END AS dlq_at, p.problem,
-       j.replayed_at IS NOT NULL AS replayed,
-       pg_column_size(j.payload) + pg_column_size(j.error_history) AS row_bytes,
-       coalesce(s.failures, 0) AS failures, s.last_failure_at, s.last_error, s.state,
-       s.policy AS scheduled_policy, i.seq, now() AS db_now
+SELECT {{narrow_row}}, i.seq, now() AS db_now
   FROM dlqd_inbox i
   JOIN job_dlq j ON j.id = i.dlq_id
-  CROSS JOIN LATERAL (SELECT dlqd_row_problem(j.dlq_at, j.app_id, j.type, j.error_reason,
-                                              j.original_job_id) AS problem) p
+  {{row_problem}}
   LEFT JOIN dlqd_entry_state s ON s.dlq_id = i.dlq_id
  WHERE i.seq > %(after_seq)s
  ORDER BY i.seq
@@ -161,18 +169,12 @@ WITH candidates AS MATERIALIZED (
      ORDER BY fingerprint, dlq_id
      LIMIT %(limit)s
 )
-SELECT j.id, left(j.original_job_id, 2049) AS original_job_id, left(j.app_id, 2049) AS app_id,
-       left(j.type, 2049) AS type, left(j.error_reason, 2049) AS error_reason, j.attempts,
-       CASE WHEN p.problem IS NULL THEN j.dlq_at END AS dlq_at, p.problem,
-       j.replayed_at IS NOT NULL AS replayed,
-       pg_column_size(j.payload) + pg_column_size(j.error_history) AS row_bytes,
-       s.failures, s.last_failure_at, s.last_error, s.state, s.policy AS scheduled_policy,
+SELECT {{narrow_row}},
        c.fingerprint, NULL::bigint AS seq, now() AS db_now
   FROM candidates c
   JOIN dlqd_entry_state s ON s.dlq_id = c.dlq_id
   JOIN job_dlq j ON j.id = c.dlq_id
-  CROSS JOIN LATERAL (SELECT dlqd_row_problem(j.dlq_at, j.app_id, j.type, j.error_reason,
-                                              j.original_job_id) AS problem) p
+  {{row_problem}}
  WHERE s.state <> 'parked' AND s.fingerprint <> %(fingerprint)s AND j.replayed_at IS NULL
  ORDER BY c.fingerprint, c.dlq_id
    FOR UPDATE OF s, j SKIP LOCKED
@@ -196,17 +198,11 @@ ON CONFLICT (dlq_id) DO NOTHING
 -- name: due_entries
 -- Scheduled rows whose time has come, oldest due first, skipping the policies
 -- and tenants that are throttled right now (dlqd_entry_state_due_idx).
-SELECT j.id, left(j.original_job_id, 2049) AS original_job_id, left(j.app_id, 2049) AS app_id,
-       left(j.type, 2049) AS type, left(j.error_reason, 2049) AS error_reason, j.attempts,
-       CASE WHEN p.problem IS NULL THEN j.dlq_at END AS dlq_at, p.problem,
-       false AS replayed,
-       pg_column_size(j.payload) + pg_column_size(j.error_history) AS row_bytes,
-       s.failures, s.last_failure_at, s.last_error, s.state, s.policy AS scheduled_policy,
+SELECT {{narrow_row}},
        NULL::bigint AS seq, now() AS db_now
   FROM dlqd_entry_state s
   JOIN job_dlq j ON j.id = s.dlq_id
-  CROSS JOIN LATERAL (SELECT dlqd_row_problem(j.dlq_at, j.app_id, j.type, j.error_reason,
-                                              j.original_job_id) AS problem) p
+  {{row_problem}}
  WHERE s.state = 'waiting'
    AND s.fingerprint = %(fingerprint)s
    AND s.due_at <= now()
@@ -267,6 +263,16 @@ SELECT j.id, now() AS db_now
 SELECT set_config('statement_timeout', %(statement_timeout)s, true),
        set_config('lock_timeout', %(lock_timeout)s, true)
 
+-- name: replayed_relation
+-- What a set-based target statement reads as `replayed`: the group's rows
+-- (composed in front of the operator's statement, dlqd/db/compose.py).
+replayed AS (SELECT * FROM job_dlq WHERE id = ANY (%(ids)s::uuid[]))
+
+-- name: explain_prefix
+-- Validation plans a target with options in parentheses: `ANALYZE SELECT ...`
+-- after it is a syntax error, never an EXPLAIN ANALYZE that runs the statement.
+EXPLAIN (COSTS OFF)
+
 -- name: validation_timeouts
 -- `dlqd check` and start-up plan target statements under these: a locked
 -- table is a one-line error, not a hang.
@@ -282,28 +288,15 @@ SELECT set_config('plan_cache_mode', 'force_custom_plan', true)
 SET CONSTRAINTS ALL IMMEDIATE
 
 -- name: finish_replayed
--- One round trip for the rows whose target succeeded: set replayed_at, drop
--- their schedule, log the replay; and the batch's inbox entries (all of them,
--- replayed or not) go in the same statement.
+-- One round trip for the rows whose target succeeded (dlqd_finish_replayed:
+-- mark, drop their schedule, log), and the batch's inbox entries (all of
+-- them, replayed or not) in the same statement.
 WITH inbox AS (
     DELETE FROM dlqd_inbox WHERE seq = ANY (%(inbox_seqs)s::bigint[])
-), marked AS (
-    UPDATE job_dlq SET replayed_at = now()
-     WHERE id = ANY (%(ids)s::uuid[]) AND replayed_at IS NULL
-    RETURNING id, original_job_id, app_id, dlq_at, replayed_at
-), cleared AS (
-    DELETE FROM dlqd_entry_state WHERE dlq_id IN (SELECT id FROM marked)
-), logged AS (
-    INSERT INTO dlqd_replay_log (dlq_id, original_job_id, app_id, policy, outcome, manual,
-                                 actor, reason)
-    SELECT m.id, m.original_job_id, m.app_id, u.policy, 'replayed', %(manual)s,
-           %(actor)s, %(reason)s
-      FROM marked m
-      JOIN unnest(%(ids)s::uuid[], %(policies)s::text[]) AS u(id, policy) ON u.id = m.id
 )
-SELECT id, CASE WHEN isfinite(dlq_at)
-                THEN extract(epoch FROM replayed_at - dlq_at)::float8 END AS lag_seconds
-  FROM marked
+SELECT id, lag_seconds
+  FROM dlqd_finish_replayed(%(ids)s::uuid[], %(policies)s::text[], %(manual)s, %(actor)s,
+                            %(reason)s)
 
 -- name: log_outcomes
 -- Original job ids and tenants come from job_dlq itself: the daemon may hold
@@ -378,16 +371,9 @@ SELECT state, policy, fingerprint, due_at, failures, last_error, last_failure_at
 -- name: lock_entries
 -- Manual replay: narrow rows like the claims, but waiting for a daemon's batch
 -- in flight instead of skipping it (it then finds the row replayed: skipped).
-SELECT j.id, left(j.original_job_id, 2049) AS original_job_id, left(j.app_id, 2049) AS app_id,
-       left(j.type, 2049) AS type, left(j.error_reason, 2049) AS error_reason, j.attempts,
-       CASE WHEN p.problem IS NULL THEN j.dlq_at END AS dlq_at, p.problem,
-       j.replayed_at IS NOT NULL AS replayed,
-       pg_column_size(j.payload) + pg_column_size(j.error_history) AS row_bytes,
-       coalesce(s.failures, 0) AS failures, s.last_failure_at, s.last_error, s.state,
-       s.policy AS scheduled_policy, NULL::bigint AS seq, now() AS db_now
+SELECT {{narrow_row}}, NULL::bigint AS seq, now() AS db_now
   FROM job_dlq j
-  CROSS JOIN LATERAL (SELECT dlqd_row_problem(j.dlq_at, j.app_id, j.type, j.error_reason,
-                                              j.original_job_id) AS problem) p
+  {{row_problem}}
   LEFT JOIN dlqd_entry_state s ON s.dlq_id = j.id
  WHERE j.id = ANY (%(ids)s::uuid[])
  ORDER BY j.id
@@ -395,18 +381,12 @@ SELECT j.id, left(j.original_job_id, 2049) AS original_job_id, left(j.app_id, 20
 
 -- name: entry_narrow
 -- One row as `dlqd explain` sees it: what a policy decides on, and its state.
-SELECT j.id, left(j.original_job_id, 2049) AS original_job_id, left(j.app_id, 2049) AS app_id,
-       left(j.type, 2049) AS type, left(j.error_reason, 2049) AS error_reason, j.attempts,
-       CASE WHEN p.problem IS NULL THEN j.dlq_at END AS dlq_at, p.problem,
+SELECT {{narrow_row}},
        to_json(j.dlq_at) #>> '{}' AS dlq_at_text, to_json(j.replayed_at) #>> '{}' AS replayed_at_text,
-       j.replayed_at IS NOT NULL AS replayed,
-       pg_column_size(j.payload) + pg_column_size(j.error_history) AS row_bytes,
-       coalesce(s.failures, 0) AS failures, s.last_failure_at, s.last_error, s.state,
-       s.policy AS scheduled_policy, s.parked_reason, s.due_at, NULL::bigint AS seq,
+       s.parked_reason, s.due_at, NULL::bigint AS seq,
        (SELECT true FROM dlqd_inbox i WHERE i.dlq_id = j.id) AS in_inbox, now() AS db_now
   FROM job_dlq j
-  CROSS JOIN LATERAL (SELECT dlqd_row_problem(j.dlq_at, j.app_id, j.type, j.error_reason,
-                                              j.original_job_id) AS problem) p
+  {{row_problem}}
   LEFT JOIN dlqd_entry_state s ON s.dlq_id = j.id
  WHERE j.id = %(id)s
 

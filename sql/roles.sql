@@ -71,6 +71,9 @@ BEGIN
     IF to_regprocedure('dlqd_trim_replay_log(interval, integer)') IS NOT NULL THEN
         GRANT EXECUTE ON FUNCTION dlqd_trim_replay_log(interval, integer) TO dlqd;
     END IF;
+    IF to_regprocedure('dlqd_finish_replayed(uuid[], text[], boolean, text, text)') IS NOT NULL THEN
+        GRANT EXECUTE ON FUNCTION dlqd_finish_replayed(uuid[], text[], boolean, text, text) TO dlqd;
+    END IF;
     -- lock slots are locked FOR UPDATE (which needs UPDATE); the leader's lease is one row
     IF to_regclass('dlqd_lock_slots') IS NOT NULL THEN
         GRANT SELECT, UPDATE ON dlqd_lock_slots, dlqd_leader TO dlqd;

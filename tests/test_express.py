@@ -12,15 +12,17 @@ import anyio
 import psycopg
 import pytest
 from prometheus_client import generate_latest
+from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 from structlog.testing import capture_logs
 
 from dlqd.config import Match, Policy, Settings, load_settings
+from dlqd.db.compose import first_policy, like_pattern
 from dlqd.metrics import AGE_BUCKETS, Metrics
 from dlqd.policy import Replay, decide, first_match
-from dlqd.replay.express import first_policy_sql, like_pattern, plan, sink_kind
+from dlqd.replay.express import plan, sink_kind
 from dlqd.replay.worker import Replayer
 from dlqd.throttle import Throttle
 from tests.factories import INSERT_MANY, row_json
@@ -124,13 +126,15 @@ async def test_the_sql_match_picks_the_policy_that_python_picks(db_url: str, cla
                 for _ in range(25)
             ]  # fmt: skip
             params: dict[str, Any] = {"rows": Jsonb(rows)}
-            case = first_policy_sql(policies, len(policies) - 1, params)
+            case = first_policy(policies, len(policies) - 1, params)
             cur = await conn.execute(
-                f"""SELECT {case}
+                sql.SQL(
+                    """SELECT {}
                       FROM ROWS FROM (jsonb_to_recordset(%(rows)s)
                            AS (app_id text, type text, error_reason text, attempts int))
                            WITH ORDINALITY AS j(app_id, type, error_reason, attempts, n)
-                     ORDER BY n""",
+                     ORDER BY n"""
+                ).format(case),
                 params,
             )
             for row, (index,) in zip(rows, await cur.fetchall(), strict=True):
@@ -209,9 +213,10 @@ def test_which_policies_go_express(db_url: str) -> None:
         "delayed", "fixed", "jitter-now", "fast", "elsewhere",
     }  # fmt: skip
     # two targets, each a CTE over its own policies' rows
-    assert b"target_0 AS" in express.text
-    assert b"target_1 AS" in express.text
-    assert b"target_2" not in express.text
+    text = express.text.as_string()
+    assert '"target_0" AS' in text
+    assert '"target_1" AS' in text
+    assert "target_2" not in text
     capped = [{"name": "c", "max_replays": 1, "target": sql}]
     assert plan(_settings(db_url, capped), AGE_BUCKETS) is None
     dry = _settings(db_url, [{"name": "f", "target": sql}], dry_run=True)
@@ -590,8 +595,8 @@ async def test_comments_semicolons_and_a_leading_with_run_as_checked(
     """A statement with a trailing semicolon and comment passed `check`, then
     every express page failed on it. Every path runs, and check plans, the
     statement's body: the same text."""
+    from dlqd.db.compose import set_statement
     from dlqd.replay.checks import sql_target_problems
-    from dlqd.replay.targets import compile_set_statement
     from dlqd.statements import statement_body
 
     policy = {**NOW_ONCE, "target": {"kind": "sql", "statement": statement}}
@@ -602,9 +607,11 @@ async def test_comments_semicolons_and_a_leading_with_run_as_checked(
     body = statement_body(statement)
     if sink_kind(statement) is not None:
         assert express is not None
-        assert body.encode() in express.text
+        async with pool.connection() as conn:
+            assert body in express.text.as_string(conn)
     # the ordinary path joins its own WITH list to the statement's
-    assert body.removeprefix("WITH ").encode() in compile_set_statement(statement)
+    async with pool.connection() as conn:
+        assert body.removeprefix("WITH ") in set_statement(statement).as_string(conn)
     await insert(db_url, [row_json(original_job_id=f"s{i}") for i in range(3)])
     with capture_logs() as logs:
         result = await replayer_for(pool, settings).run_once()

@@ -1,24 +1,47 @@
-"""The connection boundary: every psycopg connect goes through here.
+"""The connection boundary: every psycopg connection, pool, transaction and
+error goes through here.
 
 Connection failures become :class:`DatabaseUnavailable` with one line that
-names the server but never the password.
+names the server but never the password. Errors of statements become dlqd's
+own (:func:`translate`): :class:`ConnectionLost` when the connection is gone,
+:class:`StatementTimeout` / :class:`LockTimeout`, :class:`PermissionDenied`,
+:class:`StatementRejected`, else :class:`DatabaseError`; each knows whether the
+connection still works (``broken``). The stores of this package translate
+every call; :func:`transaction`, :func:`savepoint` and :func:`pooled` translate
+what happens at their edges (a COMMIT that fails, a pool that has no
+connection to give).
 """
 
 from __future__ import annotations
 
+import functools
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from dlqd.db.queries import q
-from dlqd.errors import ConfigError, DatabaseUnavailable
+from dlqd.errors import (
+    ConfigError,
+    ConnectionLost,
+    DatabaseError,
+    DatabaseUnavailable,
+    LockTimeout,
+    PermissionDenied,
+    StatementRejected,
+    StatementTimeout,
+    error_line,
+)
+
+#: the one connection type of dlqd: rows as dicts
+Connection = psycopg.AsyncConnection[dict[str, Any]]
+Pool = AsyncConnectionPool[Any]
 
 CONNECT_TIMEOUT_SECONDS = 5
 
@@ -108,6 +131,105 @@ async def connection(
         await conn.close()
 
 
+def translate(exc: BaseException, conn: Connection | None = None) -> DatabaseError:
+    """psycopg's error (or the pool's) as dlqd's own, with one line that elides
+    quoted values of data errors (they may be a tenant's payload)."""
+    if isinstance(exc, DatabaseError):
+        return exc
+    line = error_line(exc)
+    broken = conn is not None and conn.broken
+    if isinstance(exc, PoolTimeout):
+        return ConnectionLost(f"no database connection available: {line}", broken=True)
+    sqlstate = getattr(exc, "sqlstate", None)
+    kind: type[DatabaseError] = DatabaseError
+    if broken or isinstance(
+        exc,
+        psycopg.errors.AdminShutdown
+        | psycopg.errors.CrashShutdown
+        | psycopg.errors.CannotConnectNow
+        | psycopg.errors.ConnectionException,
+    ):
+        kind, broken = ConnectionLost, True
+    elif isinstance(exc, psycopg.errors.LockNotAvailable):
+        kind = LockTimeout
+    elif isinstance(exc, psycopg.errors.QueryCanceled):
+        kind = StatementTimeout
+    elif isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        kind = PermissionDenied
+    elif isinstance(exc, psycopg.errors.SyntaxErrorOrAccessRuleViolation):
+        kind = StatementRejected
+    elif isinstance(exc, psycopg.OperationalError) and sqlstate is None:
+        kind, broken = ConnectionLost, True  # no answer from the server at all
+    return kind(line, sqlstate=sqlstate, broken=broken)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def translated(call: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """A store function whose psycopg errors leave as dlqd's (its first
+    argument is the connection)."""
+
+    @functools.wraps(call)
+    async def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await call(*args, **kwargs)
+        except (psycopg.Error, PoolTimeout) as exc:
+            conn = args[0] if args and isinstance(args[0], psycopg.AsyncConnection) else None
+            raise translate(exc, conn) from exc
+
+    return run
+
+
+@asynccontextmanager
+async def transaction(conn: Connection, *, force_rollback: bool = False) -> AsyncIterator[None]:
+    """A transaction (a savepoint inside one); errors, at COMMIT too, as dlqd's."""
+    try:
+        async with conn.transaction(force_rollback=force_rollback):
+            yield
+    except psycopg.Error as exc:
+        raise translate(exc, conn) from exc
+
+
+savepoint = transaction  # inside a transaction, conn.transaction() is a savepoint
+
+
+@asynccontextmanager
+async def pooled(pool: Pool, wait: float | None = None) -> AsyncIterator[Connection]:
+    """A connection of the pool; no connection in time, or a broken one, as dlqd's."""
+    try:
+        async with pool.connection(timeout=wait) as conn:
+            try:
+                yield conn
+            except psycopg.Error as exc:
+                raise translate(exc, conn) from exc
+    except (psycopg.Error, PoolTimeout) as exc:
+        raise translate(exc) from exc
+
+
+def open_pool(dsn: str, size: int, *, prepare: bool, name: str = "dlqd") -> Pool:
+    """The daemon's fixed-size pool (not opened yet): autocommit connections,
+    rows as dicts, statements prepared on the server from their first run
+    unless ``prepare`` is false (a pooler that cannot keep them)."""
+    checkout = RecentUseCheck()
+    return AsyncConnectionPool(
+        dsn,
+        min_size=size,
+        max_size=size,
+        kwargs={
+            "autocommit": True,
+            "row_factory": dict_row,
+            "application_name": name,
+            "prepare_threshold": 0 if prepare else None,
+        },
+        check=checkout.check,
+        reset=checkout.reset,
+        open=False,
+        name=name,
+    )
+
+
 class RecentUseCheck:
     """The pool's check on checkout, without a round trip on the hot path.
 
@@ -135,7 +257,8 @@ class RecentUseCheck:
         await AsyncConnectionPool.check_connection(conn)
 
 
-async def pooler_drops_prepared_statements(conn: psycopg.AsyncConnection[Any]) -> bool:
+@translated
+async def pooler_drops_prepared_statements(conn: Connection) -> bool:
     """Whether ``conn`` goes through a connection pooler that hands the server
     our own prepared statement names (PgBouncer before 1.21, or with
     ``max_prepared_statements = 0``): in transaction mode the next transaction

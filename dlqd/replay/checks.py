@@ -18,12 +18,11 @@ from uuid import UUID
 import psycopg
 
 from dlqd.config import HttpTarget, Settings, SqlTarget
+from dlqd.db.compose import explained, row_statement, set_statement
 from dlqd.db.queries import q
 from dlqd.errors import ConfigError, error_line
 from dlqd.replay.http import resolved_headers
 from dlqd.replay.targets import (
-    compile_set_statement,
-    compile_statement,
     is_set_based,
     sql_params,
 )
@@ -74,10 +73,10 @@ async def explain_sql(conn: Connection, target: SqlTarget) -> tuple[str, Kind] |
     if (problem := target_problem(target.statement)) is not None:
         return problem, "syntax"
     if is_set_based(target.statement):
-        text = compile_set_statement(target.statement)
+        text = set_statement(target.statement)
         params: dict[str, Any] = {"ids": [_SampleRow().id]}
     else:
-        text, names = compile_statement(target.statement)
+        text, names = row_statement(target.statement)
         params = sql_params(_SampleRow(), names)
     try:
         async with conn.transaction(force_rollback=True):
@@ -89,7 +88,7 @@ async def explain_sql(conn: Connection, target: SqlTarget) -> tuple[str, Kind] |
                 },
             )
             async with conn.cursor() as cur:
-                await cur.execute(b"EXPLAIN (COSTS OFF) " + text, params, prepare=True)
+                await cur.execute(explained(text), params, prepare=True)
     except psycopg.Error as exc:
         if conn.broken:
             raise

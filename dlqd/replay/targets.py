@@ -22,7 +22,6 @@ timestamps, ...) are read by the statement itself, inside Postgres: a
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -31,46 +30,28 @@ from uuid import UUID
 import psycopg
 
 from dlqd.config import NotifyTarget, SqlTarget
+from dlqd.db.compose import PLACEHOLDER, row_statement, set_statement
 from dlqd.db.queries import q
 from dlqd.errors import error_line
 from dlqd.policy import MatchLike
-from dlqd.statements import StatementError, statement_body, tokens
+from dlqd.statements import StatementError, tokens
 
 Connection = psycopg.AsyncConnection[dict[str, Any]]
 
-# Columns bound from the narrow row; every other column is read in Postgres.
-_BOUND = ("id", "original_job_id", "app_id", "type", "error_reason", "attempts")
-_TOKEN = re.compile(r"%%|%\((\w+)\)s")
 TIMEOUT_ERRORS = (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable)
-_LEADING_WITH = re.compile(r"^\s*WITH(\s+RECURSIVE)?\s+", re.IGNORECASE)
-_REPLAYED_CTE = "replayed AS (SELECT * FROM job_dlq WHERE id = ANY (%(ids)s::uuid[]))"
 
 
 @functools.lru_cache(maxsize=256)
 def is_set_based(statement: str) -> bool:
     """No placeholder, and the relation ``replayed`` named (as a word of the
     statement, not of a comment or a string): once per group."""
-    has_placeholder = any(m.group(1) for m in _TOKEN.finditer(statement))
-    if has_placeholder:
+    if any(m.group(1) for m in PLACEHOLDER.finditer(statement)):
         return False
     try:
         found = tokens(statement)
     except StatementError:
         return False
     return any(t.text.lower() == "replayed" for t in found)
-
-
-@functools.lru_cache(maxsize=256)
-def compile_set_statement(statement: str) -> bytes:
-    """The set-based statement as run: ``replayed`` defined first (joined to the
-    statement's own WITH list when it has one); binds ``ids``. Comments and
-    trailing semicolons around the statement are dropped (statement_body)."""
-    statement = statement_body(statement)
-    leading = _LEADING_WITH.match(statement)
-    if leading:
-        head, rest = statement[: leading.end()], statement[leading.end() :]
-        return f"{head}{_REPLAYED_CTE}, {rest}".encode()
-    return f"WITH {_REPLAYED_CTE} {statement}".encode()
 
 
 class RowValues(MatchLike, Protocol):
@@ -93,29 +74,6 @@ class Failure:
     retry_after: float | None = None
 
 
-@functools.lru_cache(maxsize=256)
-def compile_statement(statement: str, *, all_in_db: bool = False) -> tuple[bytes, tuple[str, ...]]:
-    """The statement as run, and the names it binds.
-
-    Placeholders of columns the daemon does not hold become scalar subqueries
-    on the row's primary key. ``all_in_db`` reads every column that way (a
-    manual replay of an invalid row, whose key columns the daemon holds only
-    shortened).
-    """
-    bound = ("id",) if all_in_db else _BOUND
-    statement = statement_body(statement)
-
-    def rewrite(match: re.Match[str]) -> str:
-        name = match.group(1)
-        if name is None or name in bound:
-            return match.group(0)
-        return f"(SELECT {name} FROM job_dlq WHERE id = %(id)s)"
-
-    text = _TOKEN.sub(rewrite, statement)
-    names = tuple(sorted({m.group(1) for m in _TOKEN.finditer(text) if m.group(1)}))
-    return text.encode(), names
-
-
 def sql_params(row: RowValues, names: Sequence[str]) -> dict[str, Any]:
     return {name: getattr(row, name) for name in names}
 
@@ -125,9 +83,9 @@ async def _run_sql(
 ) -> None:
     if is_set_based(target.statement):
         # every column comes from job_dlq itself: invalid rows included
-        await conn.execute(compile_set_statement(target.statement), {"ids": [r.id for r in rows]})
+        await conn.execute(set_statement(target.statement), {"ids": [r.id for r in rows]})
         return
-    text, names = compile_statement(target.statement, all_in_db=all_in_db)
+    text, names = row_statement(target.statement, all_in_db=all_in_db)
     if len(rows) == 1:  # no pipeline to open and sync for one statement
         await conn.execute(text, sql_params(rows[0], names))
         return

@@ -1,0 +1,216 @@
+"""The one module that composes SQL at run time, with ``psycopg.sql``.
+
+Two things cannot be named queries: an operator's target statement (it comes
+from the config) and the policies' matches (compiled to SQL for express
+pages). Everything else is text of ``sql/``: the templates used here are
+named queries of ``sql/express.sql``, their fields filled with composables
+(identifiers, placeholders, other templates). Values are always bound
+parameters.
+
+The target statement is used as the operator wrote it, minus the comments,
+whitespace and semicolons around it (``dlqd.statements.statement_body``):
+every path that runs it, and ``dlqd check`` that plans it, use what this
+module returns, so what is checked is what runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg import sql
+
+from dlqd.config import Match, Policy
+from dlqd.db.queries import q
+from dlqd.statements import statement_body
+
+# Columns a per-row statement binds from the narrow row; every other column is
+# read in Postgres, from the row itself.
+BOUND_COLUMNS = ("id", "original_job_id", "app_id", "type", "error_reason", "attempts")
+PLACEHOLDER = re.compile(r"%%|%\((\w+)\)s")
+_LEADING_WITH = re.compile(r"^\s*WITH(\s+RECURSIVE)?\s+", re.IGNORECASE)
+_KEY_COLUMNS = ("app_id", "type", "error_reason")
+#: a statement composed here, ready to run
+Statement = sql.Composed
+
+
+def _operator_text(text: str) -> sql.SQL:
+    """An operator's statement (from the config) as SQL: the one place such
+    text becomes a statement (``dlqd check`` plans it first)."""
+    return sql.SQL(text)
+
+
+@functools.lru_cache(maxsize=256)
+def set_statement(statement: str) -> sql.Composed:
+    """A set-based target as run: ``replayed`` defined first (joined to the
+    statement's own WITH list when it has one); binds ``ids``."""
+    body = statement_body(statement)
+    replayed = sql.SQL(q("replayed_relation"))
+    leading = _LEADING_WITH.match(body)
+    if leading:
+        head, rest = body[: leading.end()], body[leading.end() :]
+        return sql.Composed([_operator_text(head), replayed, sql.SQL(", "), _operator_text(rest)])
+    return sql.Composed([sql.SQL("WITH "), replayed, sql.SQL(" "), _operator_text(body)])
+
+
+@functools.lru_cache(maxsize=256)
+def row_statement(
+    statement: str, *, all_in_db: bool = False
+) -> tuple[sql.Composed, tuple[str, ...]]:
+    """A per-row target as run, and the names it binds.
+
+    Placeholders of columns the daemon does not hold become scalar subqueries
+    on the row's primary key (no payload crosses into the daemon).
+    ``all_in_db`` reads every column that way (a manual replay of an invalid
+    row, whose key columns the daemon holds only shortened).
+    """
+    bound = ("id",) if all_in_db else BOUND_COLUMNS
+    body = statement_body(statement)
+    parts: list[sql.Composable] = []
+    names: set[str] = set()
+    at = 0
+    for match in PLACEHOLDER.finditer(body):
+        parts.append(_operator_text(body[at : match.start()]))
+        at = match.end()
+        name = match.group(1)
+        if name is None:
+            parts.append(sql.SQL("%%"))
+        elif name in bound:
+            parts.append(sql.Placeholder(name))
+            names.add(name)
+        else:
+            parts.append(
+                sql.SQL("(SELECT {} FROM job_dlq WHERE id = {})").format(
+                    sql.Identifier(name), sql.Placeholder("id")
+                )
+            )
+            names.add("id")
+    parts.append(_operator_text(body[at:]))
+    return sql.Composed(parts), tuple(sorted(names))
+
+
+def explained(statement: sql.Composable) -> sql.Composed:
+    """``EXPLAIN (COSTS OFF)`` of ``statement``: options in parentheses, so that a
+    statement written ``ANALYZE SELECT ...`` is a syntax error, never an
+    EXPLAIN ANALYZE that would run it."""
+    return sql.Composed([sql.SQL(q("explain_prefix")), sql.SQL(" "), statement])
+
+
+# --------------------------------------------------------------------------- matches
+
+
+def like_pattern(glob: str) -> str | None:
+    """An fnmatch glob as a LIKE pattern with the same matches, or None when the
+    glob has a character class (``[...]``), which LIKE cannot say."""
+    if "[" in glob:
+        return None
+    out: list[str] = []
+    for char in glob:
+        if char == "*":
+            out.append("%")
+        elif char == "?":
+            out.append("_")
+        elif char in "%_\\":
+            out.append("\\" + char)
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def match_condition(
+    index: int, match: Match, params: dict[str, Any]
+) -> tuple[sql.Composable, bool]:
+    """``match`` as SQL over ``j`` (job_dlq), and whether it is exact. An inexact
+    condition (a glob with a character class left out) holds for every row the
+    match holds for, and maybe more. Patterns and bounds go to ``params``."""
+    parts: list[sql.Composable] = []
+    exact = True
+    for column in _KEY_COLUMNS:
+        globs = getattr(match, column)
+        if globs is None:
+            continue
+        patterns = [like_pattern(g) for g in globs]
+        if any(p is None for p in patterns):
+            exact = False
+            continue
+        key = f"m{index}_{column}"
+        params[key] = patterns
+        parts.append(
+            sql.SQL("j.{} LIKE ANY ({}::text[])").format(
+                sql.Identifier(column), sql.Placeholder(key)
+            )
+        )
+    for bound, op in (("min_attempts", ">="), ("max_attempts", "<=")):
+        value = getattr(match, bound)
+        if value is not None:
+            key = f"m{index}_{bound}"
+            params[key] = value
+            parts.append(sql.SQL("j.attempts " + op + " {}::int").format(sql.Placeholder(key)))
+    if not parts:
+        return sql.SQL("true"), exact
+    return sql.SQL(" AND ").join(parts), exact
+
+
+def first_policy(policies: Sequence[Policy], upto: int, params: dict[str, Any]) -> sql.Composed:
+    """The index of the first policy matching ``j`` among ``policies[:upto + 1]``;
+    -1 when none does, or when an inexact match stands in the way."""
+    branches: list[sql.Composable] = []
+    for index, policy in enumerate(policies[: upto + 1]):
+        condition, exact = match_condition(index, policy.match, params)
+        branches.append(
+            sql.SQL("WHEN {} THEN {}").format(condition, sql.Literal(index if exact else -1))
+        )
+    return sql.Composed([sql.SQL("CASE "), sql.SQL(" ").join(branches), sql.SQL(" ELSE -1 END")])
+
+
+# --------------------------------------------------------------------------- express pages
+
+
+@dataclass(frozen=True, slots=True)
+class ExpressSink:
+    """One target of an express page: a notify channel or a set-based statement,
+    over the rows of the policies at ``indexes``; ``reads``: a SELECT, which runs
+    only when read."""
+
+    indexes: tuple[int, ...]
+    statement: str | None = None  # sql
+    channel: str | None = None  # notify
+    only_id: bool = False
+    reads: bool = True
+
+
+def express_page(
+    policies: Sequence[Policy], upto: int, sinks: Sequence[ExpressSink], params: dict[str, Any]
+) -> sql.Composed:
+    """The express page statement (sql/express.sql) for ``policies`` (matches up
+    to ``upto``) feeding ``sinks``; its parameters go to ``params``."""
+    targets: list[sql.Composable] = []
+    read: list[sql.Composable] = []
+    for number, sink in enumerate(sinks):
+        name = sql.Identifier(f"target_{number}")
+        params[f"policies_{number}"] = list(sink.indexes)
+        if sink.channel is not None:
+            params[f"channel_{number}"] = sink.channel
+            params[f"only_id_{number}"] = sink.only_id
+            body: sql.Composable = sql.SQL(q("express_notify_sink")).format(
+                channel=sql.Placeholder(f"channel_{number}"),
+                only_id=sql.Placeholder(f"only_id_{number}"),
+            )
+        else:
+            assert sink.statement is not None  # noqa: S101 - a sink is one or the other
+            body = _operator_text(statement_body(sink.statement))
+        targets.append(
+            sql.SQL(q("express_target")).format(
+                name=name, policies=sql.Placeholder(f"policies_{number}"), sink=body
+            )
+        )
+        if sink.reads:
+            read.append(sql.SQL(q("express_sink_rows")).format(name=name))
+    return sql.SQL(q("express_page")).format(
+        case=first_policy(policies, upto, params),
+        targets=sql.SQL("\n").join(targets),
+        sink_rows=sql.SQL(" + ").join(read) if read else sql.SQL("NULL::bigint"),
+    )

@@ -1,0 +1,126 @@
+-- The express page (dlqd/replay/express.py): new rows whose first matching
+-- policy needs no Python, decided, scheduled, replayed, marked and logged by
+-- one statement per page. Composed by dlqd/db/compose.py: {case} is the first
+-- matching policy (the policies' matches compiled to SQL), {targets} one CTE
+-- per target (express_target), {sink_rows} reads the SELECT targets (a SELECT
+-- in a WITH runs only when read). Each target's `replayed` holds its
+-- policies' rows as claimed (replayed_at still NULL), as in the ordinary
+-- path, where the target runs before the rows are marked.
+
+-- name: express_page
+WITH candidates AS MATERIALIZED (
+    -- the next inbox entries, locked (replicas take different ones): an index
+    -- range scan whatever the filters below, which the planner cannot estimate
+    SELECT i.seq, i.dlq_id
+      FROM dlqd_inbox i
+     WHERE i.seq > %(after_seq)s
+     ORDER BY i.seq
+     LIMIT %(limit)s
+       FOR UPDATE SKIP LOCKED
+), picked AS MATERIALIZED (
+    -- each entry's row by its primary key (a lateral subquery with a locking
+    -- clause is never flattened into a join: no plan scans job_dlq whole),
+    -- with what to do: park, wait (a schedule row) or replay; rows with none
+    -- are left to the ordinary path. Never the payload: only its stored size.
+    SELECT c.seq, c.dlq_id AS id, e.original_job_id, e.app_id, e.type, e.row_bytes,
+           e.policy, e.action, e.due_at
+      FROM candidates c
+     CROSS JOIN LATERAL (
+            SELECT j.original_job_id, j.app_id, j.type,
+                   pg_column_size(j.payload) + pg_column_size(j.error_history) AS row_bytes,
+                   m.policy, d.action, k.due_at
+              FROM job_dlq j
+             -- OFFSET 0: each computed once per row, not inlined wherever it is used
+             CROSS JOIN LATERAL (SELECT {case} AS policy OFFSET 0) m
+             CROSS JOIN LATERAL (
+                    SELECT (%(kinds)s::text[])[m.policy + 1] AS kind,
+                           j.dlq_at + (%(delays)s::bigint[])[m.policy + 1]
+                                      * interval '1 microsecond' AS due_at
+                    OFFSET 0) k
+             CROSS JOIN LATERAL (
+                    SELECT CASE
+                           WHEN k.kind = 'park' THEN 'park'
+                           -- exponential: known here for a job never replayed
+                           WHEN k.kind = 'exp' AND EXISTS (
+                                SELECT FROM dlqd_replay_log l
+                                 WHERE l.app_id = j.app_id
+                                   AND l.original_job_id = j.original_job_id
+                                   AND l.outcome = 'replayed'
+                                   AND l.at > now() - %(retention)s::interval) THEN NULL
+                           WHEN k.due_at > now() THEN 'wait'
+                           WHEN m.policy = ANY (%(replayable)s::int[]) THEN 'replay'
+                           END AS action
+                    OFFSET 0) d
+             WHERE j.id = c.dlq_id
+               AND m.policy >= 0
+               AND d.action IS NOT NULL
+               AND j.replayed_at IS NULL
+               AND dlqd_row_problem(j.dlq_at, j.app_id, j.type, j.error_reason,
+                                    j.original_job_id) IS NULL
+               AND NOT EXISTS (SELECT FROM dlqd_entry_state s WHERE s.dlq_id = j.id)
+               FOR UPDATE OF j SKIP LOCKED
+           ) e
+), chosen AS MATERIALIZED (
+    -- rows to replay up to the page's byte budget (the first always): the
+    -- rest stay in the inbox, for the ordinary path's smaller statements
+    SELECT * FROM (
+        SELECT p.*, sum(p.row_bytes) FILTER (WHERE p.action = 'replay')
+                        OVER (ORDER BY p.seq) AS running_bytes
+          FROM picked p) r
+     WHERE r.action <> 'replay' OR r.running_bytes - r.row_bytes < %(max_bytes)s
+), inbox AS (
+    DELETE FROM dlqd_inbox WHERE seq IN (SELECT seq FROM chosen)
+), states AS (
+    INSERT INTO dlqd_entry_state (dlq_id, state, policy, fingerprint, due_at, failures)
+    SELECT p.id, CASE p.action WHEN 'park' THEN 'parked_policy' ELSE 'waiting' END,
+           (%(names)s::text[])[p.policy + 1], %(fingerprint)s,
+           CASE WHEN p.action = 'wait' THEN p.due_at END, 0
+      FROM chosen p
+     WHERE p.action <> 'replay'
+), marked AS (
+    -- marked, unscheduled and logged as every path does (migration 009), in
+    -- inbox order; by primary key, whatever the planner thinks of chosen
+    SELECT f.id, f.lag_seconds AS lag
+      FROM dlqd_finish_replayed(
+               ARRAY(SELECT id FROM chosen WHERE action = 'replay' ORDER BY seq),
+               ARRAY(SELECT (%(names)s::text[])[policy + 1] FROM chosen
+                      WHERE action = 'replay' ORDER BY seq),
+               false, NULL, NULL) f
+)
+{targets}
+SELECT (SELECT count(*) FROM candidates) AS scanned,
+       (SELECT max(seq) FROM candidates) AS last_seq,
+       (SELECT count(*) FROM chosen) AS claimed,
+       {sink_rows} AS sink_rows,  -- read: a SELECT target runs only when read
+       (SELECT coalesce(json_agg(json_build_array(g.policy, g.action, g.bucket, g.n, g.lag_sum)),
+                        '[]')
+          FROM (SELECT p.policy, p.action,
+                       -- bounds below the age: its bucket (lowest first, +Inf last)
+                       coalesce(%(bucket_count)s
+                                - width_bucket(-m.lag, %(negated_bounds)s::float8[]), 0)
+                           AS bucket,
+                       count(*) AS n, coalesce(sum(m.lag), 0) AS lag_sum
+                  FROM chosen p
+                  LEFT JOIN marked m ON m.id = p.id
+                 GROUP BY 1, 2, 3) g) AS outcomes
+
+-- name: express_target
+-- One target of an express page, over the rows of its policies.
+, {name} AS (
+WITH replayed AS (SELECT j.* FROM job_dlq j
+    WHERE j.id = ANY (ARRAY(SELECT p.id FROM chosen p
+                             WHERE p.action = 'replay' AND p.policy = ANY ({policies}::int[]))))
+{sink}
+)
+
+-- name: express_notify_sink
+-- The notify target's messages, in inbox order (as notify_rows sends them).
+SELECT count(pg_notify({channel}, m.message))
+  FROM (SELECT dlqd_notify_message(r.id, r.original_job_id, r.app_id, r.type, {only_id})
+                   AS message,
+               p.seq
+          FROM replayed r JOIN chosen p ON p.id = r.id
+         ORDER BY p.seq) AS m
+
+-- name: express_sink_rows
+(SELECT count(*) FROM {name})
