@@ -29,7 +29,7 @@ from benchlib import migrated_cluster  # type: ignore[import-not-found]
 
 from dlqd.config import load_settings
 from dlqd.db.connector import connect
-from dlqd.services.purger import purge_rows
+from dlqd.purge import purge_rows
 
 FILL = """
 INSERT INTO job_dlq (original_job_id, app_id, type, payload, error_reason, attempts, dlq_at,

@@ -18,10 +18,10 @@ import anyio
 
 from dlqd import __version__
 from dlqd.config import Settings, load_settings
-from dlqd.errors import ConfigError, DlqdError, NotFound, SchemaOutdated
+from dlqd.errors import DlqdError, NotFound, SchemaOutdated
+from dlqd.filters import PendingFilter
 from dlqd.logs import configure_logging
 from dlqd.output import print_json, print_raw_json, print_table, safe
-from dlqd.repository import PendingFilter
 
 Handler = Callable[[argparse.Namespace, Settings], Awaitable[int]]
 _HANDLERS: dict[str, Handler] = {}
@@ -70,6 +70,8 @@ EXAMPLES = {
         "  dlqd replay --all --yes --rate 50"
     ),
     "purge": "  dlqd purge --dry-run\n  dlqd purge --json",
+    "park": "  dlqd park 0f8fad5b-d9cb-469f-a165-70867728950e --reason 'customer asked to wait'",
+    "unpark": "  dlqd unpark 0f8fad5b-d9cb-469f-a165-70867728950e --reason 'receiver fixed'",
     "explain": "  dlqd explain 0f8fad5b-d9cb-469f-a165-70867728950e --config /etc/dlqd/dlqd.toml",
     "sql": '  dlqd sql roles | psql "$ADMIN_DATABASE_URL"',
     "completion": (
@@ -226,6 +228,18 @@ def build_parser() -> argparse.ArgumentParser:
     purge.add_argument("--dry-run", action="store_true", help="count, delete nothing")
     purge.add_argument("--json", action="store_true", help="one JSON document on stdout")
 
+    for name, verb, what in (
+        ("park", "park", "Park pending rows by hand: the daemon leaves them alone until `dlqd "
+         "replay` or `dlqd unpark`. Recorded in the replay log with your name and --reason."),
+        ("unpark", "unpark", "Unpark rows parked by hand or by an event (max_failures, "
+         "max_replays, http_4xx, invalid_row): the daemon decides them again by policy. "
+         "Recorded in the replay log with your name and --reason."),
+    ):  # fmt: skip
+        cmd = add(name, f"{verb} rows by hand", what)
+        cmd.add_argument("ids", nargs="+", metavar="ID", help="rows, by id")
+        cmd.add_argument("--reason", metavar="TEXT", help="why, kept in the replay log")
+        cmd.add_argument("--json", action="store_true", help="one JSON document on stdout")
+
     sql_ = add("sql", "print SQL an administrator runs (the role script)")
     sql_.add_argument("what", choices=["roles"], help="roles: the role script (sql/roles.sql)")
 
@@ -286,8 +300,8 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text[:40]!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError("must be a finite number greater than 0")
+    if not math.isfinite(value) or value < 0.01:
+        raise argparse.ArgumentTypeError("must be a finite number of at least 0.01")
     return value
 
 
@@ -334,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
 
 async def _unwrapping_groups(handler: Handler, args: argparse.Namespace, settings: Settings) -> int:
     """Task groups wrap errors in exception groups; the operator wants the error."""
-    import psycopg
+    from dlqd.errors import PermissionDenied, StatementRejected
 
     try:
         return await handler(args, settings)
@@ -342,17 +356,19 @@ async def _unwrapping_groups(handler: Handler, args: argparse.Namespace, setting
         leaves = list(_leaves(group))
         chosen = next((e for e in leaves if isinstance(e, DlqdError)), leaves[0])
         raise chosen from group
-    except (
-        psycopg.errors.UndefinedTable,
-        psycopg.errors.UndefinedFunction,
-        psycopg.errors.UndefinedColumn,
-    ):
-        raise SchemaOutdated("database schema is not up to date: run `dlqd migrate`") from None
-    except psycopg.errors.InsufficientPrivilege as exc:
-        from dlqd.errors import error_line
-
+    except StatementRejected as exc:
+        # undefined table, function or column: dlqd's own statements, an old schema
+        if exc.sqlstate in ("42P01", "42883", "42703"):
+            raise SchemaOutdated("database schema is not up to date: run `dlqd migrate`") from None
+        raise
+    except PermissionDenied as exc:
+        if args.command == "migrate":
+            raise DlqdError(
+                f"{exc}: migrations need the rights of the schema's owner (the role that "
+                "migrated it first, or an administrator), not the daemon's role"
+            ) from None
         raise DlqdError(
-            f"{error_line(exc)}: this role lacks a grant dlqd needs; as an administrator, "
+            f"{exc}: this role lacks a grant dlqd needs; as an administrator, "
             "apply the role script (`dlqd sql roles`) and connect as role dlqd"
         ) from None
 
@@ -369,14 +385,12 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 @command("migrate")
 async def _migrate(args: argparse.Namespace, settings: Settings) -> int:
-    from dlqd.db.connector import connection
-    from dlqd.db.migrations import migrate
+    from dlqd import operator
 
     def waiting(line: str) -> None:
         print(f"dlqd: {line}", file=sys.stderr)
 
-    async with connection(settings.dsn, autocommit=True, application_name="dlqd migrate") as conn:
-        applied = await migrate(conn, wait=args.wait, on_wait=waiting)
+    applied = await operator.migrate(settings, wait=args.wait, on_wait=waiting)
     if applied:
         for migration in applied:
             print(f"applied {migration.version:03d}_{migration.name}")
@@ -387,36 +401,16 @@ async def _migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 @command("check")
 async def _check(args: argparse.Namespace, settings: Settings) -> int:
-    from dlqd.db.connector import connection
-    from dlqd.db.migrations import require_current_schema
-    from dlqd.replay.checks import check_targets, sql_target_problems
+    from dlqd.operator.check import check
 
-    check_targets(settings)
-    if settings.listen_dsn != settings.dsn:
-        async with connection(settings.listen_dsn, application_name="dlqd check") as conn:
-            await _print_reachable(conn, settings.listen_dsn)
-    async with connection(settings.dsn, autocommit=True, application_name="dlqd check") as conn:
-        await _print_reachable(conn, settings.dsn)
-        await require_current_schema(conn)
-        print("schema: up to date")
-        problems = await sql_target_problems(conn, settings)
-    invalid = [text for text, kind in problems if kind != "timeout"]
-    if invalid:
-        raise ConfigError("invalid configuration: " + "; ".join(invalid))
-    if problems:
-        raise DlqdError("; ".join(text for text, _ in problems))
-    print(f"config: ok ({len(settings.policies)} policies)")
+    await check(settings, _config_source(args), print)
     return 0
 
 
-async def _print_reachable(conn: Any, dsn: str) -> None:
-    from dlqd.db.connector import describe_dsn
-    from dlqd.db.queries import q
+def _config_source(args: argparse.Namespace) -> str | None:
+    import os
 
-    cur = await conn.execute(q("ping"))
-    row = await cur.fetchone()
-    version = row["server_version_num"] if row else "?"
-    print(f"database {describe_dsn(dsn)}: reachable (server_version_num {version})")
+    return getattr(args, "config", None) or os.environ.get("DLQD_CONFIG") or None
 
 
 def _filter(args: argparse.Namespace) -> PendingFilter:
@@ -431,11 +425,11 @@ def _filter(args: argparse.Namespace) -> PendingFilter:
 
 @command("list")
 async def _list(args: argparse.Namespace, settings: Settings) -> int:
-    from dlqd.db.connector import connection
-    from dlqd.repository import Repository
+    from dlqd import operator
+    from dlqd.operator.reads import list_rows
 
-    async with connection(settings.dsn, application_name="dlqd list") as conn:
-        page = await Repository(conn).list_pending(args.limit, args.cursor, _filter(args))
+    async with operator.session(settings, "dlqd list") as conn:
+        page = await list_rows(conn, args.limit, args.cursor, _filter(args), documents=args.json)
     if args.json:
         import json
 
@@ -444,9 +438,10 @@ async def _list(args: argparse.Namespace, settings: Settings) -> int:
             ['{"entries":[', documents, '],"next_cursor":', json.dumps(page.next_cursor), "}"]
         )
         return 0
-    columns = ["id", "dlq_at", "app_id", "type", "error_reason", "state", "policy", "due_at",
-               "failures", "last_error"]  # fmt: skip
-    print_table(columns, [[r[c] for c in columns] for r in page.rows])
+    columns = ["id", "dlq_at", "app_id", "type", "error_reason", "state", "parked_reason",
+               "policy", "due_at", "failures", "last_error"]  # fmt: skip
+    headers = [("reason" if c == "parked_reason" else c) for c in columns]
+    print_table(headers, [[r[c] for c in columns] for r in page.rows])
     if page.next_cursor:
         print(f"next cursor: {page.next_cursor}")
     return 0
@@ -459,56 +454,62 @@ _SHOWN_JSON_CHARS = 2000  # a payload on a terminal: its start, then --json for 
 async def _show(args: argparse.Namespace, settings: Settings) -> int:
     import json
 
-    from dlqd.db.connector import connection
-    from dlqd.db.queries import q
-    from dlqd.repository import parse_entry_id
+    from dlqd import operator
+    from dlqd.filters import parse_entry_id
+    from dlqd.operator.reads import show
 
     entry_id = parse_entry_id(args.id)
-    async with connection(settings.dsn, application_name="dlqd show") as conn:
-        cur = await conn.execute(q("entry_document"), {"id": entry_id})
-        row = await cur.fetchone()
-        if row is None:
-            raise NotFound(f"no job_dlq row with id {entry_id}")
-        cur = await conn.execute(q("replay_history"), {"id": entry_id})
-        history = await cur.fetchall()
-    replays = [
-        {
-            "at": h["at"],
-            "policy": h["policy"],
-            "outcome": h["outcome"],
-            "error": h["error"],
-            "actor": h["actor"],
-            "reason": h["reason"],
-        }
-        for h in history
-    ]
+    async with operator.session(settings, "dlqd show") as conn:
+        shown = await show(conn, entry_id)
+        narrow = await _recorded_state(conn, entry_id) if shown is not None else None
+    if shown is None:
+        raise NotFound(f"no job_dlq row with id {entry_id}")
     if args.json:
         from dlqd.output import _default
 
-        document = str(row["document"])
-        tail = json.dumps(replays, default=_default, ensure_ascii=False)
-        print_raw_json([document[:-1], ',"replays":', tail, "}"])
+        tail = json.dumps(shown.replays, default=_default, ensure_ascii=False)
+        print_raw_json([shown.document[:-1], ',"replays":', tail, "}"])
         return 0
+    row = shown.row
     fields = [
         "id", "original_job_id", "app_id", "type", "payload", "error_reason", "attempts",
         "error_history", "dlq_at", "replayed_at", "request_id", "user_id",
     ]  # fmt: skip
-    width = max(len(k) for k in fields)
+    width = max(len(k) for k in [*fields, "state"])
     for key in fields:
         value = row[key]
         text = "-" if value is None else str(value)
         if key in ("payload", "error_history") and len(text) > _SHOWN_JSON_CHARS:
             text = f"{text[:_SHOWN_JSON_CHARS]}… ({len(text)} characters; --json shows all)"
         print(f"{key.ljust(width)}  {safe(text)}")
+    if narrow is not None:
+        print(f"{'state'.ljust(width)}  {safe(narrow)}")
     print()
-    if replays:
+    if shown.replays:
         print_table(
             ["at", "policy", "outcome", "error", "actor", "reason"],
-            [list(r.values()) for r in replays],
+            [list(r.values()) for r in shown.replays],
         )
     else:
         print("no replays yet")
     return 0
+
+
+async def _recorded_state(conn: Any, entry_id: Any) -> str:
+    """The state the daemon recorded, as one line for ``show``."""
+    from dlqd.operator.explain import explain
+
+    explanation = await explain(conn, None, entry_id)
+    if explanation is None:
+        return "-"
+    parts = [explanation.state]
+    if explanation.policy:
+        parts.append(f"policy {explanation.policy}")
+    if explanation.reason:
+        parts.append(f"reason {explanation.reason}")
+    if explanation.due_at:
+        parts.append(f"due {explanation.due_at.isoformat()}")
+    return ", ".join(parts)
 
 
 @command("run")
@@ -520,18 +521,18 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
 
 @command("status")
 async def _status(args: argparse.Namespace, settings: Settings) -> int:
-    from dlqd.db.connector import connection
-    from dlqd.status import collect_status
+    from dlqd import operator
+    from dlqd.operator.reads import status as read_status
 
-    async with connection(settings.dsn, autocommit=True, application_name="dlqd status") as conn:
-        status = await collect_status(conn)
+    async with operator.session(settings, "dlqd status") as conn:
+        status = await read_status(conn)
     if args.json:
         print_json(status.to_json())
         return 0
     oldest = status.oldest_pending_age_seconds
     print(
-        f"pending {status.pending}  parked {status.parked}  unmatched {status.unmatched}  "
-        f"oldest {'-' if oldest is None else _age(oldest)}"
+        f"pending {status.pending} (of which parked {status.parked}, unmatched "
+        f"{status.unmatched})  oldest {'-' if oldest is None else _age(oldest)}"
     )
     if status.groups:
         print()
@@ -563,12 +564,12 @@ def _age(seconds: float | None) -> str:
 
 @command("explain")
 async def _explain(args: argparse.Namespace, settings: Settings) -> int:
-    from dlqd.db.connector import connection
-    from dlqd.operations import explain
-    from dlqd.repository import parse_entry_id
+    from dlqd import operator
+    from dlqd.filters import parse_entry_id
+    from dlqd.operator.explain import explain
 
     entry_id = parse_entry_id(args.id)
-    async with connection(settings.dsn, autocommit=True, application_name="dlqd explain") as conn:
+    async with operator.session(settings, "dlqd explain") as conn:
         explanation = await explain(conn, settings, entry_id)
     if explanation is None:
         raise NotFound(f"no job_dlq row with id {entry_id}")
@@ -581,11 +582,12 @@ async def _explain(args: argparse.Namespace, settings: Settings) -> int:
 
 @command("replay")
 async def _replay(args: argparse.Namespace, settings: Settings) -> int:
-    from dlqd.db.connector import connection
+    from dlqd import operator
+    from dlqd.db import entries
     from dlqd.errors import UsageError
-    from dlqd.operations import count_pending, manual_replay
+    from dlqd.filters import parse_entry_id
+    from dlqd.operator.replay import replay
     from dlqd.replay.checks import check_targets
-    from dlqd.repository import parse_entry_id
 
     filters = args.app_id is not None or args.type is not None or args.error_reason is not None
     chosen = sum([bool(args.ids), filters, args.all])
@@ -594,12 +596,12 @@ async def _replay(args: argparse.Namespace, settings: Settings) -> int:
     check_targets(settings)
     ids = [parse_entry_id(text) for text in args.ids]
     where = _filter(args) if filters else PendingFilter() if args.all else None
-    async with connection(settings.dsn, autocommit=True, application_name="dlqd replay") as conn:
-        total = len(ids) if ids else await count_pending(conn, where or PendingFilter())
+    async with operator.session(settings, "dlqd replay") as conn:
+        total = len(ids) if ids else await entries.count_pending(conn, where or PendingFilter())
         if args.all and not args.yes and not args.dry_run:
             _confirm_all(total, args.json)
         bar = _progress(total, "would replay" if args.dry_run else "replayed", args.json)
-        result = await manual_replay(
+        result = await replay(
             conn,
             settings,
             ids=ids,
@@ -615,10 +617,55 @@ async def _replay(args: argparse.Namespace, settings: Settings) -> int:
         bar.close()
     if args.json:
         print_json(result.to_json())
+        return 0 if result.ok else 1
+    verb = "would replay" if args.dry_run else "replayed"
+    skipped = ", ".join(
+        f"{n} {r.replace('_', ' ')}" for r, n in result.skipped_by_reason.items() if n
+    )
+    line = f"{verb} {result.replayed}, failed {result.failed}, skipped {result.skipped}"
+    print(line + (f" ({skipped})" if skipped else ""))
+    for row_id, error in result.failures:
+        print(f"  failed {row_id}: {safe(error)}")
+    if result.failed > len(result.failures):
+        print(f"  … and {result.failed - len(result.failures)} more (`dlqd list` shows them)")
+    for row_id in result.missing[:20]:
+        print(f"  no job_dlq row with id {row_id}")
+    if result.skipped_by_reason["no_target"]:
+        print(
+            "  rows without a target (no matching policy has one, replay.default_target is not "
+            "set): send them through a policy's target with --via POLICY"
+        )
+    return 0 if result.ok else 1
+
+
+@command("park")
+async def _park(args: argparse.Namespace, settings: Settings) -> int:
+    return await _park_or_unpark(args, settings, park=True)
+
+
+@command("unpark")
+async def _unpark(args: argparse.Namespace, settings: Settings) -> int:
+    return await _park_or_unpark(args, settings, park=False)
+
+
+async def _park_or_unpark(args: argparse.Namespace, settings: Settings, *, park: bool) -> int:
+    from dlqd import operator
+    from dlqd.filters import parse_entry_id
+    from dlqd.operator import replay as actions
+
+    ids = [parse_entry_id(text) for text in args.ids]
+    do = actions.park if park else actions.unpark
+    async with operator.session(settings, f"dlqd {'park' if park else 'unpark'}") as conn:
+        result = await do(conn, ids, actor=_actor(), reason=args.reason)
+    if args.json:
+        print_json(result.to_json())
     else:
-        verb = "would replay" if args.dry_run else "replayed"
-        print(f"{verb} {result.replayed}, failed {result.failed}, skipped {result.skipped}")
-    return 1 if result.failed else 0
+        verb = "parked" if park else "unparked"
+        print(f"{verb} {len(result.changed)}, unchanged {len(result.unchanged)}")
+        for row_id in result.unchanged[:20]:
+            why = "not pending" if park else "not parked by hand or by an event"
+            print(f"  {row_id}: {why} (or no such row)")
+    return 0 if result.changed or not ids else 1
 
 
 def _interactive() -> bool:
@@ -647,7 +694,7 @@ def _progress(total: int, verb: str, as_json: bool) -> Any:
 
 
 def _actor() -> str:
-    """Who runs a manual replay: $DLQD_ACTOR, else the login name."""
+    """Who acts by hand: $DLQD_ACTOR, else the login name."""
     import getpass
     import os
 
@@ -661,10 +708,10 @@ def _actor() -> str:
 
 @command("purge")
 async def _purge(args: argparse.Namespace, settings: Settings) -> int:
-    from dlqd.db.connector import connection
-    from dlqd.operations import purge
+    from dlqd import operator
+    from dlqd.operator.purge import purge
 
-    async with connection(settings.dsn, autocommit=True, application_name="dlqd purge") as conn:
+    async with operator.session(settings, "dlqd purge") as conn:
         deleted = await purge(conn, settings, dry_run=args.dry_run)
     if args.json:
         print_json({"deleted": deleted, "dry_run": args.dry_run})

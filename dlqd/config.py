@@ -37,6 +37,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from dlqd.db.connector import dsn_problem
 from dlqd.errors import ConfigError
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
@@ -381,41 +382,6 @@ _HOSTNAME_RE = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
 )
-# libpq options whose values must be whole numbers (checked here so that a
-# typo is a config error at once, not a connection failure after a timeout)
-_INT_OPTIONS = (
-    "connect_timeout",
-    "keepalives",
-    "keepalives_idle",
-    "keepalives_interval",
-    "keepalives_count",
-    "tcp_user_timeout",
-)
-_SSLMODES = {"disable", "allow", "prefer", "require", "verify-ca", "verify-full"}
-
-
-def dsn_problem(dsn: str) -> str | None:
-    """Why libpq would refuse this connection string, without echoing it; None if fine."""
-    import psycopg
-    from psycopg.conninfo import conninfo_to_dict
-
-    try:
-        params = conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError:
-        return "is not a valid PostgreSQL connection string"
-    for key in _INT_OPTIONS:
-        value = params.get(key)
-        if value is not None and not str(value).strip().lstrip("-").isdigit():
-            return f"option {key} must be a whole number"
-    port = params.get("port")
-    if port is not None:
-        for part in str(port).split(","):
-            if part.strip() and not (part.strip().isdigit() and 0 < int(part) < 65536):
-                return "option port must be a number from 1 to 65535"
-    sslmode = params.get("sslmode")
-    if sslmode is not None and str(sslmode) not in _SSLMODES:
-        return "option sslmode must be one of " + ", ".join(sorted(_SSLMODES))
-    return None
 
 
 def _default_log_format() -> Literal["json", "console"]:

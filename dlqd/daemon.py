@@ -13,15 +13,14 @@ from typing import Any
 import anyio
 from anyio import CancelScope
 from anyio.abc import TaskStatus
-from psycopg.rows import dict_row
-from psycopg_pool import AsyncConnectionPool
 
 from dlqd import __version__
 from dlqd.config import Settings, load_settings
 from dlqd.db.connector import (
-    RecentUseCheck,
+    Pool,
     connect,
     describe_dsn,
+    open_pool,
     password_of,
     pooler_drops_prepared_statements,
 )
@@ -74,7 +73,7 @@ class Daemon:
         self.listener: Listener | None = None
         self.health: Health | None = None
         self.leader: LeaderElector | None = None
-        self.pool: AsyncConnectionPool[Any] | None = None
+        self.pool: Pool | None = None
         self.replayers: list[Replayer] = []
         self.http_port: int | None = None
         self.started = False
@@ -100,9 +99,9 @@ class Daemon:
         probe = await connect(settings.dsn, autocommit=True, application_name="dlqd preflight")
         try:
             await require_current_schema(probe)
-            prepare: int | None = 0
+            prepare = True
             if await pooler_drops_prepared_statements(probe):
-                prepare = None
+                prepare = False
                 log.warning(
                     "database_url goes through a connection pooler that does not keep prepared "
                     "statements (PgBouncer before 1.21, or max_prepared_statements = 0): "
@@ -126,25 +125,9 @@ class Daemon:
             # the descriptors the database work needs.
             # per worker: its passes and its http leg; then the services
             size = 2 * settings.replay.concurrency + 3
-            checkout = RecentUseCheck()
-            pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-                settings.dsn,
-                min_size=size,
-                max_size=size,
-                kwargs={
-                    "autocommit": True,
-                    "row_factory": dict_row,
-                    "application_name": "dlqd",
-                    # the replayer's statements run many times a second:
-                    # server-side prepared from the first run (no re-parsing),
-                    # unless a pooler in between cannot keep them
-                    "prepare_threshold": prepare,
-                },
-                check=checkout.check,
-                reset=checkout.reset,
-                open=False,
-                name="dlqd",
-            )
+            # the replayer's statements run many times a second: prepared on
+            # the server from the first run, unless a pooler cannot keep them
+            pool = open_pool(settings.dsn, size, prepare=prepare)
             await pool.open(wait=True, timeout=30)
             stack.push_async_callback(pool.close)
             self.pool = pool

@@ -10,11 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import psycopg
+from dlqd.db import entries
+from dlqd.db.connector import Connection
 
-from dlqd.db.queries import q
-
-Connection = psycopg.AsyncConnection[dict[str, Any]]
 GroupKey = tuple[str, str, str]
 OTHER = "__other__"
 #: groups a status document names; the smaller ones fold into one __other__
@@ -80,17 +78,15 @@ async def collect_status(conn: Connection) -> Status:
     """Pending counts and oldest ages (index-only), then what the daemon recorded:
     parked (by policy or by event) and unmatched rows. No policy is consulted, so
     the answer is the same with any config, or none."""
-    cur = await conn.execute(q("status_groups"))
     groups: dict[GroupKey, Group] = {}
-    for row in await cur.fetchall():
+    for row in await entries.status_groups(conn):
         key = (row["app_id"], row["type"], row["error_reason"])
         groups[key] = Group(
             *key,
             pending=int(row["pending"]),
             oldest_pending_age_seconds=row["oldest_age"],
         )
-    cur = await conn.execute(q("status_held"))
-    for row in await cur.fetchall():
+    for row in await entries.status_held(conn):
         group = groups.get((row["app_id"], row["type"], row["error_reason"]))
         if group is None:
             continue  # replayed or inserted between the two queries

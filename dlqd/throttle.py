@@ -21,12 +21,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
 
-import psycopg
-
 from dlqd.config import Policy
-from dlqd.db.queries import q
+from dlqd.db import limits
+from dlqd.db.connector import Connection
 
-Connection = psycopg.AsyncConnection[dict[str, Any]]
 #: a bucket or a trial another replica holds right now: look again this soon
 CONTENDED_WAIT = 0.05
 #: a closed circuit read this recently is not read again before admitting rows:
@@ -106,14 +104,13 @@ class Throttle:
         """Create the circuit rows this process has not seen yet (once, not per page)."""
         unknown = sorted(set(names) - self._known)
         if unknown:
-            await conn.execute(q("circuits_ensure"), {"policies": unknown})
+            await limits.ensure_circuits(conn, unknown)
 
     async def read_circuits(self, conn: Connection, names: Sequence[str], now: float) -> None:
         if not names:
             return
         await self._ensure_circuits(conn, names)
-        cur = await conn.execute(q("circuits_read"), {"policies": list(names)})
-        for row in await cur.fetchall():
+        for row in await limits.read_circuits(conn, list(names)):
             self._known.add(row["policy"])
             self._circuits[row["policy"]] = CircuitView(
                 row["open"], row["cool_down_left"], row["trial_running"], now, row["clean"]
@@ -161,10 +158,7 @@ class Throttle:
                 waits.append(max(view.cool_down_left, CONTENDED_WAIT))
                 continue
             if policy.name not in trials:  # half-open: one trial row, cluster-wide
-                cur = await conn.execute(
-                    q("circuit_trial"), {"policy": policy.name, "lease": trial_lease}
-                )
-                trials[policy.name] = await cur.fetchone() is not None
+                trials[policy.name] = await limits.claim_trial(conn, policy.name, trial_lease)
                 if trials[policy.name]:
                     admitted.append(item)
                     view.trial_running = True
@@ -191,15 +185,10 @@ class Throttle:
         keys = sorted(wanted)
         rates = [policies[p].rate_limit.per_second for p, _ in keys]  # type: ignore[union-attr]
         bursts = [policies[p].rate_limit.burst for p, _ in keys]  # type: ignore[union-attr]
-        common = {"policies": [p for p, _ in keys], "scopes": [s for _, s in keys]}
-        await conn.execute(q("buckets_ensure"), {**common, "bursts": bursts})
-        cur = await conn.execute(
-            q("buckets_take"),
-            {**common, "rates": rates, "bursts": bursts, "wanted": [len(wanted[k]) for k in keys]},
-        )
+        rows = await limits.take_tokens(conn, keys, rates, bursts, [len(wanted[k]) for k in keys])
         granted: dict[tuple[str, str], int] = {}
         waits: list[float] = []
-        for row in await cur.fetchall():
+        for row in rows:
             key = (row["policy"], row["scope"])
             granted[key] = int(row["granted"])
             if granted[key] < len(wanted[key]):
@@ -244,17 +233,14 @@ class Throttle:
             return changes
         await self._ensure_circuits(conn, by_policy)
         for name, (policy, reset, failures, _) in sorted(by_policy.items()):
-            cur = await conn.execute(
-                q("circuit_record"),
-                {
-                    "policy": name,
-                    "reset": reset,
-                    "failures": failures,
-                    "threshold": policy.circuit_breaker.failures,
-                    "cool_down": policy.circuit_breaker.cool_down,
-                },
+            row = await limits.record_circuit(
+                conn,
+                name,
+                reset=reset,
+                failures=failures,
+                threshold=policy.circuit_breaker.failures,
+                cool_down=policy.circuit_breaker.cool_down,
             )
-            row = await cur.fetchone()
             if row is None:
                 continue  # another replica's insert not committed yet: next time
             self._known.add(name)

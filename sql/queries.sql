@@ -23,17 +23,21 @@ RETURNING replayed_at
 
 -- name: list_pending
 -- Keyset pagination on (dlq_at, id), served by job_dlq_pending_dlq_at_id_idx.
--- Rows are rendered by Postgres (see entry_document) with the state the daemon
--- recorded; dlq_at travels as text. Filters are globs (as regexes), OR within
--- a field, AND across fields.
+-- Rows come with the state the daemon recorded; dlq_at travels as text.
+-- Filters are globs (as regexes), OR within a field, AND across fields.
+-- `document` (the row as JSON text, payload included) only when asked for:
+-- a table of rows needs no payload.
 WITH listed AS (
-    SELECT j.id, j.original_job_id, j.app_id, j.type, j.error_reason, j.attempts,
+    SELECT j.id, left(j.original_job_id, 200) AS original_job_id, left(j.app_id, 200) AS app_id,
+           left(j.type, 200) AS type, left(j.error_reason, 200) AS error_reason, j.attempts,
            to_json(j.dlq_at) #>> '{}' AS dlq_at,
            CASE WHEN s.state IS NULL THEN 'new'
                 WHEN s.state IN ('parked', 'parked_policy') THEN 'parked'
                 ELSE s.state END AS state,
            s.policy, s.due_at, coalesce(s.failures, 0) AS failures, s.last_error,
-           to_jsonb(j) AS row_json
+           CASE WHEN s.state = 'parked_policy' THEN 'policy' ELSE s.parked_reason END
+               AS parked_reason,
+           CASE WHEN %(documents)s THEN to_jsonb(j) END AS row_json
       FROM job_dlq j
       LEFT JOIN dlqd_entry_state s ON s.dlq_id = j.id
      WHERE j.replayed_at IS NULL
@@ -46,10 +50,10 @@ WITH listed AS (
      ORDER BY j.dlq_at, j.id
 )
 SELECT id, original_job_id, app_id, type, error_reason, attempts, dlq_at, state, policy,
-       to_json(due_at) #>> '{}' AS due_at, failures, last_error,
+       to_json(due_at) #>> '{}' AS due_at, failures, last_error, parked_reason,
        (row_json || jsonb_build_object('state', state, 'policy', policy, 'due_at', due_at,
-                                       'failures', failures, 'last_error', last_error))::text
-           AS document
+                                       'failures', failures, 'last_error', last_error,
+                                       'parked_reason', parked_reason))::text AS document
   FROM listed
  WHERE %(states)s::text[] IS NULL OR state = ANY (%(states)s::text[])
  LIMIT %(limit)s
@@ -279,6 +283,12 @@ EXPLAIN (COSTS OFF)
 SELECT set_config('lock_timeout', %(lock_timeout)s, true),
        set_config('statement_timeout', %(statement_timeout)s, true)
 
+-- name: begin
+BEGIN
+
+-- name: commit
+COMMIT
+
 -- name: custom_plans
 -- For this transaction: plan each statement for its parameters (an express
 -- page expected to be full; dlqd/replay/express.py says why).
@@ -359,6 +369,9 @@ SELECT dlqd_label(j.app_id) AS app_id, dlqd_label(j.type) AS type,
  WHERE j.replayed_at IS NULL
  GROUP BY 1, 2, 3
 
+-- name: notify
+SELECT pg_notify(%(channel)s, %(payload)s)
+
 -- name: notification_queue_usage
 SELECT pg_notification_queue_usage()::float8 AS usage
 
@@ -400,6 +413,53 @@ SELECT j.id, j.original_job_id, j.app_id, j.type, j.error_reason, j.attempts,
        to_jsonb(j)::text AS document
   FROM job_dlq j
  WHERE j.id = %(id)s
+
+-- name: park_entries
+-- An operator parks pending rows: locked as a manual replay locks them (a
+-- daemon's batch in flight finishes first), scheduled `parked` with reason
+-- `manual` (sticky until a replay or an unpark), out of the inbox, logged.
+WITH locked AS (
+    SELECT j.id, j.original_job_id, j.app_id FROM job_dlq j
+     WHERE j.id = ANY (%(ids)s::uuid[]) AND j.replayed_at IS NULL
+     ORDER BY j.id
+       FOR UPDATE OF j
+), inbox AS (
+    DELETE FROM dlqd_inbox WHERE dlq_id IN (SELECT id FROM locked)
+), parked AS (
+    INSERT INTO dlqd_entry_state AS s (dlq_id, state, policy, fingerprint, parked_reason,
+                                       failures)
+    SELECT id, 'parked', NULL, '', 'manual', 0 FROM locked
+    ON CONFLICT (dlq_id) DO UPDATE
+       SET state = 'parked', parked_reason = 'manual', due_at = NULL, updated_at = now()
+    RETURNING s.dlq_id
+), logged AS (
+    INSERT INTO dlqd_replay_log (dlq_id, original_job_id, app_id, outcome, error, manual,
+                                 actor, reason)
+    SELECT id, original_job_id, app_id, 'parked', 'parked by hand', true, %(actor)s, %(reason)s
+      FROM locked
+)
+SELECT dlq_id AS id FROM parked
+
+-- name: unpark_entries
+-- An operator unparks rows parked by hand or by an event: the schedule row
+-- goes, the row goes back to the inbox (decided again as new), logged.
+WITH locked AS (
+    SELECT j.id, j.original_job_id, j.app_id FROM job_dlq j
+      JOIN dlqd_entry_state s ON s.dlq_id = j.id AND s.state = 'parked'
+     WHERE j.id = ANY (%(ids)s::uuid[]) AND j.replayed_at IS NULL
+     ORDER BY j.id
+       FOR UPDATE OF j, s
+), cleared AS (
+    DELETE FROM dlqd_entry_state WHERE dlq_id IN (SELECT id FROM locked)
+), queued AS (
+    INSERT INTO dlqd_inbox (dlq_id) SELECT id FROM locked ORDER BY id
+    ON CONFLICT (dlq_id) DO NOTHING
+), logged AS (
+    INSERT INTO dlqd_replay_log (dlq_id, original_job_id, app_id, outcome, manual, actor,
+                                 reason)
+    SELECT id, original_job_id, app_id, 'unparked', true, %(actor)s, %(reason)s FROM locked
+)
+SELECT id FROM locked
 
 -- name: pending_ids
 -- Keyset pages of pending rows for manual replay by filter: ids only.

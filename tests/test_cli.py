@@ -54,7 +54,9 @@ def test_list_json_pages_through_every_pending_row(db_url: str) -> None:
         assert set(document) == {"entries", "next_cursor"}
         for entry in document["entries"]:
             # every column, and the state the daemon recorded (DESIGN section 6)
-            assert set(entry) == COLUMNS | {"state", "policy", "due_at", "failures", "last_error"}
+            assert set(entry) == COLUMNS | {
+                "state", "policy", "due_at", "failures", "last_error", "parked_reason"
+            }  # fmt: skip
             assert entry["state"] == "new"
             assert entry["replayed_at"] is None
             seen.append(entry["original_job_id"])
@@ -144,11 +146,19 @@ def test_show_json_and_table(db_url: str) -> None:
     assert "invalid id 'nope'" in bad.stderr
 
 
-def test_check_ok(db_url: str) -> None:
+def test_check_ok(db_url: str, tmp_path: Path) -> None:
     result = dlqd_cli("check", env={"DLQD_DATABASE_URL": db_url})
     assert result.returncode == 0, result.stderr
     assert "reachable" in result.stdout
-    assert "config: ok (0 policies)" in result.stdout
+    # issue 18 finding 3: without a config, check says none was read
+    assert result.stdout.splitlines()[-1] == (
+        "config: no config file read (--config or DLQD_CONFIG), 0 policies from the environment"
+    )
+    cfg = tmp_path / "dlqd.toml"
+    cfg.write_text('[[policies]]\nname = "hold"\naction = "park"\n')
+    named = dlqd_cli("check", "--config", str(cfg), env={"DLQD_DATABASE_URL": db_url})
+    assert named.returncode == 0, named.stderr
+    assert named.stdout.splitlines()[-1] == f"config: ok ({cfg}: 1 policies)"
 
 
 def test_invalid_config_exits_78_naming_the_field(tmp_path: Path) -> None:

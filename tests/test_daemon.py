@@ -279,7 +279,13 @@ async def test_max_replays_parks_the_next_return_until_a_manual_replay(
         env=operator_env(sink_db),
     )
     assert manual.returncode == 0, manual.stderr
-    assert json.loads(manual.stdout) == {"replayed": 1, "failed": 0, "skipped": 0, "dry_run": False}
+    assert json.loads(manual.stdout) == {
+        "replayed": 1,
+        "failed": 0,
+        "skipped": 0,
+        "skipped_by_reason": {"already_replayed": 0, "not_found": 0, "no_target": 0},
+        "dry_run": False,
+    }
     assert await pending_count(sink_db) == 0
     assert await scalar(sink_db, "SELECT count(*) FROM dlqd_entry_state") == 0
     await assert_sink_matches_replayed(sink_db, expected=2)

@@ -8,7 +8,7 @@ import psycopg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dlqd.repository import glob_regex
+from dlqd.filters import glob_regex
 
 ALPHABET = "ab.-![]*?^\\$ é\n"
 

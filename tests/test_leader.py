@@ -16,7 +16,8 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from dlqd.config import load_settings
-from dlqd.services.purger import purge_rows, seconds_until, trim_log
+from dlqd.purge import purge_rows, trim_log
+from dlqd.services.purger import seconds_until
 from tests.conftest import as_role
 from tests.daemon_helpers import SINK_STATEMENT, DaemonProcess, scalar, wait_until, write_config
 from tests.factories import INSERT_MANY, row_json

@@ -8,9 +8,9 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from dlqd import operations
 from dlqd.config import load_settings
-from dlqd.repository import PendingFilter
+from dlqd.filters import PendingFilter
+from dlqd.operator.replay import replay
 from tests.factories import INSERT_MANY, row_json
 
 pytestmark = pytest.mark.anyio
@@ -21,7 +21,6 @@ NOTIFY_ALL = [{"name": "go", "target": {"kind": "notify", "channel": "replayed"}
 @pytest.mark.parametrize(("rows", "rate", "chunks"), [(3, 1.0, 3), (10, 4.0, 3), (1, 1.0, 1)])
 async def test_rate_sleeps_between_chunks_never_after_the_last(
     conn: psycopg.AsyncConnection[dict[str, Any]],
-    monkeypatch: pytest.MonkeyPatch,
     rows: int,
     rate: float,
     chunks: int,
@@ -35,14 +34,14 @@ async def test_rate_sleeps_between_chunks_never_after_the_last(
     async def recorded_sleep(seconds: float) -> None:  # the command's only pause
         events.append(("sleep", seconds))
 
-    monkeypatch.setattr(operations.anyio, "sleep", recorded_sleep)
     settings = load_settings(database_url="postgresql://unused", policies=NOTIFY_ALL)
-    result = await operations.manual_replay(
-        conn,
+    result = await replay(
+        conn,  # type: ignore[arg-type]
         settings,
         where=PendingFilter(app_id=("app-a",)),
         rate=rate,
         on_chunk=lambda size: events.append(("chunk", size)),
+        pause=recorded_sleep,  # this replay's own pauses, no one else's
     )
     assert result.replayed == rows
     kinds = [kind for kind, _ in events]

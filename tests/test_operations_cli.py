@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 from psycopg.types.json import Jsonb
 
 from tests.conftest import as_role, dlqd_cli
@@ -72,6 +73,26 @@ target = {{ kind = "sql", statement = "{SINK_STATEMENT}" }}
 """
 
 
+def replay_json(
+    *,
+    replayed: int = 0,
+    failed: int = 0,
+    already_replayed: int = 0,
+    not_found: int = 0,
+    no_target: int = 0,
+    dry_run: bool = False,
+) -> dict[str, Any]:
+    """The `replay --json` document (DESIGN section 6)."""
+    reasons = {"already_replayed": already_replayed, "not_found": not_found, "no_target": no_target}
+    return {
+        "replayed": replayed,
+        "failed": failed,
+        "skipped": sum(reasons.values()),
+        "skipped_by_reason": reasons,
+        "dry_run": dry_run,
+    }
+
+
 def test_manual_replay_by_filter_dry_run_then_real(db_url: str, tmp_path: Path) -> None:
     seed(
         db_url,
@@ -82,13 +103,13 @@ def test_manual_replay_by_filter_dry_run_then_real(db_url: str, tmp_path: Path) 
     cfg = str(config(tmp_path, SINK_POLICY))
     dry = dlqd_cli("replay", "--app-id", "a", "--dry-run", "--json", "--config", cfg, env=env)
     assert dry.returncode == 0, dry.stderr
-    assert json.loads(dry.stdout) == {"replayed": 5, "failed": 0, "skipped": 0, "dry_run": True}
+    assert json.loads(dry.stdout) == replay_json(replayed=5, dry_run=True)
     with psycopg.connect(db_url) as conn:
         assert conn.execute("SELECT count(*) FROM sink").fetchone() == (0,)
 
     real = dlqd_cli("replay", "--app-id", "a", "--json", "--rate", "100", "--config", cfg, env=env)
     assert real.returncode == 0, real.stderr
-    assert json.loads(real.stdout) == {"replayed": 5, "failed": 0, "skipped": 0, "dry_run": False}
+    assert json.loads(real.stdout) == replay_json(replayed=5)
     refused = dlqd_cli("replay", "--all", "--json", "--config", cfg, env=env)
     assert refused.returncode == 2  # every pending row: only with --yes
     assert "add --yes" in refused.stderr
@@ -133,7 +154,9 @@ def test_manual_replay_by_id_counts_skipped_and_failed(db_url: str, tmp_path: Pa
         env={"DLQD_DATABASE_URL": as_role(db_url, "dlqd")},
     )
     assert result.returncode == 1  # failed > 0
-    assert json.loads(result.stdout) == {"replayed": 1, "failed": 1, "skipped": 2, "dry_run": False}
+    assert json.loads(result.stdout) == replay_json(
+        replayed=1, failed=1, already_replayed=1, not_found=1
+    )
     with psycopg.connect(db_url) as conn:
         error = conn.execute(
             "SELECT error FROM dlqd_replay_log WHERE outcome = 'failed'"
@@ -142,15 +165,37 @@ def test_manual_replay_by_id_counts_skipped_and_failed(db_url: str, tmp_path: Pa
         assert "division by zero" in error[0]
 
 
-def test_manual_replay_without_a_target_is_a_clear_error(db_url: str, tmp_path: Path) -> None:
-    seed(db_url, [row_json(original_job_id="x", type="sms.send")])
-    cfg = config(tmp_path, SINK_POLICY)  # only email.* has a target
-    result = dlqd_cli(
-        "replay", "--all", "--yes", "--config", str(cfg), env={"DLQD_DATABASE_URL": db_url}
+@pytest.mark.parametrize(
+    "flags",
+    [["--all", "--yes"], ["--all", "--yes", "--dry-run"], ["--type", "*", "--rate", "50"]],
+)
+def test_rows_without_a_target_are_skipped_and_the_others_replay(
+    db_url: str, tmp_path: Path, flags: list[str]
+) -> None:
+    """Issue 18 finding 1: a bulk replay aborted on the first row without a target
+    (a parked or unmatched row no policy with a target matches), replaying
+    nothing. The others replay; the rest are skipped as no_target, and the
+    summary says how to send them."""
+    seed(
+        db_url,
+        [row_json(original_job_id="x", type="sms.send")]
+        + [row_json(original_job_id=f"m{i}", type="email.send") for i in range(3)],
     )
-    assert result.returncode == 1
-    assert "no matching policy has a target and replay.default_target is not set" in result.stderr
-    assert result.stderr.count("\n") == 1
+    cfg = config(tmp_path, SINK_POLICY)  # only email.* has a target
+    env = {"DLQD_DATABASE_URL": as_role(db_url, "dlqd")}
+    dry = "--dry-run" in flags
+    result = dlqd_cli("replay", *flags, "--json", "--config", str(cfg), env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == replay_json(replayed=3, no_target=1, dry_run=dry)
+    with psycopg.connect(db_url) as conn:
+        sunk = conn.execute("SELECT count(*) FROM sink").fetchone()
+        assert sunk == (0 if dry else 3,)
+    if not dry:
+        human = dlqd_cli("replay", *flags, "--config", str(cfg), env=env)
+        assert human.returncode == 0, human.stderr
+        lines = human.stdout.splitlines()
+        assert lines[0] == "replayed 0, failed 0, skipped 1 (1 no target)"
+        assert "--via POLICY" in lines[-1]
     usage = dlqd_cli("replay", "--config", str(cfg), env={"DLQD_DATABASE_URL": db_url})
     assert usage.returncode == 2
 
@@ -209,7 +254,7 @@ def test_status_json_shape_and_explain(db_url: str, tmp_path: Path) -> None:
             "oldest_pending_age_seconds",
         }
     table = dlqd_cli("status", "--config", str(cfg), env=env).stdout
-    assert table.startswith("pending 3  parked 1  unmatched 1")
+    assert table.startswith("pending 3 (of which parked 1, unmatched 1)  oldest ")
 
     with psycopg.connect(db_url) as conn:
         row = conn.execute("SELECT id::text FROM job_dlq WHERE original_job_id = '1'").fetchone()
@@ -333,9 +378,9 @@ def test_replay_via_a_policy_with_a_reason_and_an_actor(db_url: str, tmp_path: P
         assert row is not None
     entry_id = row[0]
     plain = dlqd_cli("replay", entry_id, "--json", "--config", cfg, env=env)
-    # no matching policy has a target (quarantine parks; mail is for email.*)
-    assert plain.returncode == 1
-    assert "no matching policy has a target" in plain.stderr
+    # no matching policy has a target (quarantine parks; mail is for email.*): skipped
+    assert plain.returncode == 0, plain.stderr
+    assert json.loads(plain.stdout) == replay_json(no_target=1)
     unknown = dlqd_cli("replay", entry_id, "--via", "nope", "--config", cfg, env=env)
     assert unknown.returncode == 2
     assert "--via nope: no such policy (policies: quarantine, mail)" in unknown.stderr

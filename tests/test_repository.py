@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from dlqd.db.entries import Repository
 from dlqd.errors import UsageError
-from dlqd.repository import PendingFilter, Repository, decode_cursor, encode_cursor
+from dlqd.filters import PendingFilter, decode_cursor, encode_cursor
 from tests.factories import INSERT_MANY, new_entry, row_json
 
 Conn = psycopg.AsyncConnection[dict[str, Any]]

@@ -214,3 +214,8 @@ def express_page(
         targets=sql.SQL("\n").join(targets),
         sink_rows=sql.SQL(" + ").join(read) if read else sql.SQL("NULL::bigint"),
     )
+
+
+def listen_statement(channel: str) -> sql.Composed:
+    """``LISTEN`` on a channel, quoted as an identifier."""
+    return sql.SQL("LISTEN {}").format(sql.Identifier(channel))

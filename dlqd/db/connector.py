@@ -88,6 +88,40 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else exc.__class__.__name__
 
 
+# libpq options whose values must be whole numbers (checked here so that a
+# typo is a config error at once, not a connection failure after a timeout)
+_INT_OPTIONS = (
+    "connect_timeout",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_count",
+    "tcp_user_timeout",
+)
+_SSLMODES = {"disable", "allow", "prefer", "require", "verify-ca", "verify-full"}
+
+
+def dsn_problem(dsn: str) -> str | None:
+    """Why libpq would refuse this connection string, without echoing it; None if fine."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "is not a valid PostgreSQL connection string"
+    for key in _INT_OPTIONS:
+        value = params.get(key)
+        if value is not None and not str(value).strip().lstrip("-").isdigit():
+            return f"option {key} must be a whole number"
+    port = params.get("port")
+    if port is not None:
+        for part in str(port).split(","):
+            if part.strip() and not (part.strip().isdigit() and 0 < int(part) < 65536):
+                return "option port must be a number from 1 to 65535"
+    sslmode = params.get("sslmode")
+    if sslmode is not None and str(sslmode) not in _SSLMODES:
+        return "option sslmode must be one of " + ", ".join(sorted(_SSLMODES))
+    return None
+
+
 def check_dsn(dsn: str) -> None:
     try:
         conninfo_to_dict(dsn)
@@ -156,8 +190,8 @@ def translate(exc: BaseException, conn: Connection | None = None) -> DatabaseErr
         kind = StatementTimeout
     elif isinstance(exc, psycopg.errors.InsufficientPrivilege):
         kind = PermissionDenied
-    elif isinstance(exc, psycopg.errors.SyntaxErrorOrAccessRuleViolation):
-        kind = StatementRejected
+    elif sqlstate is not None and sqlstate.startswith("42"):
+        kind = StatementRejected  # syntax, or an undefined table, column or function
     elif isinstance(exc, psycopg.OperationalError) and sqlstate is None:
         kind, broken = ConnectionLost, True  # no answer from the server at all
     return kind(line, sqlstate=sqlstate, broken=broken)

@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 import psycopg
 
+from dlqd.db.connector import Connection
 from dlqd.db.queries import q, sql_dir
 from dlqd.errors import MigrationError, SchemaOutdated
 
@@ -61,7 +62,7 @@ def _holder_line(row: dict[str, Any] | None) -> str:
 
 
 async def _take_migration_lock(
-    conn: psycopg.AsyncConnection[dict[str, Any]],
+    conn: Connection,
     wait: float,
     on_wait: Callable[[str], object] | None,
 ) -> None:
@@ -92,7 +93,7 @@ async def _take_migration_lock(
 
 
 async def migrate(
-    conn: psycopg.AsyncConnection[dict[str, Any]],
+    conn: Connection,
     *,
     wait: float = 300.0,
     on_wait: Callable[[str], object] | None = None,
@@ -141,6 +142,11 @@ async def migrate(
                         f" (a table it changes stayed locked for {MIGRATION_LOCK_TIMEOUT} by "
                         "another session: see pg_locks, then migrate again)"
                     )
+                elif isinstance(exc, psycopg.errors.InsufficientPrivilege):
+                    first += (
+                        " (migrations need the rights of the schema's owner: the role that "
+                        "migrated it first, or an administrator; not the daemon's role)"
+                    )
                 raise MigrationError(
                     f"migration {migration.version:03d}_{migration.name} failed: {first}"
                 ) from None
@@ -151,7 +157,7 @@ async def migrate(
             await conn.execute(q("migrations_unlock"))
 
 
-async def missing_migrations(conn: psycopg.AsyncConnection[dict[str, Any]]) -> list[Migration]:
+async def missing_migrations(conn: Connection) -> list[Migration]:
     """Migrations not applied yet (all of them on a database never migrated)."""
     cur = await conn.execute(q("migrations_table_exists"))
     row = await cur.fetchone()
@@ -162,7 +168,7 @@ async def missing_migrations(conn: psycopg.AsyncConnection[dict[str, Any]]) -> l
     return [m for m in available_migrations() if m.version not in applied]
 
 
-async def require_current_schema(conn: psycopg.AsyncConnection[dict[str, Any]]) -> None:
+async def require_current_schema(conn: Connection) -> None:
     missing = await missing_migrations(conn)
     if missing:
         names = ", ".join(f"{m.version:03d}_{m.name}" for m in missing)

@@ -3,36 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any
 
-import psycopg
-
-from dlqd.db.queries import q
+from dlqd.db import replays
+from dlqd.db.connector import Connection
 from dlqd.replay.batch import Batch, Item
 from dlqd.replay.evaluate import JobKey, _park_max_replays, job_key
-
-Connection = psycopg.AsyncConnection[dict[str, Any]]
-
-
-async def replay_counts(
-    conn: Connection, keys: Sequence[JobKey], retention: timedelta
-) -> dict[JobKey, int]:
-    """Successful replays per (app_id, original_job_id) within the log's retention."""
-    if not keys:
-        return {}
-    cur = await conn.execute(
-        q("replay_counts"),
-        {
-            "app_ids": [k[0] for k in keys],
-            "original_job_ids": [k[1] for k in keys],
-            "retention": retention,
-        },
-    )
-    return {
-        (row["app_id"], row["original_job_id"]): int(row["replays"]) for row in await cur.fetchall()
-    }
 
 
 def _slot_key(key: JobKey) -> str:
@@ -50,10 +26,9 @@ async def enforce_max_replays(
     if not limited:
         return items, []
     keys = sorted({job_key(i.row) for i in limited})
-    cur = await conn.execute(q("lock_slots"), {"keys": [_slot_key(k) for k in keys]})
-    held = {row["key"] for row in await cur.fetchall()}
+    held = await replays.lock_slots(conn, [_slot_key(k) for k in keys])
     locked = [k for k in keys if _slot_key(k) in held]
-    counts = await replay_counts(conn, locked, retention)
+    counts = await replays.replay_counts(conn, locked, retention)
     keep: list[Item] = []
     deferred: list[Item] = []
     for item in items:

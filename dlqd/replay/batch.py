@@ -19,17 +19,16 @@ from typing import Any, Literal
 from uuid import UUID
 
 import anyio
-import psycopg
 
 from dlqd.config import HttpTarget, NotifyTarget, Policy, Settings, SqlTarget
-from dlqd.db.queries import q
-from dlqd.errors import error_line
+from dlqd.db import claims, replays
+from dlqd.db.connector import Connection, transaction
+from dlqd.errors import DatabaseError
 from dlqd.policy import retry_delay
 from dlqd.replay.http import Delivery, redact_url
 from dlqd.replay.rows import Candidate
 from dlqd.replay.targets import Failure, run_isolated, runner_for
 
-Connection = psycopg.AsyncConnection[dict[str, Any]]
 Target = SqlTarget | NotifyTarget | HttpTarget
 ParkReason = Literal["max_replays", "max_failures", "invalid_row", "http_4xx"]
 
@@ -50,6 +49,9 @@ class Item:
 
 @dataclass(slots=True)
 class StateRow:
+    """A schedule row (dlqd_entry_state). Built with :meth:`of`, which keeps the
+    row's failure history, except where a failure writes a new one."""
+
     state: Literal["waiting", "parked_policy", "unmatched", "parked"]
     policy: str | None
     due_at: datetime | None = None
@@ -57,6 +59,23 @@ class StateRow:
     failures: int = 0
     last_error: str | None = None
     last_failure_at: datetime | None = None
+
+    @classmethod
+    def of(
+        cls,
+        row: Candidate,
+        state: Literal["waiting", "parked_policy", "unmatched", "parked"],
+        policy: str | None,
+        due_at: datetime | None = None,
+    ) -> StateRow:
+        return cls(
+            state,
+            policy,
+            due_at=due_at,
+            failures=row.failures,
+            last_error=row.last_error,
+            last_failure_at=row.last_failure_at,
+        )
 
 
 @dataclass(slots=True)
@@ -178,18 +197,10 @@ class Outcome:
             self.target_seconds[label] = (before[0] + seconds, before[1] + rows)
 
 
-def _timeout_ms(value: Any) -> str:
-    return f"{max(1, round(value.total_seconds() * 1000))}ms"
-
-
 async def set_replay_timeouts(conn: Connection, settings: Settings) -> None:
     """Bound every statement of this transaction (targets blocked on a lock included)."""
-    await conn.execute(
-        q("replay_timeouts"),
-        {
-            "statement_timeout": _timeout_ms(settings.replay.statement_timeout),
-            "lock_timeout": _timeout_ms(settings.replay.lock_timeout),
-        },
+    await replays.set_timeouts(
+        conn, settings.replay.statement_timeout, settings.replay.lock_timeout
     )
 
 
@@ -251,8 +262,8 @@ async def apply(
             row = group[0].row
             try:
                 await runner_for(target)(conn, [row], row.problem is not None)
-            except Exception as exc:
-                if conn.broken:
+            except DatabaseError as exc:
+                if exc.broken:
                     raise
                 raise IsolationNeeded from exc
         else:
@@ -272,18 +283,15 @@ async def apply(
 
     succeeded = [i for i in batch.replay if i.row.id not in failures and i.row.id not in settled]
     if succeeded:
-        cur = await conn.execute(
-            q("finish_replayed"),
-            {
-                "ids": [i.row.id for i in succeeded],
-                "policies": [i.policy.name if i.policy else None for i in succeeded],
-                "manual": batch.manual,
-                "actor": batch.actor,
-                "reason": batch.reason,
-                "inbox_seqs": batch.inbox_seqs,
-            },
+        lags = await replays.finish_replayed(
+            conn,
+            [i.row.id for i in succeeded],
+            [i.policy.name if i.policy else None for i in succeeded],
+            manual=batch.manual,
+            actor=batch.actor,
+            reason=batch.reason,
+            inbox_seqs=batch.inbox_seqs,
         )
-        lags = {row["id"]: row["lag_seconds"] for row in await cur.fetchall()}
         outcome.replayed = [(i, lags[i.row.id]) for i in succeeded if i.row.id in lags]
         outcome.skipped += len(succeeded) - len(outcome.replayed)
 
@@ -333,40 +341,15 @@ async def _write(conn: Connection, batch: Batch, *, inbox_done: bool = False) ->
     """Schedule rows, log rows and inbox deletions: set-based, one statement each
     (``inbox_done``: finish_replayed already deleted the inbox entries)."""
     if batch.states:
-        rows = list(batch.states.items())
-        await conn.execute(
-            q("upsert_states"),
-            {
-                "dlq_ids": [i for i, _ in rows],
-                "states": [s.state for _, s in rows],
-                "policies": [s.policy for _, s in rows],
-                "fingerprints": [batch.fingerprint] * len(rows),
-                "due_ats": [s.due_at for _, s in rows],
-                "parked_reasons": [s.parked_reason for _, s in rows],
-                "failures": [s.failures for _, s in rows],
-                "last_errors": [s.last_error for _, s in rows],
-                "last_failure_ats": [s.last_failure_at for _, s in rows],
-            },
-        )
+        await replays.write_schedule(conn, batch.fingerprint, list(batch.states.items()))
     if batch.logs:
-        await conn.execute(
-            q("log_outcomes"),
-            {
-                "dlq_ids": [r.dlq_id for r in batch.logs],
-                "policies": [r.policy for r in batch.logs],
-                "outcomes": [r.outcome for r in batch.logs],
-                "errors": [r.error for r in batch.logs],
-                "manual": [r.manual for r in batch.logs],
-                "actor": batch.actor,
-                "reason": batch.reason,
-            },
-        )
+        await replays.log_outcomes(conn, batch.logs, batch.actor, batch.reason)
     if batch.inbox_seqs and not inbox_done:
-        await conn.execute(q("delete_inbox"), {"seqs": batch.inbox_seqs})
+        await claims.delete_inbox(conn, batch.inbox_seqs)
 
 
 async def settle_split(
-    conn: Connection, batch: Batch, settings: Settings, error: BaseException
+    conn: Connection, batch: Batch, settings: Settings, error: DatabaseError
 ) -> Outcome:
     """``batch``'s transaction failed as a whole: bisect it in fresh transactions.
 
@@ -378,9 +361,11 @@ async def settle_split(
         failed = list(batch.replay)
         part = batch.only({i.row.id for i in failed}, with_rest=True)
         part.replay = []
-        async with conn.transaction():
+        async with transaction(conn):
             await set_replay_timeouts(conn, settings)
-            locked = await _relock(conn, part.ids() | {i.row.id for i in failed}, batch.manual)
+            locked = await claims.relock(
+                conn, part.ids() | {i.row.id for i in failed}, batch.manual
+            )
             part.states = {k: v for k, v in part.states.items() if k in locked}
             part.logs = [r for r in part.logs if r.dlq_id in locked]
             part.parked = [p for p in part.parked if p.row.id in locked]
@@ -391,7 +376,7 @@ async def settle_split(
             )
             for item in failed:
                 if item.row.id in locked:
-                    record_failure(part, item, Failure(error_line(error)), settings, pending)
+                    record_failure(part, item, Failure(str(error)), settings, pending)
             await _write(conn, part)
         return pending
     outcome = Outcome()
@@ -402,23 +387,16 @@ async def settle_split(
     ]
     for half in halves:
         try:
-            async with conn.transaction():
+            async with transaction(conn):
                 await set_replay_timeouts(conn, settings)
-                locked = await _relock(conn, half.ids(), batch.manual)
+                locked = await claims.relock(conn, half.ids(), batch.manual)
                 half.replay = [i for i in half.replay if i.row.id in locked]
                 half.states = {k: v for k, v in half.states.items() if k in locked}
                 half.logs = [r for r in half.logs if r.dlq_id in locked]
                 result = await apply(conn, half, settings)
-        except psycopg.Error as exc:
-            if conn.broken:
+        except DatabaseError as exc:
+            if exc.broken:
                 raise
             result = await settle_split(conn, half, settings, exc)
         outcome.merge(result)
     return outcome
-
-
-async def _relock(conn: Connection, ids: set[UUID], manual: bool) -> set[UUID]:
-    if not ids:
-        return set()
-    cur = await conn.execute(q("relock_rows"), {"ids": sorted(ids), "manual": manual})
-    return {row["id"] for row in await cur.fetchall()}

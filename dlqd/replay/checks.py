@@ -12,23 +12,21 @@ back, under short lock and statement timeouts.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any, Literal
 from uuid import UUID
 
-import psycopg
-
-from dlqd.config import HttpTarget, Settings, SqlTarget
-from dlqd.db.compose import explained, row_statement, set_statement
-from dlqd.db.queries import q
-from dlqd.errors import ConfigError, error_line
+from dlqd.config import HttpTarget, Settings, SqlTarget, format_duration
+from dlqd.db import replays
+from dlqd.db.compose import row_statement, set_statement
+from dlqd.db.connector import Connection
+from dlqd.errors import ConfigError, DatabaseError, StatementTimeout
 from dlqd.replay.http import resolved_headers
 from dlqd.replay.targets import (
     is_set_based,
     sql_params,
 )
 from dlqd.statements import target_problem
-
-Connection = psycopg.AsyncConnection[dict[str, Any]]
 
 
 class _SampleRow:
@@ -59,8 +57,8 @@ def _policy_name(settings: Settings, where: str) -> str:
 
 #: validation waits at most this long for a lock on a table a statement uses,
 #: and plans for at most VALIDATE_STATEMENT_TIMEOUT
-VALIDATE_LOCK_TIMEOUT = "2s"
-VALIDATE_STATEMENT_TIMEOUT = "5s"
+VALIDATE_LOCK_TIMEOUT = timedelta(seconds=2)
+VALIDATE_STATEMENT_TIMEOUT = timedelta(seconds=5)
 Kind = Literal["syntax", "plan", "timeout"]
 
 
@@ -79,29 +77,27 @@ async def explain_sql(conn: Connection, target: SqlTarget) -> tuple[str, Kind] |
         text, names = row_statement(target.statement)
         params = sql_params(_SampleRow(), names)
     try:
-        async with conn.transaction(force_rollback=True):
-            await conn.execute(
-                q("validation_timeouts"),
-                {
-                    "lock_timeout": VALIDATE_LOCK_TIMEOUT,
-                    "statement_timeout": VALIDATE_STATEMENT_TIMEOUT,
-                },
-            )
-            async with conn.cursor() as cur:
-                await cur.execute(explained(text), params, prepare=True)
-    except psycopg.Error as exc:
-        if conn.broken:
+        await replays.plan(
+            conn,
+            text,
+            params,
+            lock_timeout=VALIDATE_LOCK_TIMEOUT,
+            statement_timeout=VALIDATE_STATEMENT_TIMEOUT,
+        )
+    except DatabaseError as exc:
+        if exc.broken:
             raise
-        message = error_line(exc)
-        if isinstance(exc, psycopg.errors.LockNotAvailable | psycopg.errors.QueryCanceled):
+        message = str(exc)
+        if isinstance(exc, StatementTimeout):
             return (
-                f"could not be planned within {VALIDATE_LOCK_TIMEOUT}: a table it uses is "
+                f"could not be planned within {format_duration(VALIDATE_LOCK_TIMEOUT)}: "
+                "a table it uses is "
                 f"locked by another session ({message})",
                 "timeout",
             )
         if "cannot insert multiple commands" in message:
             return "must be exactly one SQL statement", "syntax"
-        if isinstance(exc, psycopg.errors.SyntaxError):
+        if exc.sqlstate == "42601":  # syntax_error
             return (
                 f"{message} (a target is one SELECT, INSERT, UPDATE, DELETE or MERGE statement)",
                 "syntax",

@@ -28,24 +28,28 @@ rows, replay the same rows through the same target, and log the same replays.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
 from uuid import UUID
 
-import psycopg
-from psycopg.pq import TransactionStatus
+import anyio
 
 from dlqd.config import NotifyTarget, Policy, Settings, SqlTarget
+from dlqd.db import replays
 from dlqd.db.compose import ExpressSink, Statement, express_page
-from dlqd.db.queries import q
+from dlqd.db.connector import Connection
+from dlqd.errors import DatabaseError
+from dlqd.logs import get_logger
+from dlqd.metrics import AGE_BUCKETS
 from dlqd.policy import replay_delay
-from dlqd.replay.batch import set_replay_timeouts
+from dlqd.replay.report import Reporter, report_express
+from dlqd.replay.result import ExpressPage, PassResult
 from dlqd.replay.targets import is_set_based
 from dlqd.statements import first_keyword, target_problem
 
-Connection = psycopg.AsyncConnection[dict[str, Any]]
 ExpressTarget = SqlTarget | NotifyTarget
+log = get_logger("dlqd.replayer")
 
 _KEY_COLUMNS = ("app_id", "type", "error_reason")
 
@@ -177,70 +181,13 @@ def _micros(delay: timedelta) -> int:
 _NIL = UUID(int=0)
 
 
-@dataclass
-class ExpressPage:
-    """What one committed express page did."""
-
-    scanned: int  # inbox entries this page locked
-    last_seq: int
-    claimed: int  # of those, rows done here (the others are the ordinary path's)
-    # policy name -> (rows, {age bucket index: rows}, sum of ages in seconds)
-    replayed: dict[str, tuple[int, dict[int, int], float]] = field(default_factory=dict)
-    parked: dict[str, int] = field(default_factory=dict)  # by a park policy
-    scheduled: int = 0  # waiting schedule rows written
-    seconds: float = 0.0
-
-
-async def run_page(
-    conn: Connection,
-    express: ExpressPlan,
-    settings: Settings,
-    *,
-    after_seq: int,
-    replayable: Iterable[int],
-    custom_plan: bool = False,
-) -> ExpressPage:
-    """One express page in its own transaction, its statements pipelined: one
-    round trip for BEGIN, the timeouts, the statement and COMMIT.
-
-    BEGIN and COMMIT are sent as statements: psycopg's ``transaction()`` syncs
-    the pipeline on entry and exit, three round trips more. When a statement
-    fails, the server skips the rest up to the sync and the transaction is
-    left aborted: it is rolled back here, and the error raised. (An implicit
-    transaction, no BEGIN and COMMIT, is cheaper still, but a deferred
-    constraint then fails at the Sync itself, which psycopg reports as a
-    broken pipeline rather than as the constraint's error.)
-
-    ``custom_plan``: plan the statement for these parameters rather than take
-    the prepared statement's generic plan, which Postgres may settle on after
-    a few small pages: planned for nothing in particular, a full page took 5x
-    longer with it (724 ms against 134 ms for 5000 rows). Worth its planning
-    time (under a millisecond) for a full page, not for a trickle's one row.
-    """
-    params = express.bind(
-        after_seq, settings.replay.batch_size, replayable, settings.replay.batch_bytes
-    )
-    try:
-        async with conn.pipeline():
-            await conn.execute(b"BEGIN")
-            await set_replay_timeouts(conn, settings)
-            if custom_plan:
-                await conn.execute(q("custom_plans"))
-            cur = await conn.execute(express.text, params)
-            await conn.execute(b"COMMIT")
-    except psycopg.Error:
-        # (a cancelled page leaves the connection to the pool, which resets it)
-        if not conn.broken and conn.info.transaction_status != TransactionStatus.IDLE:
-            await conn.rollback()
-        raise
-    row = await cur.fetchone()
-    assert row is not None  # noqa: S101 - an aggregate row always comes back
+def parse_page(row: dict[str, Any], after_seq: int, names: Sequence[str]) -> ExpressPage:
+    """What a committed express page did, from the summary its statement returns."""
     page = ExpressPage(
         scanned=int(row["scanned"]),
         last_seq=int(row["last_seq"] or after_seq),
         claimed=int(row["claimed"]),
     )
-    names = express.params["names"]
     for index, action, bucket, n, lag_sum in row["outcomes"]:
         name = names[index]
         if action == "replay":
@@ -252,3 +199,82 @@ async def run_page(
         else:
             page.scheduled += int(n)
     return page
+
+
+class ExpressPages:
+    """The express pages of one pass: the inbox's express rows, page by page.
+
+    ``run`` says whether the ordinary inbox pages have work: entries an express
+    page locked but left (rows express does not take), a page that failed, or
+    a pass whose time is up. Entries another replica held locked are that
+    replica's to do.
+    """
+
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+        self.throttle = reporter.throttle
+        # the express plan of the settings object it was made for
+        self._plan: tuple[Settings, ExpressPlan | None] | None = None
+        # the last page was full: a backlog, the next one will be too
+        self._backlog = False
+
+    def plan_for(self, settings: Settings) -> ExpressPlan | None:
+        """The express plan for ``settings``, made once per settings object."""
+        if self._plan is None or self._plan[0] is not settings:
+            self._plan = (settings, plan(settings, AGE_BUCKETS))
+        return self._plan[1]
+
+    async def run(
+        self, conn: Connection, settings: Settings, result: PassResult, stopping: anyio.Event
+    ) -> bool:
+        express = self.plan_for(settings)
+        if express is None:
+            return True
+        by_name = {p.name: p for p in express.policies.values()}
+        names = express.params["names"]
+        after_seq = 0
+        rest = False
+        while not stopping.is_set():
+            closed = await self.throttle.closed_circuits(conn, list(by_name), anyio.current_time())
+            # an open circuit: its due rows take the ordinary path, which defers them
+            replayable = [i for i, p in express.policies.items() if p.name in closed]
+            started = anyio.current_time()
+            params = express.bind(
+                after_seq, settings.replay.batch_size, replayable, settings.replay.batch_bytes
+            )
+            try:
+                row = await replays.express_page(
+                    conn,
+                    express.text,
+                    params,
+                    statement_timeout=settings.replay.statement_timeout,
+                    lock_timeout=settings.replay.lock_timeout,
+                    custom_plan=self._backlog,
+                )
+            except DatabaseError as exc:
+                if exc.broken:
+                    raise
+                # nothing of it happened (whatever the error: a bad row, a
+                # timeout, a resource limit): the ordinary path does these rows
+                # again, in smaller statements, and isolates the one that failed
+                log.warning("express page failed: the ordinary path takes it", error=str(exc))
+                return True
+            page = parse_page(row, after_seq, names)
+            page.seconds = anyio.current_time() - started
+            self._backlog = page.scanned >= settings.replay.batch_size
+            result.claimed += page.claimed
+            result.replayed += sum(rows for rows, _, _ in page.replayed.values())
+            result.parked += sum(page.parked.values())
+            result.scheduled += page.scheduled
+            result.wrote_waiting = result.wrote_waiting or page.scheduled > 0
+            rest = rest or page.scanned > page.claimed
+            report_express(page, self.reporter.metrics, duration=page.seconds)
+            await self.reporter.learn(conn, [(by_name[n], True, True) for n in page.replayed])
+            if page.scanned < settings.replay.batch_size:
+                return rest
+            if page.claimed == 0 or result.out_of_time():
+                # none of a full page was express's (or the pass's time is up):
+                # the ordinary pages take the inbox from here, in insertion order
+                return True
+            after_seq = page.last_seq
+        return True

@@ -32,13 +32,12 @@ from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
 import anyio
 import httpx
-import psycopg
 
 from dlqd.config import HttpTarget
-from dlqd.db.queries import q
+from dlqd.db import replays
+from dlqd.db.connector import Connection
 from dlqd.errors import ConfigError
 
-Connection = psycopg.AsyncConnection[dict[str, Any]]
 RETRYABLE_STATUS = frozenset({408, 429})
 #: a lease outlives the calls it covers by this much
 LEASE_MARGIN_SECONDS = 5.0
@@ -204,18 +203,14 @@ class HttpDeliverer:
         async def one(row_id: Any) -> None:
             async with slots:
                 async with lock:
-                    cur = await conn.execute(q("http_body_size"), {"id": row_id})
-                    row = await cur.fetchone()
-                if row is None:
+                    size = await replays.http_body_size(conn, row_id)
+                if size is None:
                     return  # purged meanwhile: nothing to deliver
-                async with self.bodies.hold(int(row["size"])):
+                async with self.bodies.hold(size):
                     async with lock:
-                        cur = await conn.execute(q("http_body"), {"id": row_id})
-                        row = await cur.fetchone()
-                    if row is None:
+                        body = await replays.http_body(conn, row_id)
+                    if body is None:
                         return
-                    body: bytes = row["body"]
-                    del row
                     results[row_id] = await self._post(client, target, row_id, body)
 
         async with anyio.create_task_group() as tg:

@@ -13,12 +13,16 @@ import logging
 from collections import Counter
 from typing import Any
 
+import anyio
+
 from dlqd.config import Policy
+from dlqd.db.connector import Connection
 from dlqd.logs import get_logger
 from dlqd.metrics import LATENCY_BUCKETS, Metrics, bucket_index, observe_counts
 from dlqd.replay.batch import Outcome
-from dlqd.replay.express import ExpressPage
+from dlqd.replay.result import ExpressPage
 from dlqd.replay.rows import Candidate
+from dlqd.throttle import Throttle
 
 log = get_logger("dlqd.replayer")
 
@@ -183,3 +187,32 @@ def circuit_attempts(outcome: Outcome) -> list[tuple[Policy, bool, bool]]:
             evidence = failed.failure.target_down or failed.item.row.failures == 0
             attempts.append((failed.item.policy, False, evidence))
     return attempts
+
+
+class Reporter:
+    """After a COMMIT: counters, histograms and logs (:func:`report`), and the
+    shared circuits learn from the attempts (their gauges follow)."""
+
+    def __init__(self, metrics: Metrics, throttle: Throttle) -> None:
+        self.metrics = metrics
+        self.throttle = throttle
+
+    async def committed(self, conn: Connection, outcome: Outcome, started: float) -> None:
+        report(outcome, self.metrics, duration=anyio.current_time() - started)
+        await self.learn(conn, circuit_attempts(outcome))
+
+    async def learn(self, conn: Connection, attempts: list[tuple[Policy, bool, bool]]) -> None:
+        """Let the shared circuits learn from committed attempts."""
+        if not attempts:
+            return
+        changes = await self.throttle.record(conn, attempts, anyio.current_time())
+        for name, change in changes:
+            if change == "opened":
+                log.warning("circuit opened", policy=name)
+            else:
+                log.info("circuit closed", policy=name)
+        self.export_circuits()
+
+    def export_circuits(self) -> None:
+        for name, is_open in self.throttle.open_circuits().items():
+            self.metrics.circuit_open.labels(name).set(1 if is_open else 0)

@@ -27,18 +27,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from uuid import UUID
 
-import psycopg
-
 from dlqd.config import NotifyTarget, SqlTarget
+from dlqd.db import replays
 from dlqd.db.compose import PLACEHOLDER, row_statement, set_statement
-from dlqd.db.queries import q
-from dlqd.errors import error_line
+from dlqd.db.connector import Connection, savepoint
+from dlqd.errors import DatabaseError, LockTimeout, StatementTimeout
 from dlqd.policy import MatchLike
 from dlqd.statements import StatementError, tokens
-
-Connection = psycopg.AsyncConnection[dict[str, Any]]
-
-TIMEOUT_ERRORS = (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable)
 
 
 @functools.lru_cache(maxsize=256)
@@ -83,23 +78,21 @@ async def _run_sql(
 ) -> None:
     if is_set_based(target.statement):
         # every column comes from job_dlq itself: invalid rows included
-        await conn.execute(set_statement(target.statement), {"ids": [r.id for r in rows]})
+        await replays.run_statement(
+            conn, set_statement(target.statement), {"ids": [r.id for r in rows]}
+        )
         return
     text, names = row_statement(target.statement, all_in_db=all_in_db)
     if len(rows) == 1:  # no pipeline to open and sync for one statement
-        await conn.execute(text, sql_params(rows[0], names))
+        await replays.run_statement(conn, text, sql_params(rows[0], names))
         return
-    async with conn.cursor() as cur:
-        await cur.executemany(text, [sql_params(r, names) for r in rows])
+    await replays.run_statement_per_row(conn, text, [sql_params(r, names) for r in rows])
 
 
 async def _run_notify(
     target: NotifyTarget, conn: Connection, rows: Sequence[RowValues], all_in_db: bool
 ) -> None:
-    await conn.execute(
-        q("notify_rows"),
-        {"channel": target.channel, "ids": [r.id for r in rows], "only_id": target.message == "id"},
-    )
+    await replays.notify_rows(conn, target.channel, [r.id for r in rows], target.message == "id")
 
 
 def runner_for(target: SqlTarget | NotifyTarget) -> Callable[..., Awaitable[None]]:
@@ -176,22 +169,22 @@ async def _bisect(
         state.failures.update(dict.fromkeys((r.id for r in rows), state.slow))
         return
     try:
-        async with conn.transaction():  # a savepoint
+        async with savepoint(conn):
             await run(conn, rows, all_in_db)
-            await conn.execute(q("constraints_immediate"))
+            await replays.check_constraints_now(conn)
         return
-    except psycopg.errors.LockNotAvailable as exc:
-        if conn.broken:
+    except LockTimeout as exc:
+        if exc.broken:
             raise
-        failure = Failure(error_line(exc), target_down=True)
+        failure = Failure(str(exc), target_down=True)
         state.failures.update(dict.fromkeys((r.id for r in rows), failure))
         return
-    except Exception as exc:
-        if conn.broken:
+    except DatabaseError as exc:
+        if exc.broken:
             raise
         if len(rows) == 1:
-            timed_out = isinstance(exc, psycopg.errors.QueryCanceled)
-            failure = Failure(error_line(exc), target_down=timed_out)
+            timed_out = isinstance(exc, StatementTimeout)
+            failure = Failure(str(exc), target_down=timed_out)
             state.failures[rows[0].id] = failure
             if timed_out:
                 state.slow = failure

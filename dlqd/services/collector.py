@@ -11,12 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-from psycopg_pool import AsyncConnectionPool
 
 from dlqd.config import Settings
-from dlqd.db.queries import q
+from dlqd.db import maintenance
+from dlqd.db.connector import Pool, pooled
 from dlqd.metrics import Metrics
 from dlqd.services.base import PeriodicService
 from dlqd.status import OTHER, collect_status
@@ -31,9 +29,7 @@ class Collected:
 class Collector(PeriodicService[Collected]):
     name = "collector"
 
-    def __init__(
-        self, pool: AsyncConnectionPool[Any], settings: Callable[[], Settings], metrics: Metrics
-    ) -> None:
+    def __init__(self, pool: Pool, settings: Callable[[], Settings], metrics: Metrics) -> None:
         super().__init__()
         self.pool = pool
         self.settings = settings
@@ -44,12 +40,11 @@ class Collector(PeriodicService[Collected]):
 
     async def run_once(self) -> Collected:
         settings = self.settings()
-        async with self.pool.connection() as conn:
+        async with pooled(self.pool) as conn:
             status = await collect_status(conn)
-            cur = await conn.execute(q("notification_queue_usage"))
-            row = await cur.fetchone()
+            usage = await maintenance.notification_queue_usage(conn)
         m = self.metrics
-        m.notification_queue_usage_ratio.set(row["usage"] if row else 0.0)
+        m.notification_queue_usage_ratio.set(usage)
         m.unmatched_entries.set(status.unmatched)
         tenant = settings.metrics.tenant_label
         pending: dict[tuple[str, str, str], list[float]] = {}

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import anyio
-from psycopg_pool import AsyncConnectionPool
 
+from dlqd.db import maintenance
+from dlqd.db.connector import Pool, pooled
 from dlqd.services.base import PeriodicService
 
 #: seconds between database checks behind /readyz
@@ -21,7 +20,7 @@ class Health(PeriodicService[bool]):
     name = "health"
     started_after_first_round = True  # /readyz knows the answer before READY=1
 
-    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+    def __init__(self, pool: Pool) -> None:
         super().__init__()
         self.pool = pool
         self.database_ok = False
@@ -32,8 +31,8 @@ class Health(PeriodicService[bool]):
     async def run_once(self) -> bool:
         try:
             with anyio.fail_after(HEALTH_TIMEOUT):
-                async with self.pool.connection(timeout=HEALTH_TIMEOUT) as conn:
-                    await conn.execute("SELECT 1")
+                async with pooled(self.pool, wait=HEALTH_TIMEOUT) as conn:
+                    await maintenance.ping(conn)
             self.database_ok = True
         except Exception:  # noqa: BLE001 - any failure means not reachable now
             self.database_ok = False

@@ -30,11 +30,11 @@ from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
-from psycopg_pool import AsyncConnectionPool
 
 from dlqd.backoff import Backoff
 from dlqd.config import Settings
-from dlqd.db.queries import q
+from dlqd.db import maintenance
+from dlqd.db.connector import Pool, pooled
 from dlqd.errors import error_line
 from dlqd.logs import get_logger
 from dlqd.metrics import Metrics
@@ -67,7 +67,7 @@ class LeaderElector:
 
     def __init__(
         self,
-        pool: AsyncConnectionPool[Any],
+        pool: Pool,
         settings: Callable[[], Settings],
         metrics: Metrics,
         services: Sequence[Any],
@@ -88,15 +88,9 @@ class LeaderElector:
         """Take or renew the lease (one statement); whether this replica holds it."""
         probe = self._probe()
         with anyio.fail_after(probe / 2):
-            async with self.pool.connection(timeout=probe / 2) as conn:
-                cur = await conn.execute(
-                    q("leader_claim"),
-                    {
-                        "holder": self.holder,
-                        "ttl": timedelta(seconds=probe * LEASE_INTERVALS),
-                    },
-                )
-                return await cur.fetchone() is not None
+            async with pooled(self.pool, wait=probe / 2) as conn:
+                ttl = timedelta(seconds=probe * LEASE_INTERVALS)
+                return await maintenance.claim_lease(conn, self.holder, ttl)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         backoff = Backoff(base=0.5, cap=max(1.0, self._probe()), reset_after=60.0)
@@ -142,8 +136,8 @@ class LeaderElector:
             # shutting down: hand over at once rather than when the lease expires
             self._set(False)
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                async with self.pool.connection(timeout=2) as conn:
-                    await conn.execute(q("leader_release"), {"holder": self.holder})
+                async with pooled(self.pool, wait=2) as conn:
+                    await maintenance.release_lease(conn, self.holder)
             log.info("leadership released", holder=self.holder)
             self.signals.deposed.fire()
             raise

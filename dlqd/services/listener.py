@@ -14,15 +14,13 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
-import psycopg
 from anyio.abc import TaskStatus
-from psycopg import sql
-from psycopg_pool import AsyncConnectionPool
 
 from dlqd.backoff import Backoff
 from dlqd.config import Settings
-from dlqd.db.connector import connect
-from dlqd.errors import DatabaseUnavailable, error_line
+from dlqd.db import maintenance
+from dlqd.db.connector import Connection, Pool, connect, pooled
+from dlqd.errors import DatabaseError, DatabaseUnavailable, error_line
 from dlqd.logs import get_logger
 from dlqd.metrics import Metrics
 from dlqd.wake import Wakeup
@@ -51,7 +49,7 @@ class Listener:
     def __init__(
         self,
         settings: Callable[[], Settings],
-        pool: AsyncConnectionPool[Any],
+        pool: Pool,
         wakeup: Wakeup,
         metrics: Metrics,
     ) -> None:
@@ -77,10 +75,7 @@ class Listener:
                     **KEEPALIVES,
                 )
                 try:
-                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
-                    await conn.execute(
-                        sql.SQL("LISTEN {}").format(sql.Identifier(self.probe_channel))
-                    )
+                    await maintenance.listen(conn, CHANNEL, self.probe_channel)
                     self.backend_pid = conn.info.backend_pid
                     self._set_connected(True)
                     up_since = anyio.current_time()
@@ -95,7 +90,7 @@ class Listener:
                     self._set_connected(False)
                     with anyio.CancelScope(shield=True):  # close even when shutting down
                         await conn.close()
-            except (psycopg.Error, DatabaseUnavailable, ListenerDeaf, OSError) as exc:
+            except (DatabaseError, DatabaseUnavailable, ListenerDeaf, OSError) as exc:
                 if up_since is not None:
                     backoff.healthy(anyio.current_time() - up_since)
                 wait = backoff.next()
@@ -107,17 +102,17 @@ class Listener:
         self.connected = up
         self.metrics.listener_up.set(1 if up else 0)
 
-    async def _consume(self, conn: psycopg.AsyncConnection[Any]) -> None:
+    async def _consume(self, conn: Connection) -> None:
         probe_every = self.settings().listen.probe_interval.total_seconds()
         next_probe = anyio.current_time() + probe_every
         outstanding: str | None = None
         while True:
             timeout = max(0.0, next_probe - anyio.current_time())
-            async for notify in conn.notifies(timeout=timeout):
-                if notify.channel == CHANNEL:
+            async for channel, payload in maintenance.notifications(conn, timeout):
+                if channel == CHANNEL:
                     self.metrics.notifications_total.inc()
                     self.wakeup.set()
-                elif notify.channel == self.probe_channel and notify.payload == outstanding:
+                elif channel == self.probe_channel and payload == outstanding:
                     outstanding = None
             if anyio.current_time() < next_probe:
                 continue
@@ -129,8 +124,8 @@ class Listener:
     async def _send_probe(self) -> str | None:
         token = secrets.token_hex(8)
         try:
-            async with self.pool.connection(timeout=5) as conn:
-                await conn.execute("SELECT pg_notify(%s, %s)", [self.probe_channel, token])
+            async with pooled(self.pool, wait=5) as conn:
+                await maintenance.notify(conn, self.probe_channel, token)
         except Exception as exc:  # noqa: BLE001 - a failed probe send says nothing of the listener
             log.info("self-probe not sent", error=error_line(exc))
             return None

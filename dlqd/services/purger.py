@@ -1,14 +1,10 @@
-"""The purger (leader only): old rows out of job_dlq and the replay log, in small batches.
+"""The purger (leader only): old rows out of job_dlq and the replay log, on a schedule.
 
 Schedule: ``purge.schedule`` is an interval (the first run shortly after the
 replica becomes leader, then every interval) or a 5-field cron expression
-(at its times, in UTC). Each batch is one call of ``job_dlq_purge`` (or
-``dlqd_trim_replay_log``) in its own transaction, under ``purge.lock_timeout``
-and a statement timeout; a batch that times out halves the batch size instead
-of failing the run, and the size adapts as it goes: halved after a batch slower
-than 200 ms, doubled (up to ``purge.batch_size``) after one faster than 50 ms.
-Rows of dlqd's schedule and inbox go with their job_dlq row (ON DELETE
-CASCADE), so there are no orphans to trim.
+(at its times, in UTC). Each run is ``dlqd.purge``'s batches: job_dlq first,
+then the replay log. Rows of dlqd's schedule and inbox go with their job_dlq
+row (ON DELETE CASCADE), so there are no orphans to trim.
 """
 
 from __future__ import annotations
@@ -16,37 +12,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any, LiteralString
+from datetime import UTC, datetime
 
 import anyio
-import psycopg
-from psycopg_pool import AsyncConnectionPool
 
 from dlqd.config import Settings, parse_duration
-from dlqd.db.queries import q
+from dlqd.db.connector import Pool, pooled
 from dlqd.metrics import Metrics
+from dlqd.purge import Batched, purge_rows, trim_log
 from dlqd.services.base import PeriodicService
-
-Connection = psycopg.AsyncConnection[dict[str, Any]]
 
 #: an interval schedule runs this long after the replica became leader
 FIRST_RUN_DELAY = 5.0
-#: a batch's statement may take this many lock timeouts (at least 10 s)
-STATEMENT_TIMEOUT_FACTOR = 5
-#: a batch slower than this halves the next one; one faster than FAST doubles it
-#: again (up to purge.batch_size): no statement holds its locks for long
-SLOW_BATCH_SECONDS = 0.2
-FAST_BATCH_SECONDS = 0.05
-MIN_ADAPTIVE_BATCH = 100
-FIRST_BATCH = 1000
-
-
-@dataclass(frozen=True, slots=True)
-class Batched:
-    deleted: int
-    batches: int
-    batch_size: int  # the size the run ended with (smaller after timeouts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,82 +31,6 @@ class PurgeResult:
     rows: Batched
     log: Batched
     seconds: float
-
-
-def _ms(value: timedelta) -> str:
-    return f"{max(1, round(value.total_seconds() * 1000))}ms"
-
-
-async def batched(
-    conn: Connection,
-    settings: Settings,
-    query: LiteralString,
-    params: dict[str, Any],
-    *,
-    observe: Callable[[int, float], None] | None = None,
-) -> Batched:
-    """Call a batch-deleting function until it deletes less than a batch.
-
-    ``observe(deleted, seconds)`` hears of every batch (the benchmark uses it).
-    """
-    lock_timeout = settings.purge.lock_timeout
-    statement_timeout = max(lock_timeout * STATEMENT_TIMEOUT_FACTOR, timedelta(seconds=10))
-    # start small (the first statement of a run pays for cold caches), then grow
-    size = min(settings.purge.batch_size, FIRST_BATCH)
-    total = batches = 0
-    while True:
-        started = anyio.current_time()
-        try:
-            async with conn.transaction():
-                await conn.execute(
-                    q("purge_timeouts"),
-                    {
-                        "lock_timeout": _ms(lock_timeout),
-                        "statement_timeout": _ms(statement_timeout),
-                    },
-                )
-                cur = await conn.execute(query, {**params, "batch_size": size})
-                row = await cur.fetchone()
-        except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled):
-            if size == 1:
-                raise
-            size = max(1, size // 2)  # a batch that times out shrinks; the run goes on
-            continue
-        deleted = int(row["deleted"]) if row else 0
-        took = anyio.current_time() - started
-        if observe is not None:
-            observe(deleted, took)
-        total += deleted
-        batches += 1
-        if deleted < size:
-            return Batched(total, batches, size)
-        if took > SLOW_BATCH_SECONDS:
-            size = max(min(MIN_ADAPTIVE_BATCH, size), size // 2)
-        elif took < FAST_BATCH_SECONDS:
-            size = min(settings.purge.batch_size, size * 2)
-
-
-async def purge_rows(
-    conn: Connection, settings: Settings, *, observe: Callable[[int, float], None] | None = None
-) -> Batched:
-    """job_dlq rows past their retention, through job_dlq_purge."""
-    return await batched(
-        conn,
-        settings,
-        q("purge_batch"),
-        {
-            "replayed_before": settings.purge.replayed_retention,
-            "pending_before": settings.purge.pending_retention,
-        },
-        observe=observe,
-    )
-
-
-async def trim_log(conn: Connection, settings: Settings) -> Batched:
-    """Replay-log rows older than purge.log_retention, through dlqd_trim_replay_log."""
-    return await batched(
-        conn, settings, q("trim_replay_log"), {"older_than": settings.purge.log_retention}
-    )
 
 
 def seconds_until(schedule: str, now: datetime) -> float | None:
@@ -147,9 +48,7 @@ def seconds_until(schedule: str, now: datetime) -> float | None:
 class Purger(PeriodicService[PurgeResult]):
     name = "purger"
 
-    def __init__(
-        self, pool: AsyncConnectionPool[Any], settings: Callable[[], Settings], metrics: Metrics
-    ) -> None:
+    def __init__(self, pool: Pool, settings: Callable[[], Settings], metrics: Metrics) -> None:
         super().__init__()
         self.pool = pool
         self.settings = settings
@@ -173,7 +72,7 @@ class Purger(PeriodicService[PurgeResult]):
         settings = self.settings()
         started = anyio.current_time()
         try:
-            async with self.pool.connection() as conn:
+            async with pooled(self.pool) as conn:
                 rows = await purge_rows(conn, settings)
                 log = await trim_log(conn, settings)
         except Exception:

@@ -9,12 +9,10 @@ inbox and wakes the replayers.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
-
-from psycopg_pool import AsyncConnectionPool
 
 from dlqd.config import Settings
-from dlqd.db.queries import q
+from dlqd.db import claims
+from dlqd.db.connector import Pool, pooled
 from dlqd.services.base import PeriodicService
 from dlqd.wake import Wakeup
 
@@ -24,9 +22,7 @@ class Sweeper(PeriodicService[int]):
 
     name = "sweeper"
 
-    def __init__(
-        self, pool: AsyncConnectionPool[Any], settings: Callable[[], Settings], wakeup: Wakeup
-    ) -> None:
+    def __init__(self, pool: Pool, settings: Callable[[], Settings], wakeup: Wakeup) -> None:
         super().__init__()
         self.pool = pool
         self.settings = settings
@@ -36,9 +32,8 @@ class Sweeper(PeriodicService[int]):
         return self.settings().listen.poll_interval.total_seconds()
 
     async def run_once(self) -> int:
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(q("enqueue_orphans"))
-            moved = max(0, int(cur.rowcount))
+        async with pooled(self.pool) as conn:
+            moved = await claims.enqueue_orphans(conn)
         if moved:
             self.log.warning("rows found without an inbox entry", rows=moved)
             self.wakeup.set()

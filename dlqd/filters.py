@@ -1,4 +1,9 @@
-"""A small typed repository over ``job_dlq``."""
+"""Filters and cursors of the operator's reads: pure, no IO.
+
+Globs as in policy matches (OR within a field, AND across fields), matched in
+Postgres as regular expressions that match exactly what ``fnmatch`` matches;
+opaque keyset cursors on ``(dlq_at, id)``.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +11,9 @@ import base64
 import binascii
 import json
 from dataclasses import dataclass
-from typing import Any
 from uuid import UUID
 
-import psycopg
-from psycopg.types.json import Jsonb
-
-from dlqd.db.queries import q
 from dlqd.errors import UsageError
-from dlqd.models import DlqEntry, NewEntry
-
-Connection = psycopg.AsyncConnection[dict[str, Any]]
-
 
 # A cursor is short: anything longer was not printed by us (and could be a
 # nesting bomb for the JSON decoder).
@@ -55,14 +51,6 @@ def decode_cursor(cursor: str) -> tuple[str, UUID]:
         return value[0], UUID(value[1])
     except ValueError:
         raise invalid from None
-
-
-@dataclass(frozen=True, slots=True)
-class Page:
-    """One page of pending rows, each rendered by Postgres as JSON text."""
-
-    rows: list[dict[str, Any]]
-    next_cursor: str | None
 
 
 def glob_regex(pattern: str) -> str:
@@ -153,65 +141,3 @@ def parse_entry_id(text: str) -> UUID:
         return UUID(text)
     except ValueError:
         raise UsageError(f"invalid id {text!r}: expected a UUID") from None
-
-
-class Repository:
-    """Domain calls over one connection; the caller owns the transaction."""
-
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-
-    async def get(self, entry_id: UUID) -> DlqEntry | None:
-        cur = await self.conn.execute(q("get_entry"), {"id": entry_id})
-        row = await cur.fetchone()
-        return DlqEntry.model_validate(row) if row else None
-
-    async def insert(self, entry: NewEntry) -> DlqEntry:
-        params = entry.model_dump()
-        params["payload"] = Jsonb(entry.payload)
-        params["error_history"] = Jsonb(entry.error_history)
-        cur = await self.conn.execute(q("insert_entry"), params)
-        row = await cur.fetchone()
-        return DlqEntry.model_validate(row)  # INSERT ... RETURNING always returns the row
-
-    async def mark_replayed(self, entry_id: UUID) -> bool:
-        """Set ``replayed_at``; False when the row is gone or was replayed already."""
-        cur = await self.conn.execute(q("mark_replayed"), {"id": entry_id})
-        return await cur.fetchone() is not None
-
-    async def list_pending(
-        self,
-        limit: int,
-        cursor: str | None = None,
-        where: PendingFilter = PendingFilter(),
-    ) -> Page:
-        """One page of pending rows in (dlq_at, id) order, never by OFFSET.
-
-        Rows come back as Postgres renders them (``document`` is the row as
-        JSON text): no payload is decoded, no timestamp converted.
-        """
-        if limit < 1:
-            raise UsageError("limit must be at least 1")
-        after_at, after_id = decode_cursor(cursor) if cursor else (None, None)
-        try:
-            cur = await self.conn.execute(
-                q("list_pending"),
-                {
-                    "after_dlq_at": after_at,
-                    "after_id": after_id,
-                    **where.params(),
-                    # one extra row tells whether another page exists
-                    "limit": limit + 1,
-                },
-            )
-        except psycopg.errors.DataError:
-            # a cursor that decodes but whose timestamp Postgres does not accept
-            raise UsageError(
-                "invalid cursor: pass the next_cursor printed by a previous page"
-            ) from None
-        rows = await cur.fetchall()
-        page = rows[:limit]
-        next_cursor = None
-        if len(rows) > limit:
-            next_cursor = encode_cursor(page[-1]["dlq_at"], page[-1]["id"])
-        return Page(rows=page, next_cursor=next_cursor)

@@ -1,0 +1,102 @@
+"""Claiming rows for replay: the inbox, rows of other policies, due rows.
+
+Every claim returns *narrow* rows (``dlqd.replay.rows.Candidate``), locked
+``FOR UPDATE SKIP LOCKED`` so that replicas split them, never the payload.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from dlqd.db.connector import Connection, translated
+from dlqd.db.queries import q
+
+Row = dict[str, Any]
+
+
+@translated
+async def inbox_entries(conn: Connection, after_seq: int, limit: int) -> list[Row]:
+    cur = await conn.execute(q("inbox_entries"), {"after_seq": after_seq, "limit": limit})
+    return await cur.fetchall()
+
+
+@translated
+async def stale_entries(
+    conn: Connection,
+    fingerprint: str,
+    after: tuple[str, UUID],
+    below: str | None,
+    limit: int,
+) -> list[Row]:
+    cur = await conn.execute(
+        q("stale_entries"),
+        {
+            "fingerprint": fingerprint,
+            "after_fingerprint": after[0],
+            "after_id": after[1],
+            "below": below,
+            "limit": limit,
+        },
+    )
+    return await cur.fetchall()
+
+
+@translated
+async def due_entries(
+    conn: Connection,
+    fingerprint: str,
+    blocked_policies: Collection[str],
+    blocked_pairs: Collection[tuple[str, str]],
+    limit: int,
+) -> list[Row]:
+    cur = await conn.execute(
+        q("due_entries"),
+        {
+            "fingerprint": fingerprint,
+            "blocked_policies": sorted(blocked_policies),
+            "blocked_pair_policies": [p for p, _ in blocked_pairs],
+            "blocked_pair_apps": [a for _, a in blocked_pairs],
+            "limit": limit,
+        },
+    )
+    return await cur.fetchall()
+
+
+@translated
+async def next_due(conn: Connection, fingerprint: str) -> float | None:
+    """Seconds until the next scheduled row is due (<= 0: due now; None: none)."""
+    cur = await conn.execute(q("next_due"), {"fingerprint": fingerprint})
+    row = await cur.fetchone()
+    return None if row is None or row["seconds"] is None else float(row["seconds"])
+
+
+@translated
+async def lock_entries(conn: Connection, ids: Sequence[UUID]) -> list[Row]:
+    """Rows named by id, narrow, locked (waiting for a batch in flight)."""
+    cur = await conn.execute(q("lock_entries"), {"ids": list(ids)})
+    return await cur.fetchall()
+
+
+@translated
+async def relock(conn: Connection, ids: Collection[UUID], manual: bool) -> dict[UUID, datetime]:
+    """Of ``ids``, the rows still pending (and, unless ``manual``, not parked
+    meanwhile), locked again, with the server's now()."""
+    if not ids:
+        return {}
+    cur = await conn.execute(q("relock_rows"), {"ids": sorted(ids), "manual": manual})
+    return {row["id"]: row["db_now"] for row in await cur.fetchall()}
+
+
+@translated
+async def delete_inbox(conn: Connection, seqs: Sequence[int]) -> None:
+    await conn.execute(q("delete_inbox"), {"seqs": list(seqs)})
+
+
+@translated
+async def enqueue_orphans(conn: Connection) -> int:
+    """Pending rows with neither inbox entry nor schedule, into the inbox; how many."""
+    cur = await conn.execute(q("enqueue_orphans"))
+    return max(0, int(cur.rowcount))

@@ -1,0 +1,255 @@
+"""Manual replay, parking and unparking: what an operator does to rows.
+
+Manual replay sends rows through a target now, parked ones included, ignoring
+delays and ``max_replays``: through ``--via POLICY``'s target, else that of
+the first matching policy that has one, else ``replay.default_target``. A row
+without a target is skipped with that reason, never a reason to stop the
+others. Each chunk of rows is one transaction (exactly once for ``sql`` and
+``notify`` targets; an ``http`` target answers while the chunk holds its
+rows), counted only once it committed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+import anyio
+
+from dlqd.config import HttpTarget, NotifyTarget, Policy, Settings, SqlTarget
+from dlqd.db import claims, entries
+from dlqd.db.connector import Connection, transaction
+from dlqd.errors import DatabaseError, UsageError
+from dlqd.filters import PendingFilter
+from dlqd.policy import matches
+from dlqd.replay.batch import Batch, Item, apply, set_replay_timeouts, settle_split
+from dlqd.replay.http import HttpDeliverer, deliver_all
+from dlqd.replay.report import report
+from dlqd.replay.rows import Candidate
+
+#: failed rows a result names (the count is always whole)
+MAX_NAMED_FAILURES = 20
+#: the slowest manual rate: below it a replay would, in effect, never end
+MIN_RATE = 0.01
+SKIP_REASONS = ("already_replayed", "not_found", "no_target")
+
+Target = SqlTarget | NotifyTarget | HttpTarget
+
+
+@dataclass
+class ReplayResult:
+    """What a manual replay did (``replay --json``)."""
+
+    dry_run: bool = False
+    replayed: int = 0
+    failed: int = 0
+    skipped_by_reason: Counter[str] = field(default_factory=Counter)
+    # the first failures: (id, one line), and ids named that do not exist
+    failures: list[tuple[UUID, str]] = field(default_factory=list)
+    missing: list[UUID] = field(default_factory=list)
+    named: int = 0  # ids named by the operator (0: a filter)
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.skipped_by_reason.values())
+
+    @property
+    def ok(self) -> bool:
+        """Nothing failed, and when ids were named, at least one of them exists."""
+        return self.failed == 0 and not (self.named and len(self.missing) == self.named)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "replayed": self.replayed,
+            "failed": self.failed,
+            "skipped": self.skipped,
+            "skipped_by_reason": {r: self.skipped_by_reason[r] for r in SKIP_REASONS},
+            "dry_run": self.dry_run,
+        }
+
+
+def via_policy(settings: Settings, name: str) -> Policy:
+    """The policy ``replay --via NAME`` sends rows through (it must have a target)."""
+    for policy in settings.policies:
+        if policy.name == name:
+            if settings.target_for(policy) is None:
+                raise UsageError(
+                    f"--via {name}: the policy has no target and replay.default_target is not set"
+                )
+            return policy
+    known = ", ".join(p.name for p in settings.policies) or "none configured"
+    raise UsageError(f"--via {name}: no such policy (policies: {known})")
+
+
+def manual_target(
+    row: Candidate, settings: Settings, via: Policy | None = None
+) -> tuple[Policy | None, Target | None]:
+    """``via``'s target; else that of the first matching policy that has one; else
+    replay.default_target; (None, None) when there is none."""
+    if via is not None:
+        return via, settings.target_for(via)
+    for candidate in settings.policies:
+        if candidate.target is not None and matches(candidate.match, row):
+            return candidate, candidate.target
+    return None, settings.replay.default_target
+
+
+async def _selected(
+    conn: Connection, ids: Sequence[UUID], where: PendingFilter | None, size: int
+) -> AsyncIterator[list[UUID]]:
+    if where is None:
+        for start in range(0, len(ids), size):
+            yield list(ids[start : start + size])
+        return
+    after: tuple[str | None, UUID | None] = (None, None)
+    while True:
+        rows = await entries.pending_ids(conn, where, after, size)
+        if rows:
+            yield [row["id"] for row in rows]
+        if len(rows) < size:
+            return
+        after = (rows[-1]["dlq_at"], rows[-1]["id"])
+
+
+async def replay(
+    conn: Connection,
+    settings: Settings,
+    *,
+    ids: Sequence[UUID] = (),
+    where: PendingFilter | None = None,
+    dry_run: bool = False,
+    rate: float | None = None,
+    via: str | None = None,
+    actor: str | None = None,
+    reason: str | None = None,
+    on_chunk: Callable[[int], object] | None = None,
+    pause: Callable[[float], Awaitable[None]] = anyio.sleep,
+) -> ReplayResult:
+    """Replay rows now (by ``ids``, or every pending row ``where`` selects).
+
+    ``conn`` is an autocommit connection: each chunk is its own transaction.
+    ``rate`` (rows a second) spaces the chunks with ``pause``, never after the
+    last one.
+    """
+    if rate is not None and not (math.isfinite(rate) and rate >= MIN_RATE):
+        raise UsageError(f"--rate must be at least {MIN_RATE:g} rows a second")
+    result = ReplayResult(dry_run=dry_run, named=len(set(ids)))
+    through = via_policy(settings, via) if via is not None else None
+    size = settings.replay.batch_size if rate is None else max(1, min(500, math.ceil(rate)))
+    previous: tuple[int, float] | None = None  # size and start of the chunk before
+    http = HttpDeliverer()
+    try:
+        async for chunk in _selected(conn, list(dict.fromkeys(ids)), where, size):
+            if rate is not None and previous is not None:
+                done, started = previous
+                await pause(max(0.0, done / rate - (anyio.current_time() - started)))
+            started = anyio.current_time()
+            previous = (len(chunk), started)
+            await _chunk(
+                conn,
+                settings,
+                chunk,
+                through=through,
+                actor=actor,
+                reason=reason,
+                http=http,
+                result=result,
+            )
+            if on_chunk is not None:
+                on_chunk(len(chunk))
+    finally:
+        await http.aclose()
+    return result
+
+
+async def _chunk(
+    conn: Connection,
+    settings: Settings,
+    chunk: list[UUID],
+    *,
+    through: Policy | None,
+    actor: str | None,
+    reason: str | None,
+    http: HttpDeliverer,
+    result: ReplayResult,
+) -> None:
+    started = anyio.current_time()
+    batch: Batch | None = None
+    try:
+        async with transaction(conn):
+            await set_replay_timeouts(conn, settings)
+            rows = await claims.lock_entries(conn, chunk)
+            found = {row["id"] for row in rows}
+            missing = [i for i in chunk if i not in found]
+            result.missing += missing
+            result.skipped_by_reason["not_found"] += len(missing)
+            pending = [Candidate.from_row(row) for row in rows if not row["replayed"]]
+            result.skipped_by_reason["already_replayed"] += len(rows) - len(pending)
+            items: list[Item] = []
+            for candidate in pending:
+                policy, target = manual_target(candidate, settings, through)
+                if target is None:
+                    result.skipped_by_reason["no_target"] += 1
+                else:
+                    items.append(Item(candidate, policy, target))
+            if not items:
+                return
+            if result.dry_run:
+                result.replayed += len(items)
+                return
+            batch = Batch(
+                settings.policies_fingerprint,
+                rows[0]["db_now"],
+                manual=True,
+                actor=actor,
+                reason=reason,
+            )
+            batch.replay = items
+            # http targets answer while this transaction holds the rows
+            calls = [i for i in items if isinstance(i.target, HttpTarget)]
+            if calls:
+                batch.deliveries = await deliver_all(http, conn, calls)
+            outcome = await apply(conn, batch, settings)
+    except DatabaseError as exc:
+        if exc.broken or batch is None:
+            raise
+        outcome = await settle_split(conn, batch, settings, exc)
+    report(outcome, None, duration=anyio.current_time() - started, manual=True)
+    result.replayed += len(outcome.replayed)
+    result.failed += len(outcome.failed)
+    result.skipped_by_reason["already_replayed"] += outcome.skipped
+    for failed in outcome.failed:
+        if len(result.failures) < MAX_NAMED_FAILURES:
+            result.failures.append((failed.item.row.id, failed.failure.error))
+
+
+@dataclass
+class ParkResult:
+    """Rows an operator parked or unparked, and the ids that could not be."""
+
+    changed: list[UUID]
+    unchanged: list[UUID]
+    state: str  # what the changed rows are now: parked, or new (decided again)
+
+    def to_json(self) -> list[dict[str, str]]:
+        return [{"id": str(i), "state": self.state} for i in self.changed]
+
+
+async def park(
+    conn: Connection, ids: Sequence[UUID], *, actor: str | None, reason: str | None
+) -> ParkResult:
+    """Park pending rows by hand: sticky until a replay or an unpark; logged."""
+    changed = await entries.park(conn, list(dict.fromkeys(ids)), actor, reason)
+    return ParkResult(changed, [i for i in ids if i not in set(changed)], "parked")
+
+
+async def unpark(
+    conn: Connection, ids: Sequence[UUID], *, actor: str | None, reason: str | None
+) -> ParkResult:
+    """Unpark rows parked by hand or by an event: decided again as new rows; logged."""
+    changed = await entries.unpark(conn, list(dict.fromkeys(ids)), actor, reason)
+    return ParkResult(changed, [i for i in ids if i not in set(changed)], "new")
