@@ -336,6 +336,10 @@ class ReplaySettings(_Frozen):
     # a pass woken by a notification starts at least this long after the
     # previous one: wake-ups within it share a pass
     wake_cooldown: Annotated[Duration, _at_most("1s")] = timedelta(0)
+    # express pages (new rows decided and replayed inside Postgres, one
+    # statement per page) for the policies that allow them; false: every row
+    # takes the ordinary path (the same outcomes, row by row)
+    express: bool = True
 
 
 def _validate_schedule(value: object) -> object:

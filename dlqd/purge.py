@@ -10,7 +10,7 @@ the size adapts as it goes: halved after a batch slower than 200 ms, doubled
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
@@ -46,10 +46,12 @@ async def batched(
     params: dict[str, Any],
     *,
     observe: Callable[[int, float], None] | None = None,
+    timed_out: Callable[[int], Awaitable[None]] | None = None,
 ) -> Batched:
     """Call a batch-deleting function until it deletes less than a batch.
 
-    ``observe(deleted, seconds)`` hears of every batch (the benchmark uses it).
+    ``observe(deleted, seconds)`` hears of every batch (the benchmark uses it),
+    ``timed_out(size)`` of every batch that timed out, before the next one.
     """
     lock_timeout = settings.purge.lock_timeout
     statement_timeout = max(lock_timeout * STATEMENT_TIMEOUT_FACTOR, timedelta(seconds=10))
@@ -68,6 +70,8 @@ async def batched(
                 statement_timeout=statement_timeout,
             )
         except StatementTimeout:
+            if timed_out is not None:
+                await timed_out(size)
             if size == 1:
                 raise
             size = max(1, size // 2)  # a batch that times out shrinks; the run goes on
@@ -86,7 +90,11 @@ async def batched(
 
 
 async def purge_rows(
-    conn: Connection, settings: Settings, *, observe: Callable[[int, float], None] | None = None
+    conn: Connection,
+    settings: Settings,
+    *,
+    observe: Callable[[int, float], None] | None = None,
+    timed_out: Callable[[int], Awaitable[None]] | None = None,
 ) -> Batched:
     """job_dlq rows past their retention, through job_dlq_purge."""
     return await batched(
@@ -98,6 +106,7 @@ async def purge_rows(
             "pending_before": settings.purge.pending_retention,
         },
         observe=observe,
+        timed_out=timed_out,
     )
 
 

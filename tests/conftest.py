@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +134,15 @@ def db_url(admin_url: str, template_db: str) -> Iterator[str]:
             admin_url,
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)),
         )
+
+
+@contextmanager
+def refusing_port() -> Iterator[int]:
+    """A local port that refuses connections for as long as it is held: bound,
+    never listening (a port merely freed could be taken by anyone meanwhile)."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield int(held.getsockname()[1])
 
 
 def as_role(url: str, role: str) -> str:

@@ -123,6 +123,17 @@ class DaemonProcess:
                 return float(line.rsplit(" ", 1)[1])
         raise AssertionError(f"metric {name} not exported")
 
+    def pending_metric(self, name: str) -> float | None:
+        """A metric's value, None while it is not exported (or the scrape fails):
+        for waiting on a series to appear, never for an assertion."""
+        status, text = self.http("/metrics")
+        if status != 200:
+            return None
+        for line in text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        return None
+
     def send_signal(self, signum: int = signal.SIGTERM) -> None:
         assert self.process is not None
         self.process.send_signal(signum)

@@ -8,9 +8,8 @@ from pathlib import Path
 import psycopg
 from psycopg.types.json import Jsonb
 
-from tests.conftest import dlqd_cli
+from tests.conftest import dlqd_cli, refusing_port
 from tests.factories import INSERT_MANY, row_json
-from tests.pgcluster import free_port
 
 SECRET = "s3cret-pass-word"
 COLUMNS = {
@@ -176,14 +175,15 @@ def test_invalid_config_exits_78_naming_the_field(tmp_path: Path) -> None:
 
 
 def test_unreachable_database_exits_69_in_one_line_without_password() -> None:
-    url = f"postgresql://dlqd:{SECRET}@127.0.0.1:{free_port()}/dlq"
-    for args in (["check"], ["list"], ["migrate"]):
-        result = dlqd_cli(*args, env={"DLQD_DATABASE_URL": url})
-        assert result.returncode == 69, (args, result.stderr)
-        assert result.stderr.count("\n") == 1
-        assert result.stderr.startswith("dlqd: error: database unreachable at 127.0.0.1:")
-        assert SECRET not in result.stderr + result.stdout
-        assert "Traceback" not in result.stderr
+    with refusing_port() as port:
+        url = f"postgresql://dlqd:{SECRET}@127.0.0.1:{port}/dlq"
+        for args in (["check"], ["list"], ["migrate"]):
+            result = dlqd_cli(*args, env={"DLQD_DATABASE_URL": url})
+            assert result.returncode == 69, (args, result.stderr)
+            assert result.stderr.count("\n") == 1
+            assert result.stderr.startswith("dlqd: error: database unreachable at 127.0.0.1:")
+            assert SECRET not in result.stderr + result.stdout
+            assert "Traceback" not in result.stderr
 
 
 def test_usage_errors_exit_2(db_url: str) -> None:

@@ -7,6 +7,7 @@ import random
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
+from uuid import UUID, uuid4
 
 import anyio
 import psycopg
@@ -285,7 +286,12 @@ async def test_an_express_page_replays_like_the_ordinary_path(
     assert metrics.replays_total.labels("now", "replayed")._value.get() == 9
     assert metrics.parked_total.labels("hold", "policy")._value.get() == 1
     ages = metrics.dlq_to_replay_seconds.labels("now")
-    assert ages._sum.get() >= 0
+    ((total,),) = await fetch(
+        db_url,
+        """SELECT sum(extract(epoch FROM replayed_at - dlq_at))::float8 FROM job_dlq
+            WHERE replayed_at IS NOT NULL""",
+    )
+    assert abs(ages._sum.get() - total) < 1e-6  # the ages Postgres recorded, summed
     assert sum(b.get() for b in ages._buckets) == 9
     durations = metrics.replay_duration_seconds.labels("now")
     assert sum(b.get() for b in durations._buckets) == 9
@@ -618,3 +624,115 @@ async def test_comments_semicolons_and_a_leading_with_run_as_checked(
     assert result.replayed == 3
     assert [e for e in logs if e["log_level"] == "warning"] == []
     assert len(await fetch(db_url, "SELECT * FROM sink")) == 3
+
+
+async def test_express_and_the_ordinary_path_leave_the_same_state(
+    admin_url: str, template_db: str
+) -> None:
+    """The same mixed rows (parks, delays, replays into set-based, per-row and
+    notify targets, a row the sink refuses, an invalid row, unmatched rows)
+    through express pages and with them off: the same job_dlq, schedule,
+    replay log, sink and metrics."""
+    from tests.conftest import _admin_execute, with_dbname
+
+    sink_ddl = """CREATE TABLE sink (dlq_id uuid PRIMARY KEY, type text NOT NULL
+                      CHECK (type <> 'bad.one'), payload jsonb NOT NULL)"""
+    per_row = "INSERT INTO sink (dlq_id, type, payload) VALUES (%(id)s, %(type)s, %(payload)s)"
+    policies = [
+        {"name": "hold", "match": {"type": ["hold.*"]}, "action": "park"},
+        {"name": "later", "match": {"type": ["later.*"]}, "delay": "1d",
+         "backoff": "fixed", "target": {"kind": "sql", "statement": SINK}},
+        {"name": "soon", "match": {"type": ["soon.*"]}, "delay": "1h",
+         "target": {"kind": "sql", "statement": SINK}},
+        {"name": "rowwise", "match": {"type": ["row.*"]}, "max_failures": 1,
+         "target": {"kind": "sql", "statement": per_row}},
+        {"name": "note", "match": {"type": ["note.*"]},
+         "target": {"kind": "notify", "channel": "compare"}},
+        {"name": "now", "match": {"type": ["email.*", "bad.*", "weird.*"]}, "max_failures": 1,
+         "target": {"kind": "sql", "statement": SINK}},
+    ]  # fmt: skip
+    base = datetime(2026, 11, 1, tzinfo=UTC)
+    rows: list[dict[str, Any]] = []
+    kinds = ["hold.x", "later.x", "soon.x", "row.x", "note.x", "email.x", "nomatch"]
+    for n in range(40):
+        # one row the sink refuses: its express page fails and falls back
+        kind = "bad.one" if n == 33 else kinds[n % len(kinds)]
+        rows.append(
+            row_json(
+                original_job_id=f"j{n}",
+                app_id=f"t{n % 3}",
+                type=kind,
+                id=UUID(int=n + 1),
+                dlq_at=base + timedelta(minutes=n),
+            )
+        )
+    states: list[dict[str, Any]] = []
+    for express in (True, False):
+        name = f"dlqd_cmp_{uuid4().hex[:10]}"
+        _admin_execute(
+            admin_url,
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(template_db)
+            ),
+        )
+        url = with_dbname(admin_url, name)
+        try:
+            async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+                await conn.execute(sink_ddl)
+                await conn.execute(INSERT_MANY, {"rows": Jsonb(rows)})
+                # an invalid row: no policy can decide an infinite dlq_at
+                await conn.execute(
+                    """INSERT INTO job_dlq (id, original_job_id, app_id, type, payload,
+                                            error_reason, attempts, dlq_at)
+                       VALUES (%s, 'inf', 't0', 'email.x', '{}', 'timeout', 1, 'infinity')""",
+                    [UUID(int=999)],
+                )
+            current = _settings(url, policies, replay={"batch_size": 7, "express": express})
+            metrics = Metrics()
+            pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+                url, min_size=1, max_size=2,
+                kwargs={"autocommit": True, "row_factory": dict_row}, open=False,
+            )  # fmt: skip
+            await pool.open()
+            try:
+                replayer = replayer_for(pool, current, metrics)
+                with capture_logs() as logs:
+                    for _ in range(6):  # until nothing is left that can move now
+                        await replayer.run_once(full=True)
+                assert bool(express_batches(logs)) is express
+            finally:
+                await pool.close()
+            states.append(await _full_state(url, metrics))
+        finally:
+            _admin_execute(
+                admin_url,
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)),
+            )
+    with_express, ordinary = states
+    for part in with_express:
+        assert with_express[part] == ordinary[part], part
+    # and the mix did what it says: every kind of outcome is there
+    outcomes = {(policy, outcome) for _, policy, outcome, _, _ in with_express["log"]}
+    assert {("now", "replayed"), ("now", "failed"), ("now", "parked"), ("note", "replayed"),
+            ("rowwise", "replayed"), ("soon", "replayed")} <= outcomes  # fmt: skip
+
+
+async def _full_state(url: str, metrics: Metrics) -> dict[str, Any]:
+    """What both paths must agree on, without the times they ran at."""
+    queries = {
+        "job_dlq": "SELECT id, replayed_at IS NOT NULL FROM job_dlq ORDER BY id",
+        "schedule": """SELECT dlq_id, state, policy, due_at, failures, last_error, parked_reason
+                         FROM dlqd_entry_state ORDER BY dlq_id""",
+        "log": """SELECT dlq_id, policy, outcome, error, manual FROM dlqd_replay_log
+                   ORDER BY dlq_id, id""",
+        "sink": "SELECT dlq_id, type, payload FROM sink ORDER BY dlq_id",
+        "inbox": "SELECT dlq_id FROM dlqd_inbox ORDER BY dlq_id",
+    }
+    state: dict[str, Any] = {name: await fetch(url, text) for name, text in queries.items()}
+    exposition = generate_latest(metrics.registry).decode()
+    state["metrics"] = sorted(
+        line
+        for line in exposition.splitlines()
+        if line.startswith(("dlqd_replays_total{", "dlqd_parked_total{"))
+    )
+    return state

@@ -229,32 +229,30 @@ async def test_a_batch_that_times_out_shrinks_and_the_run_goes_on(
         dlqd_url, autocommit=True, row_factory=dict_row, application_name="purge-under-test"
     )
     result: list[Any] = []
-
     sizes: list[int] = []
+    timeouts: list[int] = []
+
+    async def timed_out(size: int) -> None:
+        timeouts.append(size)
+        if len(timeouts) == 2:
+            await blocker.rollback()  # the next batch finds the table free
 
     async def purge() -> None:
-        result.append(await purge_rows(purger, settings, observe=lambda n, _: sizes.append(n)))
-
-    waits: set[Any] = set()
-
-    async def two_timeouts() -> bool:
-        cur = await owner_conn.execute(
-            """SELECT query_start FROM pg_stat_activity
-                WHERE application_name = 'purge-under-test' AND wait_event_type = 'Lock'"""
+        result.append(
+            await purge_rows(
+                purger, settings, observe=lambda n, _: sizes.append(n), timed_out=timed_out
+            )
         )
-        waits.update(row["query_start"] for row in await cur.fetchall())
-        return len(waits) >= 3  # the third attempt waits: two have timed out
 
     try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(purge)
-            await wait_until(two_timeouts, within=30, interval=0.01)
-            await blocker.rollback()
+        with anyio.fail_after(60):
+            await purge()
     finally:
         await blocker.close()
         await purger.close()
     [batched] = result
     assert batched.deleted == 20
+    assert timeouts == [8, 4]
     assert sizes[0] == 2  # 8 → 4 → 2 after two lock timeouts; then it grows back
 
 

@@ -12,16 +12,22 @@ tenant_label.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import anyio
 import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dlqd import __version__
+from dlqd.db.connector import connect
+from dlqd.db.migrations import migrate
+from dlqd.db.queries import sql_dir
 from tests.daemon_helpers import SINK_STATEMENT, DaemonProcess, scalar, wait_until, write_config
 from tests.factories import row_json
+from tests.pgcluster import Cluster
 from tests.test_poison import insert_rows, start
 
 pytestmark = pytest.mark.anyio
@@ -40,7 +46,11 @@ def samples(daemon: DaemonProcess) -> Samples:
 
 
 def value(scraped: Samples, name: str, **labels: str) -> float:
-    return scraped.get((name, frozenset(labels.items())), 0.0)
+    """A sample of the scrape; a series that is missing fails the test (it is
+    never taken for 0)."""
+    key = (name, frozenset(labels.items()))
+    assert key in scraped, f"no sample {name}{labels} in the scrape"
+    return scraped[key]
 
 
 def series(scraped: Samples, name: str) -> dict[frozenset[tuple[str, str]], float]:
@@ -277,9 +287,32 @@ async def test_tenant_label_off_merges_tenants(
     assert "tenant-" not in text  # no tenant name anywhere in the exposition
 
 
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[str]:
+    """A migrated database on a throwaway cluster of this test's own: the NOTIFY
+    queue is server-wide, and the machine's server is shared by tests running
+    side by side (and filling it would slow theirs)."""
+    with Cluster.create() as cluster:
+        with psycopg.connect(cluster.url(), autocommit=True) as conn:
+            conn.execute("CREATE DATABASE queue")
+        url = cluster.url("queue")
+
+        async def prepare() -> None:
+            conn = await connect(url, autocommit=True)
+            try:
+                await migrate(conn)
+                await conn.execute((sql_dir() / "roles.sql").read_text().encode())
+            finally:
+                await conn.close()
+
+        anyio.run(prepare)
+        yield url
+
+
 async def test_notification_queue_usage_is_the_servers(
-    sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
+    own_server: str, tmp_path: Path, daemons: list[DaemonProcess]
 ) -> None:
+    sink_db = own_server
     cfg = collector_config(tmp_path)
     daemon = await start(daemons, sink_db, cfg, tmp_path)
     assert value(samples(daemon), "dlqd_notification_queue_usage_ratio") == 0

@@ -11,10 +11,9 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from tests.conftest import as_role, dlqd_cli
+from tests.conftest import as_role, dlqd_cli, refusing_port
 from tests.daemon_helpers import SINK_DDL, SINK_STATEMENT, write_config
 from tests.factories import INSERT_MANY, row_json
-from tests.pgcluster import free_port
 
 
 def seed(db_url: str, rows: list[dict[str, object]]) -> None:
@@ -292,9 +291,10 @@ def test_run_and_check_refuse_an_unmigrated_database(empty_db_url: str) -> None:
 
 
 def test_run_exit_codes(tmp_path: Path, db_url: str) -> None:
-    unreachable = dlqd_cli(
-        "run", env={"DLQD_DATABASE_URL": f"postgresql://u:pw-secret@127.0.0.1:{free_port()}/x"}
-    )
+    with refusing_port() as port:
+        unreachable = dlqd_cli(
+            "run", env={"DLQD_DATABASE_URL": f"postgresql://u:pw-secret@127.0.0.1:{port}/x"}
+        )
     assert unreachable.returncode == 69
     assert "pw-secret" not in unreachable.stderr
     assert unreachable.stderr.startswith("dlqd: error: database unreachable")

@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -46,6 +47,35 @@ def pgbouncer(sink_db: str) -> Iterator[str]:
     folder = Path(tempfile.mkdtemp(prefix="dlqd-pgbouncer-"))
     folder.chmod(0o755)
     (folder / "users.txt").write_text('"dlqd" ""\n')
+    log_path = folder / "pgbouncer.log"
+    log = log_path.open("wb")
+    process, url = _start_pgbouncer(folder, server, sink_db, log)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with psycopg.connect(url, connect_timeout=2, prepare_threshold=None):
+                    break
+            except psycopg.OperationalError:
+                log.flush()
+                if process.poll() is not None and "in use" in log_path.read_text(errors="replace"):
+                    # the port picked was taken before PgBouncer bound it: another one
+                    process, url = _start_pgbouncer(folder, server, sink_db, log)
+                    continue
+                failed = process.poll() is not None or time.monotonic() > deadline
+                assert not failed, log_path.read_text()
+                time.sleep(0.05)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        log.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _start_pgbouncer(
+    folder: Path, server: dict[str, Any], sink_db: str, log: Any
+) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
     (folder / "pgbouncer.ini").write_text(
         f"""[databases]
@@ -62,30 +92,12 @@ max_client_conn = 100
 ignore_startup_parameters = extra_float_digits,options
 """
     )
-    log = (folder / "pgbouncer.log").open("wb")
     process = subprocess.Popen(
         [RUNUSER, "-u", "postgres", "--", PGBOUNCER, str(folder / "pgbouncer.ini")],
         stdout=log,
         stderr=log,
     )
-    url = make_conninfo(as_role(sink_db, "dlqd"), host="127.0.0.1", port=str(port))
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with psycopg.connect(url, connect_timeout=2, prepare_threshold=None):
-                    break
-            except psycopg.OperationalError:
-                log.flush()
-                failed = process.poll() is not None or time.monotonic() > deadline
-                assert not failed, (folder / "pgbouncer.log").read_text()
-                time.sleep(0.05)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        log.close()
-        shutil.rmtree(folder, ignore_errors=True)
+    return process, make_conninfo(as_role(sink_db, "dlqd"), host="127.0.0.1", port=str(port))
 
 
 async def test_behind_a_pooler_that_drops_prepared_statements_dlqd_runs_without_them(

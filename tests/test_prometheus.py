@@ -71,15 +71,19 @@ class Prometheus:
         }
         path = workdir / "prometheus.yml"
         path.write_text(yaml.safe_dump(config))
-        self.log = (workdir / "prometheus.log").open("wb")
-        self.process = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={path}",
-                f"--storage.tsdb.path={workdir / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-                "--web.enable-lifecycle",
-            ],
+        self.log_path = workdir / "prometheus.log"
+        self.log = self.log_path.open("wb")
+        self.command = [
+            binary,
+            f"--config.file={path}",
+            f"--storage.tsdb.path={workdir / 'tsdb'}",
+            "--web.enable-lifecycle",
+        ]
+        self.process = self._start()
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [*self.command, f"--web.listen-address=127.0.0.1:{self.port}"],
             stdout=self.log,
             stderr=self.log,
         )
@@ -91,6 +95,13 @@ class Prometheus:
 
     def ready(self) -> bool:
         if self.process.poll() is not None:
+            self.log.flush()
+            if "address already in use" in self.log_path.read_text(errors="replace"):
+                # the port picked was taken before Prometheus bound it: another one
+                self.log.truncate(0)
+                self.port = _free_port()
+                self.process = self._start()
+                return False
             raise AssertionError(f"prometheus exited {self.process.returncode}")
         try:
             return httpx.get(f"http://127.0.0.1:{self.port}/-/ready", timeout=5).status_code == 200

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from typing import Any
 
 import anyio
@@ -223,8 +224,11 @@ async def test_replay_timeouts_stay_inside_each_transaction(
     replayer = Replayer(pool, lambda: current, Metrics(), Throttle(), anyio.Event())
     await insert(db_url, "t", 2)
     assert (await replayer.run_once(full=True)).replayed == 2
-    for _ in range(2):  # every connection of the pool
-        async with pool.connection() as conn:
+    # every connection of the pool at once (one after the other could be the same)
+    async with AsyncExitStack() as stack:
+        conns = [await stack.enter_async_context(pool.connection()) for _ in range(pool.max_size)]
+        assert len({id(c) for c in conns}) == pool.max_size
+        for conn in conns:
             cur = await conn.execute(
                 "SELECT current_setting('statement_timeout') AS s, "
                 "current_setting('lock_timeout') AS l"

@@ -133,6 +133,8 @@ def plan(settings: Settings, age_buckets: Sequence[float]) -> ExpressPlan | None
     Each target that due rows go to runs once per page, over its own policies'
     rows (a ``replayed`` of its own).
     """
+    if not settings.replay.express:
+        return None
     kinds = [express_kind(p, settings) for p in settings.policies]
     if not any(kinds):
         return None
