@@ -8,8 +8,6 @@ row (``invalid_row``) and leaves the others untouched.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
-from typing import Literal
 from uuid import UUID
 
 from dlqd.config import Policy, Settings
@@ -130,11 +128,11 @@ def _decide_one(
             )
         return True
     if isinstance(decision, Unmatched):
-        batch.states[row.id] = _state(row, "unmatched", None)
+        batch.states[row.id] = StateRow.of(row, "unmatched", None)
         batch.decisions.append(Decision(row, None, "unmatched"))
     elif isinstance(decision, Park) and decision.reason == "policy":
         name = decision.policy.name
-        batch.states[row.id] = _state(row, "parked_policy", name)
+        batch.states[row.id] = StateRow.of(row, "parked_policy", name)
         # counted when a row becomes parked, not each time it is looked at again
         if not (row.state == "parked_policy" and row.scheduled_policy == name):
             batch.policy_parked.append(name)
@@ -148,28 +146,11 @@ def _decide_one(
         batch.replay.append(Item(row, decision.policy, target, decision.due_at))
     else:
         name = decision.policy.name
-        batch.states[row.id] = _state(row, "waiting", name, decision.due_at)
+        batch.states[row.id] = StateRow.of(row, "waiting", name, decision.due_at)
         batch.decisions.append(
             Decision(row, name, "scheduled", {"due_at": decision.due_at.isoformat()})
         )
     return False
-
-
-def _state(
-    row: Candidate,
-    state: Literal["waiting", "parked_policy", "unmatched"],
-    policy: str | None,
-    due_at: datetime | None = None,
-) -> StateRow:
-    """A schedule row that keeps the row's failure history."""
-    return StateRow(
-        state,
-        policy,
-        due_at=due_at,
-        failures=row.failures,
-        last_error=row.last_error,
-        last_failure_at=row.last_failure_at,
-    )
 
 
 def _park_max_replays(batch: Batch, row: Candidate, policy: Policy) -> None:
