@@ -324,9 +324,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     handler = _HANDLERS[args.command]
     try:
+        _utf8_arguments(args)
         settings = load_settings(args.config)
-        # logs go to stderr, so --json output on stdout stays one document
-        configure_logging(settings.log_format, settings.log_level)
+        # logs go to stderr, so --json output on stdout stays one document; a
+        # command other than `run` prints its own results: its log stream says
+        # only errors, unless a level was asked for (config or DLQD_LOG_LEVEL)
+        level = settings.log_level
+        if args.command != "run" and "log_level" not in settings.model_fields_set:
+            level = "error"
+        configure_logging(settings.log_format, level)
         return anyio.run(_unwrapping_groups, handler, args, settings)
     except DlqdError as exc:
         if args.debug:
@@ -344,6 +350,28 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def _utf8_arguments(args: argparse.Namespace) -> None:
+    """Arguments are decoded with surrogate escapes: one that is not valid UTF-8
+    (it reaches nothing but a usage error)."""
+    from dlqd.errors import UsageError
+
+    for name, value in vars(args).items():
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str) and not _is_utf8(text):
+                flag = "--" + name.replace("_", "-") if name != "ids" else "ID"
+                raise UsageError(
+                    f"{flag}: {text.encode('utf-8', 'replace')[:40]!r} is not valid UTF-8"
+                )
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 async def _unwrapping_groups(handler: Handler, args: argparse.Namespace, settings: Settings) -> int:
@@ -699,6 +727,10 @@ def _actor() -> str:
     import os
 
     if actor := os.environ.get("DLQD_ACTOR"):
+        if not _is_utf8(actor):
+            from dlqd.errors import UsageError
+
+            raise UsageError("DLQD_ACTOR is not valid UTF-8")
         return actor
     try:
         return getpass.getuser()

@@ -545,11 +545,35 @@ def describe_validation_error(error: ValidationError) -> str:
     return "; ".join(messages)
 
 
+#: DLQD_ variables that are not settings (the config file, the operator's name,
+#: the binaries of throwaway clusters, the test suite's own)
+OTHER_VARIABLES = frozenset({"DLQD_CONFIG", "DLQD_ACTOR", "DLQD_PG_BINDIR"})
+OTHER_PREFIXES = ("DLQD_TEST_",)
+
+
+def _refuse_unknown_variables() -> None:
+    """A ``DLQD_`` variable that names no setting is a typo (nested keys are
+    checked by the settings themselves: ``extra="forbid"``)."""
+    import difflib
+
+    known = {f"DLQD_{name.upper()}" for name in Settings.model_fields}
+    for variable in os.environ:
+        if not variable.startswith("DLQD_") or variable in OTHER_VARIABLES:
+            continue
+        if variable.startswith(OTHER_PREFIXES) or variable.split("__", 1)[0] in known:
+            continue
+        close = difflib.get_close_matches(variable, sorted(known | OTHER_VARIABLES), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"invalid configuration: {variable}: is not a known setting{hint}")
+
+
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
     """Read the configuration, raising :class:`ConfigError` with a one-line reason."""
     path_text = str(config_file) if config_file is not None else os.environ.get("DLQD_CONFIG")
     path = Path(path_text) if path_text else None
     if path is not None:
+        if path.is_dir():
+            raise ConfigError(f"config file {path}: is a directory")
         if not path.is_file():
             raise ConfigError(f"config file {path}: not found")
         try:
@@ -563,6 +587,7 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
             raise ConfigError(f"config file {path}: invalid TOML: not UTF-8 text") from None
         except OSError as exc:
             raise ConfigError(f"config file {path}: {exc.strerror}") from None
+    _refuse_unknown_variables()
     _CONFIG_FILE["path"] = path
     try:
         return Settings(**overrides)

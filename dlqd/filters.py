@@ -115,6 +115,10 @@ def _escape_in_bracket(ch: str) -> str:
     return "\\" + ch if ch in "\\^]-[" else ch
 
 
+#: a glob longer than this is no filter anyone typed (keys are at most 2048 bytes)
+MAX_GLOB = 1000
+
+
 @dataclass(frozen=True, slots=True)
 class PendingFilter:
     """Globs on the key columns (OR within a field, AND across fields), as in
@@ -125,6 +129,16 @@ class PendingFilter:
     error_reason: tuple[str, ...] = ()
     state: tuple[str, ...] = ()
     policy: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for flag, globs in (
+            ("--app-id", self.app_id),
+            ("--type", self.type),
+            ("--error-reason", self.error_reason),
+            ("--policy", self.policy),
+        ):
+            if any(len(g) > MAX_GLOB for g in globs):
+                raise UsageError(f"{flag}: a glob is at most {MAX_GLOB} characters")
 
     def params(self) -> dict[str, list[str] | None]:
         return {

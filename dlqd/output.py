@@ -26,8 +26,15 @@ def print_json(document: object, out: TextIO | None = None) -> None:
 
 _CONTROL = {i: f"\\x{i:02x}" for i in [*range(0x20), 0x7F]}
 _CONTROL.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
-# C1 controls (U+0080-U+009F) start terminal escape sequences too
+# C1 controls (U+0080-U+009F) start terminal escape sequences too; bidi
+# controls reorder what a terminal shows ("txt.exe" read as "exe.txt")
 _CONTROL.update({i: f"\\u{i:04x}" for i in range(0x80, 0xA0)})
+_CONTROL.update(
+    {
+        i: f"\\u{i:04x}"
+        for i in (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))
+    }
+)
 
 
 def safe(text: str) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import psycopg
 
-from dlqd.db.connector import Connection
+from dlqd.db.connector import Connection, translated
 from dlqd.db.queries import q, sql_dir
 from dlqd.errors import MigrationError, SchemaOutdated
 
@@ -92,6 +92,7 @@ async def _take_migration_lock(
         await anyio.sleep(min(0.5, max(0.0, deadline - now)))
 
 
+@translated
 async def migrate(
     conn: Connection,
     *,
@@ -157,6 +158,7 @@ async def migrate(
             await conn.execute(q("migrations_unlock"))
 
 
+@translated
 async def missing_migrations(conn: Connection) -> list[Migration]:
     """Migrations not applied yet (all of them on a database never migrated)."""
     cur = await conn.execute(q("migrations_table_exists"))
