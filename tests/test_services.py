@@ -88,3 +88,40 @@ async def test_a_failing_round_never_ends_a_service() -> None:
         assert service.last_result == 2
         assert service.signals.failed.count == 1
         tg.cancel_scope.cancel()
+
+
+async def test_the_sweep_probes_indexes_whatever_the_statistics_say(
+    db_url: str, dlqd_url: str, pool: AsyncConnectionPool[Any]
+) -> None:
+    """Issue 18 finding 14: with statistics from a quiet day (an empty inbox),
+    then 30,000 new rows, the sweep was planned as a nested loop over a
+    materialised inbox (15 s; minutes in a drain). Its page is index probes,
+    whatever the statistics, and it moves exactly the rows without an entry."""
+    from dlqd.db.queries import q
+
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        await conn.execute("ANALYZE job_dlq, dlqd_inbox, dlqd_entry_state")  # all empty
+        await conn.execute(
+            """INSERT INTO job_dlq (original_job_id, app_id, type, payload, error_reason, attempts)
+               SELECT 'burst' || g, 'a', 't', '{}', 'r', 1 FROM generate_series(1, 30000) g"""
+        )
+        await conn.execute("SET session_replication_role = replica")  # a restore: no trigger
+        await conn.execute(
+            """INSERT INTO job_dlq (original_job_id, app_id, type, payload, error_reason, attempts)
+               SELECT 'restored' || g, 'a', 't', '{}', 'r', 1 FROM generate_series(1, 500) g"""
+        )
+    async with await psycopg.AsyncConnection.connect(dlqd_url, row_factory=dict_row) as conn:
+        await conn.execute(q("sweep_plans"), {"statement_timeout": "10s", "lock_timeout": "2s"})
+        cur = await conn.execute(
+            b"EXPLAIN " + q("enqueue_orphans").encode(),
+            {"after_dlq_at": None, "after_id": None, "limit": 10_000},
+        )
+        plan = "\n".join(row["QUERY PLAN"] for row in await cur.fetchall())
+    assert "Seq Scan on dlqd_inbox" not in plan, plan
+    assert "Seq Scan on dlqd_entry_state" not in plan, plan
+    assert "Materialize" not in plan, plan
+    assert "dlqd_inbox_dlq_id_key" in plan, plan  # the inbox, probed by its unique index
+    settings = load_settings(database_url=dlqd_url)
+    sweeper = Sweeper(pool, lambda: settings, Wakeup())
+    assert await sweeper.run_once() == 500
+    assert await sweeper.run_once() == 0  # the next round finds nothing more

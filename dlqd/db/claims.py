@@ -7,11 +7,12 @@ Every claim returns *narrow* rows (``dlqd.replay.rows.Candidate``), locked
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from dlqd.db.connector import Connection, translated
+from dlqd.db.connector import Connection, transaction, translated
 from dlqd.db.queries import q
 
 Row = dict[str, Any]
@@ -95,8 +96,36 @@ async def delete_inbox(conn: Connection, seqs: Sequence[int]) -> None:
     await conn.execute(q("delete_inbox"), {"seqs": list(seqs)})
 
 
+@dataclass(frozen=True, slots=True)
+class Swept:
+    moved: int  # rows put into the inbox
+    scanned: int  # pending rows looked at
+    after: tuple[str | None, UUID | None]  # the page's last key (where the next one starts)
+
+
 @translated
-async def enqueue_orphans(conn: Connection) -> int:
-    """Pending rows with neither inbox entry nor schedule, into the inbox; how many."""
-    cur = await conn.execute(q("enqueue_orphans"))
-    return max(0, int(cur.rowcount))
+async def enqueue_orphans(
+    conn: Connection,
+    after: tuple[str | None, UUID | None],
+    limit: int,
+    *,
+    statement_timeout: timedelta,
+    lock_timeout: timedelta,
+) -> Swept:
+    """One page of the pending set after ``after``: its rows with neither inbox
+    entry nor schedule go to the inbox, in a transaction of its own."""
+    async with transaction(conn):
+        await conn.execute(
+            q("sweep_plans"),
+            {"statement_timeout": _ms(statement_timeout), "lock_timeout": _ms(lock_timeout)},
+        )
+        cur = await conn.execute(
+            q("enqueue_orphans"), {"after_dlq_at": after[0], "after_id": after[1], "limit": limit}
+        )
+        row = await cur.fetchone()
+    assert row is not None  # noqa: S101 - an aggregate row always comes back
+    return Swept(int(row["moved"]), int(row["scanned"]), (row["last_dlq_at"], row["last_id"]))
+
+
+def _ms(value: timedelta) -> str:
+    return f"{max(1, round(value.total_seconds() * 1000))}ms"

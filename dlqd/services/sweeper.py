@@ -2,19 +2,31 @@
 
 A restore with ``session_replication_role = replica`` or a disabled trigger
 writes rows with no inbox entry and no notification. Every poll interval the
-sweeper moves pending rows with neither inbox entry nor schedule into the
-inbox and wakes the replayers.
+sweeper walks the pending set in keyset pages (each row probed in two
+indexes: no plan can make it quadratic), for at most ``RUN_BUDGET`` seconds a
+round, going on from where it stopped in the next round; the rows with
+neither inbox entry nor schedule go into the inbox, and the replayers wake.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
+from uuid import UUID
+
+import anyio
 
 from dlqd.config import Settings
 from dlqd.db import claims
 from dlqd.db.connector import Pool, pooled
 from dlqd.services.base import PeriodicService
 from dlqd.wake import Wakeup
+
+#: pending rows a page of the sweep looks at
+PAGE = 10_000
+#: seconds a round sweeps before it lets the next round go on
+RUN_BUDGET = 2.0
+STATEMENT_TIMEOUT = timedelta(seconds=10)
 
 
 class Sweeper(PeriodicService[int]):
@@ -27,13 +39,30 @@ class Sweeper(PeriodicService[int]):
         self.pool = pool
         self.settings = settings
         self.wakeup = wakeup
+        # where the next page starts (None: the pending set's beginning)
+        self.after: tuple[str | None, UUID | None] = (None, None)
 
     def interval(self) -> float:
         return self.settings().listen.poll_interval.total_seconds()
 
     async def run_once(self) -> int:
+        settings = self.settings()
+        moved = 0
+        deadline = anyio.current_time() + RUN_BUDGET
         async with pooled(self.pool) as conn:
-            moved = await claims.enqueue_orphans(conn)
+            while anyio.current_time() < deadline:
+                page = await claims.enqueue_orphans(
+                    conn,
+                    self.after,
+                    PAGE,
+                    statement_timeout=STATEMENT_TIMEOUT,
+                    lock_timeout=settings.replay.lock_timeout,
+                )
+                moved += page.moved
+                if page.scanned < PAGE:
+                    self.after = (None, None)  # the whole set swept: from the start next time
+                    break
+                self.after = page.after
         if moved:
             self.log.warning("rows found without an inbox entry", rows=moved)
             self.wakeup.set()
