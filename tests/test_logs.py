@@ -86,3 +86,21 @@ async def test_a_reload_does_not_count_parked_rows_again(
 
     await wait_until(re_evaluated, within=30)
     assert daemon.metric(parked) == 5  # the same rows, parked once: counted once
+
+
+def test_repeated_lines_are_held_back_and_counted() -> None:
+    """Issue 18 finding 15: one line per kind per interval; the next one says
+    how many were held back."""
+    import time
+
+    from dlqd.logs import RepeatLimiter
+
+    limiter = RepeatLimiter(interval=0.2)
+    kind = ("asyncio", "socket.accept() out of system resource")
+    assert limiter.allow(kind) == 0
+    assert [limiter.allow(kind) for _ in range(1000)] == [None] * 1000
+    assert limiter.allow(("asyncio", "another kind")) == 0  # kinds are counted apart
+    deadline = time.monotonic() + 5
+    while (held := limiter.allow(kind)) is None:
+        assert time.monotonic() < deadline
+    assert held >= 1000

@@ -516,6 +516,51 @@ async def test_idle_clients_beyond_the_fd_limit_never_kill_the_daemon(
         daemon.stop()
 
 
+async def test_reconnecting_clients_beyond_the_fd_limit_do_not_flood_the_log(
+    sink_db: str, tmp_path: Path
+) -> None:
+    """Issue 18 finding 15: 300 idle, reconnecting clients against a daemon with
+    few descriptors wrote 317,000 log lines in 60 s. Repeated errors are one
+    line per kind per interval, with a count."""
+    daemon = DaemonProcess(as_role(sink_db, "dlqd"), config(tmp_path, SINK_POLICY), tmp_path)
+    log = daemon.log_path.open("ab")
+    daemon.process = subprocess.Popen(  # noqa: ASYNC220 - started once, not awaited
+        [sys.executable, "-m", "dlqd", "run", "--config", str(daemon.config)],
+        env=daemon.env,
+        stdout=log,
+        stderr=log,
+        cwd=ROOT,
+        preexec_fn=_low_fd_limit,  # noqa: PLW1509 - the daemon's own limit, set before exec
+    )
+    log.close()
+    try:
+        await daemon.wait_ready()
+        before = len(daemon.logs().splitlines())
+        stop = anyio.Event()
+
+        async def client() -> None:
+            while not stop.is_set():
+                with contextlib.suppress(OSError):
+                    stream = await anyio.connect_tcp("127.0.0.1", daemon.port)
+                    await anyio.sleep(0.5)
+                    await stream.aclose()
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(300):
+                tg.start_soon(client)
+            with anyio.move_on_after(10):  # the flood's length, not a wait for a result
+                await stop.wait()
+            stop.set()
+        lines = daemon.logs().splitlines()[before:]
+        print(f"{len(lines)} log lines in 10 s of 300 reconnecting clients")
+        assert daemon.process.poll() is None
+        assert len(lines) < 300  # one line per kind per 10 s (test_logs: with the count)
+        await insert_rows(sink_db, [row_json(original_job_id="after the flood")])
+        await wait_until(lambda: _sunk(sink_db, 1), within=30)
+    finally:
+        daemon.stop()
+
+
 async def test_a_notification_flood_costs_a_bounded_number_of_passes(
     sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
 ) -> None:
