@@ -134,6 +134,12 @@ class Metrics:
             "Unix time of the last successful purge.",
             registry=r,
         )
+        self.purge_due_timestamp_seconds = Gauge(
+            "dlqd_purge_due_timestamp_seconds",
+            "Unix time of the scheduled purge run that is due next; kept while runs fail, "
+            "moved on by a success (0 where this replica is not the leader).",
+            registry=r,
+        )
         self.leader = Gauge(
             "dlqd_leader", "1 on the replica that is the leader (it runs the purge).", registry=r
         )

@@ -189,10 +189,13 @@ async def test_the_purge_runs_on_the_leader_only(
     assert runs
     assert runs[0]["deleted"] == 25
     assert runs[0]["log_trimmed"] == 4
+    # the next run is due within the schedule's second (issue 18 finding 9)
+    assert time.time() - 5 < leader.metric("dlqd_purge_due_timestamp_seconds") < time.time() + 5
     for daemon in daemons:
         if daemon is not leader:
             assert not any(e.get("event") == "purge" for e in daemon.events())
             assert daemon.metric('dlqd_purge_runs_total{outcome="success"}') == 0
+            assert daemon.metric("dlqd_purge_due_timestamp_seconds") == 0
 
 
 def test_cron_schedule_times() -> None:

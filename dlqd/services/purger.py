@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import anyio
+from anyio.abc import TaskStatus
 
 from dlqd.config import Settings, parse_duration
 from dlqd.db.connector import Pool, pooled
@@ -63,10 +64,20 @@ class Purger(PeriodicService[PurgeResult]):
         return min(FIRST_RUN_DELAY, interval) if first else interval
 
     def first_delay(self) -> float:
-        return self._until_next(first=True)
+        delay = self._until_next(first=True)
+        self.metrics.purge_due_timestamp_seconds.set(time.time() + delay)
+        return delay
 
     def interval(self) -> float:
         return self._until_next(first=False)
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """The service's loop; the due time is this replica's only while it runs
+        (the leader's)."""
+        try:
+            await super().run(task_status=task_status)
+        finally:
+            self.metrics.purge_due_timestamp_seconds.set(0)
 
     async def run_once(self) -> PurgeResult:
         settings = self.settings()
@@ -82,6 +93,8 @@ class Purger(PeriodicService[PurgeResult]):
         self.metrics.purged_entries_total.inc(rows.deleted)
         self.metrics.purge_runs_total.labels("success").inc()
         self.metrics.last_purge_success_timestamp_seconds.set(time.time())
+        # the next scheduled run is due now (a failing one keeps the old time)
+        self.metrics.purge_due_timestamp_seconds.set(time.time() + self.interval())
         self.log.info(
             "purge",
             deleted=rows.deleted,
