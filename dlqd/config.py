@@ -89,6 +89,8 @@ def parse_duration(value: object) -> timedelta:
 
 def format_duration(value: timedelta) -> str:
     seconds = value.total_seconds()
+    if seconds == 0:
+        return "0s"
     for unit in ("d", "h", "m", "s"):
         size = _UNIT_SECONDS[unit]
         if seconds >= size and seconds % size == 0:
@@ -170,17 +172,23 @@ GlobList = Annotated[list[str], BeforeValidator(_as_list)]
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # each field's docstring is its description: docs/configuration.md is made of them
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
 
 class Match(_Frozen):
     """Which rows a policy applies to: AND across fields, OR within a list."""
 
     app_id: GlobList | None = None
+    """Tenants this policy applies to: exact values or shell globs (any of them)."""
     type: GlobList | None = None
+    """Job types, e.g. `email.*`: exact values or shell globs (any of them)."""
     error_reason: GlobList | None = None
+    """Error reasons, e.g. `timeout`: exact values or shell globs (any of them)."""
     min_attempts: int | None = Field(default=None, ge=0)
+    """Rows dead-lettered after at least this many attempts."""
     max_attempts: int | None = Field(default=None, ge=0)
+    """Rows dead-lettered after at most this many attempts."""
 
     @model_validator(mode="after")
     def _attempts_range(self) -> Match:
@@ -199,7 +207,12 @@ _PLACEHOLDER_RE = re.compile(r"%%|%\((\w+)\)s")
 
 class SqlTarget(_Frozen):
     kind: Literal["sql"]
+    """`sql`: a statement run in the transaction that marks the row replayed (exactly once)."""
     statement: str = Field(min_length=1)
+    """One SELECT, INSERT, UPDATE, DELETE or MERGE: per row with `%(column)s` placeholders of
+    job_dlq columns, or once per batch over the relation `replayed` (no placeholder). A literal
+    `%` is `%%`.
+    """
 
     @field_validator("statement")
     @classmethod
@@ -218,10 +231,15 @@ class SqlTarget(_Frozen):
 
 class NotifyTarget(_Frozen):
     kind: Literal["notify"]
+    """`notify`: `pg_notify` in the transaction that marks the row replayed."""
     channel: str = Field(min_length=1, max_length=63)
+    """The channel (any role that can connect may LISTEN on it)."""
     # what a message carries: the row's id, original job id, tenant and type
     # (row), or its id alone (id): any role that can connect may LISTEN
     message: Literal["row", "id"] = "row"
+    """`row`: `{"id", "original_job_id", "app_id", "type"}`; `id`: `{"id"}` alone (consumers read
+    the row under their own rights).
+    """
 
 
 def _positive(value: timedelta) -> timedelta:
@@ -232,12 +250,18 @@ def _positive(value: timedelta) -> timedelta:
 
 class HttpTarget(_Frozen):
     kind: Literal["http"]
+    """`http`: POST the row as JSON with `Idempotency-Key: <id>` (at least once)."""
     url: str = Field(pattern=r"^https?://")
+    """`http://` or `https://`; shown redacted (credentials and query values)."""
     # the whole request, however slowly the server answers
     timeout: Annotated[Duration, AfterValidator(_positive)] = timedelta(seconds=10)
+    """The whole request, however slowly the server answers."""
     headers: dict[str, str] = Field(default_factory=dict)
+    """Extra headers; a value `env:NAME` is read from the daemon's environment."""
     max_in_flight: int = Field(default=10, ge=1, le=1000)
+    """Requests to this target at once."""
     tls_verify: bool = True
+    """Verify the server's TLS certificate."""
 
     @model_validator(mode="after")
     def _one_authorization(self) -> HttpTarget:
@@ -263,28 +287,52 @@ Target = Annotated[SqlTarget | NotifyTarget | HttpTarget, Field(discriminator="k
 
 class CircuitBreaker(_Frozen):
     failures: int = Field(default=20, ge=1)
+    """Consecutive failures that say the target is down (then the policy pauses)."""
     cool_down: Duration = timedelta(seconds=30)
+    """How long the policy pauses before one trial row."""
 
 
 class Policy(_Frozen):
     """One ordered policy; the first whose ``match`` fits a row decides."""
 
     name: str = Field(min_length=1)
+    """Unique; named in logs, metrics, the replay log and `--via`."""
     match: Match = Field(default_factory=Match)
+    """Which rows: AND across fields, OR within a list; empty matches every row."""
     action: Literal["replay", "park"] = "replay"
+    """`replay` or `park` (left for a human)."""
     delay: Duration = timedelta(0)
+    """Wait after `dlq_at` before the first replay."""
     backoff: Literal["fixed", "exponential"] = "exponential"
+    """`exponential`: the n-th replay of a job waits `min(max_delay, delay * factor^n)`; `fixed`:
+    `delay`.
+    """
     factor: float = Field(default=2.0, ge=1.0)
+    """The exponential backoff's factor (and of `retry_delay`)."""
     max_delay: Duration = timedelta(hours=1)
+    """The longest wait, of a replay or a retry."""
     jitter: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """± fraction of the wait, from the row id (every replica computes the same time)."""
     retry_delay: Duration = timedelta(seconds=1)
+    """After failed attempt k of a row: `min(max_delay, retry_delay * factor^(k-1))`."""
     max_replays: int | None = Field(default=None, ge=0)
+    """Successful replays of one job (app_id, original_job_id) within `purge.log_retention`; its
+    next return is parked (`max_replays`).
+    """
     max_failures: int = Field(default=10, ge=1)
+    """Failed attempts of one row, after which it is parked (`max_failures`)."""
     rate_limit: Annotated[RateLimit | None, BeforeValidator(parse_rate)] = None
+    """`N/s` or `N/m`, for the whole deployment (a token bucket in Postgres holding one second of
+    tokens).
+    """
     rate_limit_per: Literal["policy", "app_id"] = "policy"
+    """`policy`: one bucket; `app_id`: one per tenant."""
     circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker)
+    """`{ failures = N, cool_down = "30s" }`: pause a target that keeps failing."""
     dry_run: bool = False
+    """Decide, log and count; change nothing."""
     target: Target | None = None
+    """Where rows replay (`sql`, `notify` or `http`); default `replay.default_target`."""
 
 
 def _at_least(text: str) -> AfterValidator:
@@ -317,29 +365,48 @@ Retention = Annotated[Duration, _at_least("1h")]
 
 class ListenSettings(_Frozen):
     enabled: bool = True
+    """LISTEN for inserts; false: poll only (behind a transaction pooler without a direct
+    connection).
+    """
     poll_interval: Interval = timedelta(seconds=30)
+    """The periodic scan and sweep: what a lost notification waits at most."""
     probe_interval: Interval = timedelta(seconds=10)
+    """The listener's self-probe; the leader's lease renews every half of it and lasts 1.5."""
 
 
 class ReplaySettings(_Frozen):
     batch_size: int = Field(default=500, ge=1, le=10000)
+    """Rows a page claims at once."""
     # a target statement runs over at most this many bytes of rows (as stored:
     # payload and error_history), a page replays at most this much (at least
     # one row): huge rows go alone, and never hold up everyone else's
     batch_bytes: Annotated[ByteSize, Field(ge=64 * 1024, le=1024**3)] = 16 * 1024**2
+    """Stored bytes (payload, error history) a target statement runs over, and a page replays, at
+    most; a bigger row goes alone.
+    """
     concurrency: int = Field(default=1, ge=1, le=64)
+    """Claiming workers in this replica."""
     default_target: Target | None = None
+    """The target of policies without one, and of `dlqd replay` of rows no policy with a target
+    matches.
+    """
     # bound every replay transaction: a target blocked on a lock fails the
     # batch (a failed attempt) instead of hanging the replayer
     statement_timeout: Timeout = timedelta(seconds=10)
+    """Bound on every statement of a replay transaction (a target included)."""
     lock_timeout: Timeout = timedelta(seconds=2)
+    """Bound on every lock wait of a replay transaction."""
     # a pass woken by a notification starts at least this long after the
     # previous one: wake-ups within it share a pass
     wake_cooldown: Annotated[Duration, _at_most("1s")] = timedelta(0)
+    """Wake-ups within it share one pass: less CPU for a steady stream, that much latency."""
     # express pages (new rows decided and replayed inside Postgres, one
     # statement per page) for the policies that allow them; false: every row
     # takes the ordinary path (the same outcomes, row by row)
     express: bool = True
+    """Express pages (new rows decided and replayed inside Postgres); false: every row takes the
+    ordinary path.
+    """
 
 
 def _validate_schedule(value: object) -> object:
@@ -368,18 +435,27 @@ def _validate_schedule(value: object) -> object:
 
 class PurgeSettings(_Frozen):
     schedule: Annotated[str, BeforeValidator(_validate_schedule)] = "1h"
+    """An interval (`1h`) or a 5-field cron expression (UTC), on the leader."""
     replayed_retention: Duration = timedelta(days=7)
+    """Replayed rows older than this are deleted."""
     pending_retention: Retention | None = None
+    """Pending rows older than this are deleted (at least `1h`); unset: never."""
     batch_size: int = Field(default=10000, ge=1, le=1_000_000)
+    """Rows a purge batch deletes at most (it adapts below that)."""
     lock_timeout: Timeout = timedelta(seconds=2)
+    """A purge batch waits at most this for a lock (then shrinks)."""
     # replay log rows older than this are trimmed; max_replays counts within it
     log_retention: Retention = timedelta(days=30)
+    """Replay log rows older than this are trimmed; `max_replays` counts within it."""
 
 
 class MetricsSettings(_Frozen):
     refresh_interval: Annotated[Duration, _at_least("1s")] = timedelta(seconds=5)
+    """How often the collector refreshes the gauges (a scrape runs no query)."""
     max_series: int = Field(default=500, ge=1, le=100_000)
+    """Label sets per family; the smallest groups fold into `__other__`."""
     tenant_label: bool = True
+    """The `app_id` label; false where tenants are many."""
 
 
 _HOSTNAME_RE = re.compile(
@@ -396,6 +472,7 @@ class Settings(BaseSettings):
     """dlqd's whole configuration. Read with :func:`load_settings`."""
 
     model_config = SettingsConfigDict(
+        use_attribute_docstrings=True,
         env_prefix="DLQD_",
         env_nested_delimiter="__",
         extra="forbid",
@@ -403,18 +480,35 @@ class Settings(BaseSettings):
     )
 
     database_url: SecretStr
+    """The database (required). A `postgresql://` URL or a libpq string; never logged."""
     listen_database_url: SecretStr | None = None
+    """A direct connection for LISTEN (when `database_url` goes through a transaction pooler);
+    default `database_url`.
+    """
     metrics_host: str = "0.0.0.0"  # noqa: S104 - the metrics endpoint is meant to be scraped
+    """Address of `/metrics`, `/healthz`, `/readyz`."""
     metrics_port: int = Field(default=9464, ge=0, le=65535)
+    """Port of `/metrics`, `/healthz`, `/readyz` (0: any free one)."""
     log_format: Literal["json", "console"] = Field(default_factory=_default_log_format)
+    """`json` or `console`; default json when stderr is not a terminal."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """`debug`, `info`, `warning` or `error`. Commands other than `run` log errors only unless it
+    is set.
+    """
     shutdown_timeout: Duration = timedelta(seconds=30)
+    """SIGTERM: the batch in flight may take this long to finish."""
     dry_run: bool = False
+    """Every policy decides, logs and counts, and changes nothing."""
     listen: ListenSettings = Field(default_factory=ListenSettings)
+    """The LISTEN connection and the periodic scan."""
     replay: ReplaySettings = Field(default_factory=ReplaySettings)
+    """Claiming and replaying."""
     purge: PurgeSettings = Field(default_factory=PurgeSettings)
+    """The scheduled purge (on the leader)."""
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    """The collector behind `/metrics`."""
     policies: list[Policy] = Field(default_factory=list)
+    """Ordered policies: the first that matches a row decides."""
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -88,6 +88,10 @@ def test_the_systemd_unit_speaks_the_daemons_protocol() -> None:
     assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert unit["Restart"] == ["on-failure"]
     assert "78" in unit["RestartPreventExitStatus"][0]  # a bad config does not loop
+    # ... which systemd applies to the main process's exit status alone: a
+    # command before it (ExecStartPre) exiting 78 would restart every RestartSec
+    assert "ExecStartPre" not in unit, unit["ExecStartPre"]
+    assert unit["ExecStart"][0].split()[1:3] == ["run", "--config"]
     assert unit["EnvironmentFile"] == ["/etc/dlqd/dlqd.env"]
     assert "--config /etc/dlqd/dlqd.toml" in unit["ExecStart"][0]
     assert _seconds(unit["WatchdogSec"][0]) >= 10
