@@ -2,6 +2,11 @@
 
 scripts/demo                 # until Ctrl-C
 scripts/demo --duration 20   # stop by itself
+
+With DLQD_DATABASE_URL set, the demo runs on that server in a database of its
+own (``dlqd_demo``, or ``--database NAME``), created at the start and dropped
+at the end (``--keep`` keeps it): it never writes into the database the URL
+names.
 """
 
 from __future__ import annotations
@@ -73,12 +78,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--duration", type=float, help="stop after this many seconds")
     parser.add_argument("--rate", type=float, default=4.0, help="failing jobs per second")
+    parser.add_argument(
+        "--database", default="dlqd_demo", help="with DLQD_DATABASE_URL: the demo's own database"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the demo's database at the end")
     args = parser.parse_args()
 
     with contextlib.ExitStack() as stack:
         url = os.environ.get("DLQD_DATABASE_URL")
         if url:
-            say("using DLQD_DATABASE_URL")
+            url = own_database(url, args.database, keep=args.keep, stack=stack)
+            if url is None:
+                return 1
         else:
             say("no DLQD_DATABASE_URL: starting a throwaway PostgreSQL")
             cluster = stack.enter_context(Cluster.create())
@@ -101,9 +112,12 @@ def main() -> int:
         anyio.run(prepare)
 
         # the contract's default port when free; 0 (or a busy port) picks a free one
-        port = int(os.environ.get("DLQD_METRICS_PORT") or 9464)
+        wanted = int(os.environ.get("DLQD_METRICS_PORT") or 9464)
+        port = wanted
         if port == 0 or not _port_free(port):
             port = free_port()
+            if wanted:
+                say(f"port {wanted} is in use: serving the metrics on {port} instead")
         env = {
             **os.environ,
             "DLQD_DATABASE_URL": url,
@@ -201,10 +215,51 @@ class Stop:
         self.requested = True
 
 
+def own_database(url: str, name: str, *, keep: bool, stack: contextlib.ExitStack) -> str | None:
+    """A database of the demo's own on the server ``url`` names (created anew),
+    dropped at the end unless ``keep``; None (said why) when it cannot be made."""
+    from psycopg import sql
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    from dlqd.db.connector import describe_dsn
+
+    statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+    drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+    server = describe_dsn(url).rsplit("/", 1)[0]
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(drop)
+            conn.execute(statement)
+    except psycopg.Error as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        say(
+            f"the demo runs in a database of its own ({name}), which the role of "
+            f"DLQD_DATABASE_URL cannot create on {server}: {reason}; unset DLQD_DATABASE_URL "
+            "for a throwaway PostgreSQL"
+        )
+        return None
+    if not keep:
+
+        def dropped() -> None:
+            with contextlib.suppress(psycopg.Error), psycopg.connect(url, autocommit=True) as conn:
+                conn.execute(drop)
+
+        stack.callback(dropped)
+    own = make_conninfo(url, dbname=name)
+    say(
+        f"DLQD_DATABASE_URL: the demo's own database {name} on {server}"
+        f" ({'kept' if keep else 'dropped'} at the end); nothing is written to "
+        f"{conninfo_to_dict(url).get('dbname') or 'the database the URL names'}"
+    )
+    return own
+
+
 def _port_free(port: int) -> bool:
     import socket
 
     with socket.socket() as sock:
+        # as the daemon binds: a port in TIME-WAIT after a previous run is free
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:

