@@ -76,8 +76,9 @@ def _repeated_of_record(
 def _limit_repeats(
     logger: Any, method: str, event: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
-    """dlqd's own warnings and errors: one per event and error per interval."""
-    if method not in ("warning", "error", "critical", "exception"):
+    """dlqd's own warnings and errors: one per event and error per interval
+    (a row's own events, with its ``dlq_id``, are never held back)."""
+    if method not in ("warning", "error", "critical", "exception") or "dlq_id" in event:
         return event
     held = _LIMITER.allow((str(event.get("event")), _kind(event.get("error", ""))))
     if held is None:

@@ -77,6 +77,14 @@ WITH candidates AS MATERIALIZED (
            CASE WHEN p.action = 'wait' THEN p.due_at END, 0
       FROM chosen p
      WHERE p.action <> 'replay'
+), parked_logged AS (
+    -- a park policy's rows, logged as the ordinary path logs them
+    INSERT INTO dlqd_replay_log (dlq_id, original_job_id, app_id, policy, outcome, error, manual)
+    SELECT p.id, p.original_job_id, p.app_id, (%(names)s::text[])[p.policy + 1], 'parked',
+           'parked by policy', false
+      FROM chosen p
+     WHERE p.action = 'park'
+     ORDER BY p.seq
 ), marked AS (
     -- marked, unscheduled and logged as every path does (migration 009), in
     -- inbox order; by primary key, whatever the planner thinks of chosen

@@ -265,7 +265,7 @@ async def test_an_express_page_replays_like_the_ordinary_path(
     assert await fetch(
         db_url,
         "SELECT policy, outcome, manual, count(*) FROM dlqd_replay_log GROUP BY 1, 2, 3 ORDER BY 1",
-    ) == [("now", "replayed", False, 9), (None, "parked", False, 1)]
+    ) == [("hold", "parked", False, 1), ("now", "replayed", False, 9), (None, "parked", False, 1)]
     assert await fetch(db_url, "SELECT state, policy FROM dlqd_entry_state ORDER BY state") == [
         ("parked", None),
         ("parked_policy", "hold"),

@@ -30,7 +30,9 @@ from dlqd.replay.rows import Candidate
 from dlqd.replay.targets import Failure, run_isolated, runner_for
 
 Target = SqlTarget | NotifyTarget | HttpTarget
-ParkReason = Literal["max_replays", "max_failures", "invalid_row", "http_4xx"]
+ParkReason = Literal["max_replays", "max_failures", "invalid_row", "http_4xx", "manual"]
+#: the replay log's error of a row a park policy parks (express pages write the same)
+POLICY_PARK = "parked by policy"
 
 
 @dataclass(slots=True)

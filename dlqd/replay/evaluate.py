@@ -13,7 +13,7 @@ from uuid import UUID
 from dlqd.config import Policy, Settings
 from dlqd.errors import error_line
 from dlqd.policy import Park, Unmatched, decide, first_match
-from dlqd.replay.batch import Batch, Decision, Item, StateRow
+from dlqd.replay.batch import POLICY_PARK, Batch, Decision, Item, LogRow, StateRow
 from dlqd.replay.rows import Candidate
 
 JobKey = tuple[str, str]  # (app_id, original_job_id): what max_replays counts
@@ -136,6 +136,7 @@ def _decide_one(
         # counted when a row becomes parked, not each time it is looked at again
         if not (row.state == "parked_policy" and row.scheduled_policy == name):
             batch.policy_parked.append(name)
+            batch.logs.append(LogRow(row.id, name, "parked", POLICY_PARK))
             batch.decisions.append(Decision(row, name, "parked", {"reason": "policy"}))
     elif isinstance(decision, Park):
         _park_max_replays(batch, row, decision.policy)
