@@ -182,11 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     list_.add_argument(
         "--policy", action="append", metavar="NAME", help="rows scheduled or parked by this policy"
-    )
+    ).completer = _policy_names  # type: ignore[attr-defined]
     list_.add_argument("--json", action="store_true", help="one JSON document on stdout")
 
     show = add("show", "one row with its replay history")
-    show.add_argument("id", help="the row's id (a UUID)")
+    show.add_argument("id", help="the row's id (a UUID)").completer = _nothing  # type: ignore[attr-defined]
     show.add_argument("--json", action="store_true", help="one JSON document on stdout")
 
     replay = add(
@@ -197,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
         "replay.default_target. Each chunk is one transaction; a progress bar shows on a "
         "terminal. Exit 1 when a row failed.",
     )
-    replay.add_argument("ids", nargs="*", metavar="ID", help="rows to replay, by id")
+    replay.add_argument(
+        "ids", nargs="*", metavar="ID", help="rows to replay, by id"
+    ).completer = _nothing  # type: ignore[attr-defined]
     _add_filters(replay)
     replay.add_argument("--all", action="store_true", help="every pending row (needs --yes)")
     replay.add_argument(
@@ -211,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--via",
         metavar="POLICY",
         help="replay through this policy's target, whatever policy matches the rows",
-    )
+    ).completer = _policy_names  # type: ignore[attr-defined]
     replay.add_argument(
         "--reason",
         metavar="TEXT",
@@ -236,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
          "Recorded in the replay log with your name and --reason."),
     ):  # fmt: skip
         cmd = add(name, f"{verb} rows by hand", what)
-        cmd.add_argument("ids", nargs="+", metavar="ID", help="rows, by id")
+        cmd.add_argument("ids", nargs="+", metavar="ID", help="rows, by id").completer = _nothing  # type: ignore[attr-defined]
         cmd.add_argument("--reason", metavar="TEXT", help="why, kept in the replay log")
         cmd.add_argument("--json", action="store_true", help="one JSON document on stdout")
 
@@ -249,12 +251,31 @@ def build_parser() -> argparse.ArgumentParser:
         "Which policy matches the row and why the others do not, its replay count, its "
         "recorded state, and the verdict under the given config.",
     )
-    explain.add_argument("id", help="the row's id (a UUID)")
+    explain.add_argument("id", help="the row's id (a UUID)").completer = _nothing  # type: ignore[attr-defined]
     explain.add_argument("--json", action="store_true", help="one JSON document on stdout")
 
     completion = add("completion", "print a shell completion script")
     completion.add_argument("shell", choices=["bash", "zsh", "fish"], help="your shell")
     return parser
+
+
+def _policy_names(prefix: str, parsed_args: argparse.Namespace, **_: Any) -> list[str]:
+    """Completion for --via and --policy: the policies of the config in use."""
+    import os
+
+    try:
+        settings = load_settings(
+            getattr(parsed_args, "config", None),
+            database_url=os.environ.get("DLQD_DATABASE_URL") or "postgresql://completion",
+        )
+    except DlqdError:
+        return []
+    return [p.name for p in settings.policies if p.name.startswith(prefix)]
+
+
+def _nothing(**_: Any) -> list[str]:
+    """Completion for row ids: none to offer (and no file names)."""
+    return []
 
 
 def _add_filters(parser: argparse.ArgumentParser) -> None:

@@ -245,3 +245,35 @@ def test_a_config_path_that_is_a_directory_says_so(tmp_path: Path) -> None:
     result = cli("check", "--config", str(tmp_path), env={"DLQD_DATABASE_URL": "postgresql://x"})
     assert result.returncode == 78
     assert result.stderr.strip() == f"dlqd: error: config file {tmp_path}: is a directory"
+
+
+def _complete(line: str, tmp_path: Path) -> list[str]:
+    """What the shell's completion asks argcomplete for ``line``, answered."""
+    out = tmp_path / "completion"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DLQD_", "_ARGCOMPLETE"))}
+    env.update(
+        _ARGCOMPLETE="1",
+        _ARGCOMPLETE_IFS="\v",
+        COMP_LINE=line,
+        COMP_POINT=str(len(line)),
+        _ARGCOMPLETE_STDOUT_FILENAME=str(out),
+    )
+    subprocess.run(
+        [sys.executable, "-m", "dlqd"], env=env, cwd=ROOT, check=False, capture_output=True
+    )
+    return sorted(w.strip() for w in out.read_text().split("\v") if w.strip())
+
+
+def test_completion_offers_policy_names_not_file_names(tmp_path: Path) -> None:
+    """Finding 13: completion for --via and --policy offered file names."""
+    cfg = tmp_path / "dlqd.toml"
+    cfg.write_text(
+        '[[policies]]\nname = "transient"\naction = "park"\n'
+        '[[policies]]\nname = "tardy"\naction = "park"\n'
+        '[[policies]]\nname = "quarantine"\naction = "park"\n'
+    )
+    (tmp_path / "transcript.txt").write_text("a file the shell would have offered")
+    assert _complete(f"dlqd replay --config {cfg} --via t", tmp_path) == ["tardy", "transient"]
+    assert _complete(f"dlqd list --config {cfg} --policy q", tmp_path) == ["quarantine"]
+    shown = _complete("dlqd show t", tmp_path)
+    assert "transcript.txt" not in " ".join(shown)
