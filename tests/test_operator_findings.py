@@ -71,6 +71,12 @@ def test_explain_without_a_config_tells_what_the_daemon_recorded(
     # show names the recorded state too (finding 13)
     shown = cli("show", ids["held"], env=env).stdout
     assert "state            parked, policy quarantine, reason policy" in shown
+    # and list --state parked says why each row is parked (finding 13)
+    table = cli("list", "--state", "parked", env=env).stdout.splitlines()
+    assert table[0].split()[5:8] == ["STATE", "REASON", "POLICY"]
+    assert table[1].split()[5:8] == ["parked", "policy", "quarantine"]
+    # a policy's park is in the replay log too (finding 13)
+    assert "parked by policy" in shown
 
 
 def test_replaying_ids_that_do_not_exist_names_them_and_fails(db_url: str, tmp_path: Path) -> None:
