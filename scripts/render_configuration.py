@@ -30,12 +30,13 @@ def _type(field: FieldInfo) -> str:
     text = repr(field.annotation)
     if "timedelta" in text:
         return "duration"
-    if field.metadata and any(getattr(m, "func", None) is config.parse_size for m in field.metadata):
+    sizes = [m for m in field.metadata if getattr(m, "func", None) is config.parse_size]
+    if sizes:
         return "size"
     origin = get_origin(field.annotation)
     args = [a for a in get_args(field.annotation) if a is not type(None)]
     if "Literal" in text:
-        values = [v for a in ([field.annotation] + args) for v in get_args(a) if isinstance(v, str)]
+        values = [v for a in [field.annotation, *args] for v in get_args(a) if isinstance(v, str)]
         return " \\| ".join(f"`{v}`" for v in dict.fromkeys(values))
     if "RateLimit" in text:
         return "rate"
