@@ -125,3 +125,22 @@ def target_problem(text: str) -> str | None:
             "or MERGE statement (with its own WITH if it likes)"
         )
     return None
+
+
+def split_statements(text: str) -> list[str]:
+    """The statements of a script, each without its comments around it or its
+    semicolon (a semicolon inside quotes or a dollar-quoted body splits nothing)."""
+    parts: list[str] = []
+    start: Token | None = None
+    last: Token | None = None
+    for token in tokens(text):
+        if token.text == ";":
+            if start is not None and last is not None:
+                parts.append(text[start.start : last.end])
+            start = last = None
+        else:
+            start = start or token
+            last = token
+    if start is not None and last is not None:
+        parts.append(text[start.start : last.end])
+    return parts

@@ -86,14 +86,14 @@ WITH candidates AS MATERIALIZED (
      WHERE p.action = 'park'
      ORDER BY p.seq
 ), marked AS (
-    -- marked, unscheduled and logged as every path does (migration 009), in
+    -- marked, unscheduled and logged as every path does (migrations 009, 010), in
     -- inbox order; by primary key, whatever the planner thinks of chosen
     SELECT f.id, f.lag_seconds AS lag
       FROM dlqd_finish_replayed(
                ARRAY(SELECT id FROM chosen WHERE action = 'replay' ORDER BY seq),
                ARRAY(SELECT (%(names)s::text[])[policy + 1] FROM chosen
                       WHERE action = 'replay' ORDER BY seq),
-               false, NULL, NULL) f
+               false, NULL, NULL, NULL) f
 )
 {targets}
 SELECT (SELECT count(*) FROM candidates) AS scanned,

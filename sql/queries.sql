@@ -21,42 +21,68 @@ UPDATE job_dlq SET replayed_at = now()
  WHERE id = %(id)s AND replayed_at IS NULL
 RETURNING replayed_at
 
--- name: list_pending
--- Keyset pagination on (dlq_at, id), served by job_dlq_pending_dlq_at_id_idx.
--- Rows come with the state the daemon recorded; dlq_at travels as text.
--- Filters are globs (as regexes), OR within a field, AND across fields.
--- `document` (the row as JSON text, payload included) only when asked for:
--- a table of rows needs no payload.
-WITH listed AS (
-    SELECT j.id, left(j.original_job_id, 200) AS original_job_id, left(j.app_id, 200) AS app_id,
-           left(j.type, 200) AS type, left(j.error_reason, 200) AS error_reason, j.attempts,
-           to_json(j.dlq_at) #>> '{}' AS dlq_at,
-           CASE WHEN s.state IS NULL THEN 'new'
+-- fragment: pending_selected
+-- The pending rows a filter selects, with the state the daemon recorded, in
+-- keyset order on (dlq_at, id) (job_dlq_pending_dlq_at_id_idx), never by
+-- OFFSET: after the cursor, dead-lettered up to `until` (a redrive's
+-- creation), globs as regexes (OR within a field, AND across fields), the
+-- recorded state and policy, a document the payload contains
+-- (job_dlq_pending_payload_idx), text the last error contains (the job
+-- system's last entry in error_history, or the last failed replay's).
+SELECT j.id, j.dlq_at, j.original_job_id, j.app_id, j.type, j.error_reason, j.attempts,
+       CASE WHEN s.state IS NULL THEN 'new'
+            WHEN s.state IN ('parked', 'parked_policy') THEN 'parked'
+            ELSE s.state END AS state,
+       s.policy, s.due_at, coalesce(s.failures, 0) AS failures, s.last_error,
+       CASE WHEN s.state = 'parked_policy' THEN 'policy' ELSE s.parked_reason END
+           AS parked_reason
+  FROM job_dlq j
+  LEFT JOIN dlqd_entry_state s ON s.dlq_id = j.id
+ WHERE j.replayed_at IS NULL
+   AND (%(after_dlq_at)s::timestamptz IS NULL
+        OR (j.dlq_at, j.id) > (%(after_dlq_at)s::timestamptz, %(after_id)s::uuid))
+   AND (%(until)s::timestamptz IS NULL OR j.dlq_at <= %(until)s::timestamptz)
+   AND (%(app_ids)s::text[] IS NULL OR j.app_id ~ ANY (%(app_ids)s::text[]))
+   AND (%(types)s::text[] IS NULL OR j.type ~ ANY (%(types)s::text[]))
+   AND (%(error_reasons)s::text[] IS NULL OR j.error_reason ~ ANY (%(error_reasons)s::text[]))
+   AND (%(policies)s::text[] IS NULL OR s.policy = ANY (%(policies)s::text[]))
+   AND (%(states)s::text[] IS NULL
+        OR CASE WHEN s.state IS NULL THEN 'new'
                 WHEN s.state IN ('parked', 'parked_policy') THEN 'parked'
-                ELSE s.state END AS state,
-           s.policy, s.due_at, coalesce(s.failures, 0) AS failures, s.last_error,
-           CASE WHEN s.state = 'parked_policy' THEN 'policy' ELSE s.parked_reason END
-               AS parked_reason,
-           CASE WHEN %(documents)s THEN to_jsonb(j) END AS row_json
-      FROM job_dlq j
-      LEFT JOIN dlqd_entry_state s ON s.dlq_id = j.id
-     WHERE j.replayed_at IS NULL
-       AND (%(after_dlq_at)s::timestamptz IS NULL
-            OR (j.dlq_at, j.id) > (%(after_dlq_at)s::timestamptz, %(after_id)s::uuid))
-       AND (%(app_ids)s::text[] IS NULL OR j.app_id ~ ANY (%(app_ids)s::text[]))
-       AND (%(types)s::text[] IS NULL OR j.type ~ ANY (%(types)s::text[]))
-       AND (%(error_reasons)s::text[] IS NULL OR j.error_reason ~ ANY (%(error_reasons)s::text[]))
-       AND (%(policies)s::text[] IS NULL OR s.policy = ANY (%(policies)s::text[]))
-     ORDER BY j.dlq_at, j.id
+                ELSE s.state END = ANY (%(states)s::text[]))
+   AND (%(payload)s::jsonb IS NULL OR j.payload @> %(payload)s::jsonb)
+   AND (%(error)s::text IS NULL
+        OR strpos(lower(coalesce(j.error_history -> -1 #>> '{}', '')), lower(%(error)s::text)) > 0
+        OR strpos(lower(coalesce(s.last_error, '')), lower(%(error)s::text)) > 0)
+ ORDER BY j.dlq_at, j.id
+
+-- name: list_pending
+-- A page of `dlqd list` and of the console. `document` (the row as JSON
+-- text, payload included, with the keys `redact` names masked by Postgres)
+-- only when asked for: a table of rows needs no payload. Keys as text, cut.
+WITH listed AS (
+    {{pending_selected}}
+     LIMIT %(limit)s
 )
-SELECT id, original_job_id, app_id, type, error_reason, attempts, dlq_at, state, policy,
-       to_json(due_at) #>> '{}' AS due_at, failures, last_error, parked_reason,
-       (row_json || jsonb_build_object('state', state, 'policy', policy, 'due_at', due_at,
-                                       'failures', failures, 'last_error', last_error,
-                                       'parked_reason', parked_reason))::text AS document
-  FROM listed
- WHERE %(states)s::text[] IS NULL OR state = ANY (%(states)s::text[])
- LIMIT %(limit)s
+SELECT l.id, left(l.original_job_id, 200) AS original_job_id, left(l.app_id, 200) AS app_id,
+       left(l.type, 200) AS type, left(l.error_reason, 200) AS error_reason, l.attempts,
+       to_json(l.dlq_at) #>> '{}' AS dlq_at, l.state, l.policy,
+       to_json(l.due_at) #>> '{}' AS due_at, l.failures, l.last_error, l.parked_reason,
+       CASE WHEN %(documents)s THEN
+           (to_jsonb(j) || jsonb_build_object(
+               'payload', dlqd_redact(j.payload, %(redact)s::text[]),
+               'error_history', dlqd_redact(j.error_history, %(redact)s::text[]),
+               'state', l.state, 'policy', l.policy, 'due_at', l.due_at,
+               'failures', l.failures, 'last_error', l.last_error,
+               'parked_reason', l.parked_reason))::text
+       END AS document
+  FROM listed l
+  JOIN job_dlq j ON j.id = l.id
+ ORDER BY l.dlq_at, l.id
+
+-- name: count_pending
+-- The pending rows a filter selects, counted up to `cap` (NULL: all of them).
+SELECT count(*) AS n FROM ({{pending_selected}} LIMIT %(cap)s) AS selected
 
 -- name: migrations_try_lock
 -- Serialises `dlqd migrate` runs (a session lock: the table it would guard
@@ -82,6 +108,15 @@ SELECT pg_advisory_unlock(hashtextextended('dlqd:migrate', 0))
 -- hold a lock on job_dlq that an ALTER or CREATE INDEX would wait behind).
 SELECT set_config('lock_timeout', %(lock_timeout)s, true)
 
+-- name: migration_session_timeouts
+-- A migration that runs outside a transaction: the same bound, for the session
+-- (reset to 0, no bound, once it is done).
+SELECT set_config('lock_timeout', %(lock_timeout)s, false)
+
+-- name: index_invalid
+-- An index an interrupted CREATE INDEX CONCURRENTLY left invalid.
+SELECT NOT i.indisvalid AS invalid FROM pg_index i WHERE i.indexrelid = to_regclass(%(name)s)
+
 -- name: migrations_create_table
 CREATE TABLE IF NOT EXISTS dlqd_schema_migrations (
     version    integer     PRIMARY KEY,
@@ -101,7 +136,7 @@ INSERT INTO dlqd_schema_migrations (version, name, checksum)
 VALUES (%(version)s, %(name)s, %(checksum)s)
 
 -- name: replay_history
-SELECT at, policy, outcome, error, manual, actor, reason
+SELECT at, policy, outcome, error, manual, actor, reason, redrive_id
   FROM dlqd_replay_log
  WHERE dlq_id = %(id)s
  ORDER BY at, id
@@ -331,15 +366,15 @@ WITH inbox AS (
 )
 SELECT id, lag_seconds
   FROM dlqd_finish_replayed(%(ids)s::uuid[], %(policies)s::text[], %(manual)s, %(actor)s,
-                            %(reason)s)
+                            %(reason)s, %(redrive)s::uuid)
 
 -- name: log_outcomes
 -- Original job ids and tenants come from job_dlq itself: the daemon may hold
 -- only a shortened copy of an invalid row's key columns.
 INSERT INTO dlqd_replay_log (dlq_id, original_job_id, app_id, policy, outcome, error, manual,
-                             actor, reason)
+                             actor, reason, redrive_id)
 SELECT u.dlq_id, j.original_job_id, j.app_id, u.policy, u.outcome, u.error, u.manual,
-       %(actor)s, %(reason)s
+       %(actor)s, %(reason)s, %(redrive)s::uuid
   FROM unnest(%(dlq_ids)s::uuid[], %(policies)s::text[], %(outcomes)s::text[],
               %(errors)s::text[], %(manual)s::boolean[]) WITH ORDINALITY
        AS u(dlq_id, policy, outcome, error, manual, n)
@@ -409,11 +444,14 @@ SELECT state, policy, fingerprint, due_at, failures, last_error, last_failure_at
 -- name: lock_entries
 -- Manual replay: narrow rows like the claims, but waiting for a daemon's batch
 -- in flight instead of skipping it (it then finds the row replayed: skipped).
+-- `app_id`: a tenant-bound console request or redrive, which selected its rows
+-- under row-level security already, replays no other tenant's row regardless.
 SELECT {{narrow_row}}, NULL::bigint AS seq, now() AS db_now
   FROM job_dlq j
   {{row_problem}}
   LEFT JOIN dlqd_entry_state s ON s.dlq_id = j.id
  WHERE j.id = ANY (%(ids)s::uuid[])
+   AND (%(app_id)s::text IS NULL OR j.app_id = %(app_id)s::text)
  ORDER BY j.id
    FOR UPDATE OF j
 
@@ -432,11 +470,17 @@ SELECT {{narrow_row}},
 -- One row for `dlqd show` and `dlqd list`, rendered by Postgres: the daemon
 -- never decodes a payload (nor a timestamp Python cannot hold). `document`
 -- is the row as JSON text; the other columns feed the human-readable form.
+-- Keys that `redact` names are masked here, before anything leaves Postgres.
 SELECT j.id, j.original_job_id, j.app_id, j.type, j.error_reason, j.attempts,
        to_json(j.dlq_at) #>> '{}' AS dlq_at, to_json(j.replayed_at) #>> '{}' AS replayed_at,
-       j.request_id, j.user_id, j.payload::text AS payload, j.error_history::text AS error_history,
-       to_jsonb(j)::text AS document
+       j.request_id, j.user_id, r.payload::text AS payload, r.error_history::text AS error_history,
+       CASE WHEN %(pretty)s THEN jsonb_pretty(r.payload) END AS payload_pretty,
+       CASE WHEN %(pretty)s THEN jsonb_pretty(r.error_history) END AS error_history_pretty,
+       (to_jsonb(j) || jsonb_build_object('payload', r.payload,
+                                          'error_history', r.error_history))::text AS document
   FROM job_dlq j
+ CROSS JOIN LATERAL (SELECT dlqd_redact(j.payload, %(redact)s::text[]) AS payload,
+                            dlqd_redact(j.error_history, %(redact)s::text[]) AS error_history) r
  WHERE j.id = %(id)s
 
 -- name: park_entries
@@ -446,6 +490,7 @@ SELECT j.id, j.original_job_id, j.app_id, j.type, j.error_reason, j.attempts,
 WITH locked AS (
     SELECT j.id, j.original_job_id, j.app_id FROM job_dlq j
      WHERE j.id = ANY (%(ids)s::uuid[]) AND j.replayed_at IS NULL
+       AND (%(app_id)s::text IS NULL OR j.app_id = %(app_id)s::text)
      ORDER BY j.id
        FOR UPDATE OF j
 ), inbox AS (
@@ -472,6 +517,7 @@ WITH locked AS (
     SELECT j.id, j.original_job_id, j.app_id FROM job_dlq j
       JOIN dlqd_entry_state s ON s.dlq_id = j.id AND s.state = 'parked'
      WHERE j.id = ANY (%(ids)s::uuid[]) AND j.replayed_at IS NULL
+       AND (%(app_id)s::text IS NULL OR j.app_id = %(app_id)s::text)
      ORDER BY j.id
        FOR UPDATE OF j, s
 ), cleared AS (
@@ -485,18 +531,6 @@ WITH locked AS (
     SELECT id, original_job_id, app_id, 'unparked', true, %(actor)s, %(reason)s FROM locked
 )
 SELECT id FROM locked
-
--- name: pending_ids
--- Keyset pages of pending rows for manual replay by filter: ids only.
-SELECT id, to_json(dlq_at) #>> '{}' AS dlq_at
-  FROM job_dlq
- WHERE replayed_at IS NULL
-   AND (%(after_dlq_at)s::timestamptz IS NULL OR (dlq_at, id) > (%(after_dlq_at)s, %(after_id)s::uuid))
-   AND (%(app_ids)s::text[] IS NULL OR app_id ~ ANY (%(app_ids)s::text[]))
-   AND (%(types)s::text[] IS NULL OR type ~ ANY (%(types)s::text[]))
-   AND (%(error_reasons)s::text[] IS NULL OR error_reason ~ ANY (%(error_reasons)s::text[]))
- ORDER BY dlq_at, id
- LIMIT %(limit)s
 
 -- name: purge_batch
 SELECT job_dlq_purge(%(replayed_before)s, %(pending_before)s, %(batch_size)s) AS deleted
@@ -651,10 +685,198 @@ UPDATE dlqd_circuits c
  WHERE c.policy = k.policy
 RETURNING k.open_until IS NOT NULL AS was_open, c.open_until IS NOT NULL AS is_open
 
--- name: count_pending
-SELECT count(*) AS n
-  FROM job_dlq
- WHERE replayed_at IS NULL
-   AND (%(app_ids)s::text[] IS NULL OR app_id ~ ANY (%(app_ids)s::text[]))
-   AND (%(types)s::text[] IS NULL OR type ~ ANY (%(types)s::text[]))
-   AND (%(error_reasons)s::text[] IS NULL OR error_reason ~ ANY (%(error_reasons)s::text[]))
+
+-- name: tenant_scope
+-- A console request of a token bound to one tenant: the rest of this
+-- transaction runs as role dlqd_tenant (no BYPASSRLS) with the tenant's
+-- app_id set, so that row-level security shows it that tenant's rows only.
+-- Returns what it replaces, for tenant_unscope at the end of the block (a
+-- block inside a longer transaction must not leave the role switched).
+WITH previous AS MATERIALIZED (
+    SELECT current_setting('role') AS role,
+           coalesce(current_setting('app.current_app_id', true), '') AS app_id
+)
+SELECT p.role AS previous_role, p.app_id AS previous_app_id,
+       set_config('role', 'dlqd_tenant', true) AS role,
+       set_config('app.current_app_id', %(app_id)s, true) AS app_id
+  FROM previous p
+
+-- name: tenant_unscope
+SELECT set_config('role', %(role)s, true) AS role,
+       set_config('app.current_app_id', %(app_id)s, true) AS app_id
+
+-- name: tenant_role
+-- What the console checks before it serves tokens bound to a tenant.
+SELECT r.rolname IS NOT NULL AS present, coalesce(r.rolsuper, false) AS superuser,
+       coalesce(r.rolbypassrls, false) AS bypassrls,
+       r.rolname IS NOT NULL AND pg_has_role(current_user, 'dlqd_tenant', 'MEMBER') AS member
+  FROM (SELECT 1) AS one
+  LEFT JOIN pg_roles r ON r.rolname = 'dlqd_tenant'
+
+-- fragment: redrive_columns
+r.id, r.state, r.filter::text AS filter, r.scope_app_id, r.via, r.reason, r.actor, r.rate,
+r.matched, r.replayed, r.failed, r.skipped, r.owner, r.error,
+r.cancel_requested_at IS NOT NULL AS cancel_requested,
+to_json(r.until_at) #>> '{}' AS until_at, to_json(r.cursor_at) #>> '{}' AS cursor_at,
+r.cursor_id, r.created_at, r.started_at, r.finished_at, now() AS db_now
+
+-- name: db_now
+-- The server's clock, as text (a redrive's bound: the rows dead-lettered by then).
+SELECT to_json(now()) #>> '{}' AS now
+
+-- name: redrive_create
+INSERT INTO dlqd_redrives AS r (filter, scope_app_id, via, reason, actor, rate, matched,
+                                until_at)
+VALUES (%(filter)s::jsonb, %(scope)s, %(via)s, %(reason)s, %(actor)s, %(rate)s, %(matched)s,
+        %(until)s::timestamptz)
+RETURNING {{redrive_columns}}
+
+-- name: redrive_list
+SELECT {{redrive_columns}}
+  FROM dlqd_redrives r
+ ORDER BY r.created_at DESC, r.id
+ LIMIT %(limit)s
+
+-- name: redrive_get
+SELECT {{redrive_columns}} FROM dlqd_redrives r WHERE r.id = %(id)s
+
+-- name: redrive_claim
+-- A replica takes the oldest redrive that nobody runs (queued, or running
+-- under a lease that has expired: its replica died), and runs it under a
+-- lease of its own.
+UPDATE dlqd_redrives r
+   SET state = 'running', owner = %(owner)s, lease_until = now() + %(ttl)s::interval,
+       started_at = coalesce(r.started_at, now())
+  FROM (SELECT id FROM dlqd_redrives
+         WHERE state IN ('queued', 'running') AND lease_until < now()
+         ORDER BY created_at, id
+         LIMIT 1
+           FOR UPDATE SKIP LOCKED) c
+ WHERE r.id = c.id
+RETURNING {{redrive_columns}}
+
+-- name: redrive_progress
+-- In the transaction of each part of a chunk, its last statement: the counts
+-- and the cursor move with the rows they count, and only while this replica
+-- holds the lease (no row: it lost it, and the chunk rolls back).
+UPDATE dlqd_redrives r
+   SET replayed = r.replayed + %(replayed)s, failed = r.failed + %(failed)s,
+       skipped = r.skipped + %(skipped)s,
+       cursor_at = CASE WHEN r.cursor_at IS NULL
+                          OR (r.cursor_at, r.cursor_id) < (%(cursor_at)s::timestamptz, %(cursor_id)s::uuid)
+                        THEN %(cursor_at)s::timestamptz ELSE r.cursor_at END,
+       cursor_id = CASE WHEN r.cursor_at IS NULL
+                          OR (r.cursor_at, r.cursor_id) < (%(cursor_at)s::timestamptz, %(cursor_id)s::uuid)
+                        THEN %(cursor_id)s::uuid ELSE r.cursor_id END,
+       lease_until = greatest(r.lease_until, now() + %(ttl)s::interval)
+ WHERE r.id = %(id)s AND r.owner = %(owner)s AND r.state = 'running'
+RETURNING r.id
+
+-- name: redrive_renew
+UPDATE dlqd_redrives r
+   SET lease_until = greatest(r.lease_until, now() + %(ttl)s::interval)
+ WHERE r.id = %(id)s AND r.owner = %(owner)s AND r.state = 'running'
+RETURNING r.cancel_requested_at IS NOT NULL AS cancel_requested
+
+-- name: redrive_finish
+UPDATE dlqd_redrives r
+   SET state = %(state)s, error = %(error)s, finished_at = now(), lease_until = '-infinity'
+ WHERE r.id = %(id)s AND r.owner = %(owner)s AND r.state = 'running'
+RETURNING {{redrive_columns}}
+
+-- name: redrive_cancel
+-- Cancel: a redrive nobody runs (queued, or its replica died) ends now; one
+-- that runs ends after the chunk in flight (its runner sees the request).
+UPDATE dlqd_redrives r
+   SET cancel_requested_at = coalesce(r.cancel_requested_at, now()),
+       state = CASE WHEN r.state = 'queued' OR r.lease_until < now() THEN 'cancelled'
+                    ELSE r.state END,
+       finished_at = CASE WHEN r.state = 'queued' OR r.lease_until < now() THEN now()
+                          ELSE r.finished_at END
+ WHERE r.id = %(id)s AND r.state IN ('queued', 'running')
+RETURNING {{redrive_columns}}
+
+-- name: console_key
+-- The console's session key: the first replica's random one, shared by all.
+WITH made AS (
+    INSERT INTO dlqd_console_keys (key) VALUES (%(key)s)
+    ON CONFLICT (singleton) DO NOTHING
+    RETURNING key
+)
+SELECT key FROM made
+UNION ALL
+SELECT key FROM dlqd_console_keys
+ LIMIT 1
+
+-- name: record_run
+INSERT INTO dlqd_runs AS r (task, finished_at, ok, detail)
+VALUES (%(task)s, now(), %(ok)s, %(detail)s::jsonb)
+ON CONFLICT (task) DO UPDATE
+   SET finished_at = excluded.finished_at, ok = excluded.ok, detail = excluded.detail
+
+-- name: last_runs
+SELECT task, finished_at, ok, detail::text AS detail FROM dlqd_runs
+
+-- name: outcomes_by_hour
+-- The console's chart: outcomes per hour over the last `hours` hours, from
+-- the counts the replay log's trigger keeps (never the log itself).
+-- Every hour is there, the empty ones with zeros, the current one last.
+SELECT g.hour,
+       coalesce(sum(h.n) FILTER (WHERE h.outcome = 'replayed'), 0)::bigint AS replayed,
+       coalesce(sum(h.n) FILTER (WHERE h.outcome = 'failed'), 0)::bigint AS failed,
+       coalesce(sum(h.n) FILTER (WHERE h.outcome = 'parked'), 0)::bigint AS parked
+  FROM generate_series(date_trunc('hour', now()) - make_interval(hours => %(hours)s - 1),
+                       date_trunc('hour', now()), interval '1 hour') AS g(hour)
+  LEFT JOIN dlqd_replay_hours h ON h.hour = g.hour
+ GROUP BY g.hour
+ ORDER BY g.hour
+
+-- name: outcomes_by_policy
+-- Outcomes per policy over the last 24 hours ('' : manual replays without one).
+SELECT h.policy, h.outcome, sum(h.n)::bigint AS n
+  FROM dlqd_replay_hours h
+ WHERE h.hour >= date_trunc('hour', now()) - interval '23 hours'
+ GROUP BY h.policy, h.outcome
+
+-- name: held_by_reason
+-- Parked rows by why (a park policy, or the event), and waiting rows.
+SELECT CASE WHEN s.state = 'parked_policy' THEN 'policy'
+            WHEN s.state = 'parked' THEN s.parked_reason
+            ELSE s.state END AS reason,
+       count(*) AS n
+  FROM dlqd_entry_state s
+  JOIN job_dlq j ON j.id = s.dlq_id AND j.replayed_at IS NULL
+ GROUP BY 1
+
+-- name: circuits_all
+SELECT policy, consecutive_failures AS failures,
+       open_until IS NOT NULL AND open_until > now() AS open, open_until, updated_at
+  FROM dlqd_circuits
+ ORDER BY policy
+
+-- name: redrive_release
+UPDATE dlqd_redrives SET lease_until = '-infinity'
+ WHERE id = %(id)s AND owner = %(owner)s AND state = 'running'
+
+-- name: entry_errors
+-- A row's error history for the console's timeline, newest first: each entry
+-- masked like the payload, then its time and message where the job system
+-- wrote them under a usual key (read from the masked entry).
+SELECT e.n, r.value ->> coalesce(
+           (SELECT k FROM unnest(ARRAY['at', 'time', 'timestamp', 'failed_at', 'occurred_at']) k
+             WHERE jsonb_typeof(r.value) = 'object' AND r.value ? k LIMIT 1), '') AS at,
+       r.value ->> coalesce(
+           (SELECT k FROM unnest(ARRAY['error', 'message', 'reason', 'exception']) k
+             WHERE jsonb_typeof(r.value) = 'object' AND r.value ? k LIMIT 1), '') AS message,
+       CASE WHEN jsonb_typeof(r.value) = 'string' THEN r.value #>> '{}' END AS text_value,
+       left(jsonb_pretty(r.value), 8000) AS pretty
+  FROM job_dlq j
+ CROSS JOIN LATERAL jsonb_array_elements(j.error_history) WITH ORDINALITY AS e(value, n)
+ CROSS JOIN LATERAL (SELECT dlqd_redact(e.value, %(redact)s::text[]) AS value) r
+ WHERE j.id = %(id)s
+ ORDER BY e.n DESC
+ LIMIT 50
+
+-- name: visible_entries
+-- Of these ids, the rows the caller can read (a tenant's: under row-level security).
+SELECT id FROM job_dlq WHERE id = ANY (%(ids)s::uuid[])

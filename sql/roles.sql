@@ -6,6 +6,9 @@
 --   dlqd      the daemon and the CLI: sees every tenant's rows.
 --   dlqd_app  job systems writing dead letters: one tenant per session,
 --             chosen with SET app.current_app_id = '<app_id>'.
+--   dlqd_tenant  no login: the console's requests of a token bound to one
+--             tenant switch to it (SET LOCAL ROLE, with app.current_app_id),
+--             so that row-level security shows them that tenant's rows only.
 
 DO $$
 BEGIN
@@ -14,6 +17,29 @@ BEGIN
     END IF;
     IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'dlqd_app') THEN
         CREATE ROLE dlqd_app LOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'dlqd_tenant') THEN
+        CREATE ROLE dlqd_tenant NOLOGIN;
+    END IF;
+END
+$$;
+-- whatever it was made with: no login, no way around row-level security
+-- (where only a superuser may name those attributes, a role made without
+-- superuser rights has neither; the console checks before it serves)
+DO $$
+BEGIN
+    BEGIN
+        ALTER ROLE dlqd_tenant NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE;
+    EXCEPTION WHEN insufficient_privilege THEN
+        ALTER ROLE dlqd_tenant NOLOGIN NOCREATEDB NOCREATEROLE;
+    END;
+END
+$$;
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_auth_members m
+                    WHERE m.roleid = 'dlqd_tenant'::regrole AND m.member = 'dlqd'::regrole) THEN
+        GRANT dlqd_tenant TO dlqd;
     END IF;
 END
 $$;
@@ -34,7 +60,7 @@ BEGIN
 END
 $$;
 
-GRANT USAGE ON SCHEMA public TO dlqd, dlqd_app;
+GRANT USAGE ON SCHEMA public TO dlqd, dlqd_app, dlqd_tenant;
 
 -- Nobody but the schema's owner creates objects in dlqd's schema: a function
 -- or operator a tenant could create there would be found by name resolution
@@ -42,7 +68,8 @@ GRANT USAGE ON SCHEMA public TO dlqd, dlqd_app;
 -- older servers grant CREATE to PUBLIC).
 DO $$
 BEGIN
-    EXECUTE format('REVOKE CREATE ON SCHEMA %I FROM PUBLIC, dlqd, dlqd_app', current_schema());
+    EXECUTE format('REVOKE CREATE ON SCHEMA %I FROM PUBLIC, dlqd, dlqd_app, dlqd_tenant',
+                   current_schema());
 END
 $$;
 
@@ -77,6 +104,18 @@ BEGIN
     -- lock slots are locked FOR UPDATE (which needs UPDATE); the leader's lease is one row
     IF to_regclass('dlqd_lock_slots') IS NOT NULL THEN
         GRANT SELECT, UPDATE ON dlqd_lock_slots, dlqd_leader TO dlqd;
+    END IF;
+    -- redrives, the leader's runs, the console's session key; the hourly
+    -- outcomes are written by the log's trigger alone
+    IF to_regclass('dlqd_redrives') IS NOT NULL THEN
+        GRANT SELECT, INSERT, UPDATE ON dlqd_redrives, dlqd_runs TO dlqd;
+        GRANT SELECT, INSERT ON dlqd_console_keys TO dlqd;
+        GRANT SELECT ON dlqd_replay_hours TO dlqd;
+        GRANT EXECUTE ON FUNCTION dlqd_finish_replayed(uuid[], text[], boolean, text, text, uuid)
+            TO dlqd;
+        -- what a tenant-bound console request reads, under row-level security
+        GRANT SELECT ON job_dlq, dlqd_entry_state, dlqd_inbox, dlqd_replay_log,
+                        dlqd_replay_hours, dlqd_redrives TO dlqd_tenant;
     END IF;
 END
 $$;

@@ -135,11 +135,11 @@ def test_a_human_list_never_reads_payloads(db_url: str) -> None:
     """Finding 16: the human table fetched every payload (50 rows of 10 MB: 1 GB
     of memory). Its statement reads none: planned for a table, the payload is
     not in it; planned for --json, it is."""
+    from dlqd.db.entries import list_params
     from dlqd.db.queries import q
-    from dlqd.filters import PendingFilter
 
     seed(db_url, [row_json(original_job_id=f"r{i}") for i in range(3)])
-    params = {"after_dlq_at": None, "after_id": None, **PendingFilter().params(), "limit": 51}
+    params = list_params(None, (None, None), 51)
     with psycopg.connect(db_url) as conn:
         plans = {}
         for documents in (False, True):

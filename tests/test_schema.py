@@ -73,6 +73,7 @@ async def test_job_dlq_constraints_and_indexes(conn: Conn) -> None:
         ),
         "job_dlq_original_job_id_idx": "btree (original_job_id)",
         "job_dlq_replayed_at_idx": "btree (replayed_at) WHERE (replayed_at IS NOT NULL)",
+        "job_dlq_pending_payload_idx": ("gin (payload jsonb_path_ops) WHERE (replayed_at IS NULL)"),
     }
 
 
@@ -218,7 +219,8 @@ async def test_dlqd_state_tables(conn: Conn) -> None:
     )
     assert {r["table_name"]: r["cols"] for r in columns} == {
         "dlqd_replay_log": (
-            "id,dlq_id,original_job_id,app_id,policy,outcome,error,manual,at,actor,reason"
+            "id,dlq_id,original_job_id,app_id,policy,outcome,error,manual,at,actor,reason,"
+            "redrive_id"
         ),
         "dlqd_entry_state": (
             "dlq_id,state,policy,fingerprint,due_at,failures,last_error,last_failure_at,"

@@ -211,6 +211,7 @@ def test_every_security_definer_function_pins_its_search_path(owned_db: str) -> 
         "job_dlq_notify_insert()",
         "job_dlq_purge(interval,interval,integer)",
         "dlqd_trim_replay_log(interval,integer)",
+        "dlqd_count_outcomes()",
     }
     for name, settings in functions.items():
         assert "search_path=pg_catalog, public, pg_temp" in settings, (name, settings)
@@ -251,6 +252,17 @@ def test_the_daemon_role_cannot_shadow_what_the_purge_functions_use(owned_db: st
         # the shadows were not touched
         assert conn.execute("SELECT count(*) FROM pg_temp.job_dlq").fetchone() == (1,)
         assert conn.execute("SELECT count(*) FROM pg_temp.dlqd_replay_log").fetchone() == (1,)
+        # the replay log's trigger (definer: it keeps the hourly counts)
+        conn.execute(
+            """INSERT INTO public.dlqd_replay_log (dlq_id, original_job_id, app_id, outcome)
+               VALUES (gen_random_uuid(), 'j', 'victim', 'failed')"""
+        )
+        assert loot(conn) == []
+        assert conn.execute("SELECT count(*) FROM pg_temp.dlqd_replay_hours").fetchone() == (0,)
+    with psycopg.connect(owned_db) as admin:
+        assert admin.execute(
+            "SELECT n FROM dlqd_replay_hours WHERE app_id = 'victim' AND outcome = 'failed'"
+        ).fetchone() == (1,)
 
 
 def test_tenants_cannot_call_maintenance_functions_or_create_in_dlqds_schema(

@@ -75,9 +75,12 @@ async def next_due(conn: Connection, fingerprint: str) -> float | None:
 
 
 @translated
-async def lock_entries(conn: Connection, ids: Sequence[UUID]) -> list[Row]:
-    """Rows named by id, narrow, locked (waiting for a batch in flight)."""
-    cur = await conn.execute(q("lock_entries"), {"ids": list(ids)})
+async def lock_entries(
+    conn: Connection, ids: Sequence[UUID], app_id: str | None = None
+) -> list[Row]:
+    """Rows named by id, narrow, locked (waiting for a batch in flight);
+    ``app_id``: that tenant's rows only."""
+    cur = await conn.execute(q("lock_entries"), {"ids": list(ids), "app_id": app_id})
     return await cur.fetchall()
 
 

@@ -219,3 +219,9 @@ def express_page(
 def listen_statement(channel: str) -> sql.Composed:
     """``LISTEN`` on a channel, quoted as an identifier."""
     return sql.SQL("LISTEN {}").format(sql.Identifier(channel))
+
+
+def drop_index_concurrently(name: str) -> sql.Composed:
+    """``DROP INDEX CONCURRENTLY`` of an index a migration names (an invalid one
+    that an interrupted CREATE INDEX CONCURRENTLY left behind)."""
+    return sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(name))

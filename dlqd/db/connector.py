@@ -242,6 +242,14 @@ async def pooled(pool: Pool, wait: float | None = None) -> AsyncIterator[Connect
         raise translate(exc) from exc
 
 
+def required(row: dict[str, Any] | None, what: str) -> dict[str, Any]:
+    """The row a statement always returns (INSERT … RETURNING, a SELECT of
+    functions); its absence is the server's failure, said as dlqd's."""
+    if row is None:
+        raise DatabaseError(f"{what}: the server returned no row")
+    return row
+
+
 def open_pool(dsn: str, size: int, *, prepare: bool, name: str = "dlqd") -> Pool:
     """The daemon's fixed-size pool (not opened yet): autocommit connections,
     rows as dicts, statements prepared on the server from their first run

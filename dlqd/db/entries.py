@@ -60,23 +60,19 @@ class Repository:
         where: PendingFilter | None = None,
         *,
         documents: bool = True,
+        redact: Sequence[str] | None = None,
     ) -> Page:
         """One page of pending rows in (dlq_at, id) order, never by OFFSET.
 
         ``documents``: each row also as JSON text (every column, the payload
-        included); without, only what a table of rows shows.
+        included, keys matching ``redact`` masked in Postgres); without, only
+        what a table of rows shows.
         """
         if limit < 1:
             raise UsageError("limit must be at least 1")
-        after_at, after_id = decode_cursor(cursor) if cursor else (None, None)
-        params = {
-            "after_dlq_at": after_at,
-            "after_id": after_id,
-            **(where or PendingFilter()).params(),
-            "documents": documents,
-            # one extra row tells whether another page exists
-            "limit": limit + 1,
-        }
+        after = decode_cursor(cursor) if cursor else (None, None)
+        # one extra row tells whether another page exists
+        params = list_params(where, after, limit + 1, documents=documents, redact=redact)
         try:
             rows = await _all(self.conn, "list_pending", params)
         except DatabaseError as exc:
@@ -93,6 +89,27 @@ class Repository:
         return Page(rows=page, next_cursor=next_cursor)
 
 
+def list_params(
+    where: PendingFilter | None,
+    after: tuple[str | None, UUID | None],
+    limit: int,
+    *,
+    until: str | None = None,
+    documents: bool = False,
+    redact: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """The parameters of ``list_pending``: a filter, a keyset position, a bound."""
+    return {
+        "after_dlq_at": after[0],
+        "after_id": after[1],
+        "until": until,
+        **(where or PendingFilter()).params(),
+        "documents": documents,
+        "redact": list(redact) if redact else None,
+        "limit": limit,
+    }
+
+
 @translated
 async def _one(conn: Connection, name: str, params: dict[str, Any] | None = None) -> Row | None:
     cur = await conn.execute(q(name), params)
@@ -105,9 +122,22 @@ async def _all(conn: Connection, name: str, params: dict[str, Any] | None = None
     return await cur.fetchall()
 
 
-async def document(conn: Connection, entry_id: UUID) -> Row | None:
-    """One row rendered for ``show``: ``document`` (JSON text) and columns as text."""
-    return await _one(conn, "entry_document", {"id": entry_id})
+async def document(
+    conn: Connection, entry_id: UUID, redact: Sequence[str] | None = None, *, pretty: bool = False
+) -> Row | None:
+    """One row rendered for ``show``: ``document`` (JSON text) and columns as
+    text; keys matching ``redact`` masked in Postgres, in both; ``pretty``:
+    the payload and error history indented too (by Postgres)."""
+    params = {"id": entry_id, "redact": list(redact) if redact else None, "pretty": pretty}
+    return await _one(conn, "entry_document", params)
+
+
+async def errors(
+    conn: Connection, entry_id: UUID, redact: Sequence[str] | None = None
+) -> list[Row]:
+    """The row's error history for a timeline: newest first, at most 50 entries."""
+    params = {"id": entry_id, "redact": list(redact) if redact else None}
+    return await _all(conn, "entry_errors", params)
 
 
 async def history(conn: Connection, entry_id: UUID) -> list[Row]:
@@ -121,18 +151,23 @@ async def narrow(conn: Connection, entry_id: UUID) -> Row | None:
 
 
 async def pending_ids(
-    conn: Connection, where: PendingFilter, after: tuple[str | None, UUID | None], limit: int
+    conn: Connection,
+    where: PendingFilter,
+    after: tuple[str | None, UUID | None],
+    limit: int,
+    until: str | None = None,
 ) -> list[Row]:
-    """A keyset page of the pending rows a filter selects: (id, dlq_at text)."""
-    return await _all(
-        conn,
-        "pending_ids",
-        {"after_dlq_at": after[0], "after_id": after[1], **where.params(), "limit": limit},
-    )
+    """A keyset page of the pending rows a filter selects (``until``: dead-lettered
+    by then): each with its ``id`` and ``dlq_at`` (text), no document."""
+    return await _all(conn, "list_pending", list_params(where, after, limit, until=until))
 
 
-async def count_pending(conn: Connection, where: PendingFilter) -> int:
-    row = await _one(conn, "count_pending", where.params())
+async def count_pending(
+    conn: Connection, where: PendingFilter, cap: int | None = None, until: str | None = None
+) -> int:
+    """The pending rows a filter selects, counted up to ``cap`` (None: all)."""
+    params = list_params(where, (None, None), 0, until=until)
+    row = await _one(conn, "count_pending", {**params, "cap": cap})
     return int(row["n"]) if row else 0
 
 
@@ -145,17 +180,34 @@ async def status_held(conn: Connection) -> list[Row]:
 
 
 async def park(
-    conn: Connection, ids: Sequence[UUID], actor: str | None, reason: str | None
+    conn: Connection,
+    ids: Sequence[UUID],
+    actor: str | None,
+    reason: str | None,
+    app_id: str | None = None,
 ) -> list[UUID]:
-    """Park pending rows by hand (sticky, like a park by event), logged; the ids parked."""
-    rows = await _all(conn, "park_entries", {"ids": list(ids), "actor": actor, "reason": reason})
-    return [row["id"] for row in rows]
+    """Park pending rows by hand (sticky, like a park by event), logged; the ids
+    parked (``app_id``: that tenant's rows only)."""
+    params = {"ids": list(ids), "actor": actor, "reason": reason, "app_id": app_id}
+    return [row["id"] for row in await _all(conn, "park_entries", params)]
 
 
 async def unpark(
-    conn: Connection, ids: Sequence[UUID], actor: str | None, reason: str | None
+    conn: Connection,
+    ids: Sequence[UUID],
+    actor: str | None,
+    reason: str | None,
+    app_id: str | None = None,
 ) -> list[UUID]:
     """Unpark rows (parked by hand or by an event): their schedule row goes, and
-    they are decided again as new rows; logged. The ids unparked."""
-    rows = await _all(conn, "unpark_entries", {"ids": list(ids), "actor": actor, "reason": reason})
-    return [row["id"] for row in rows]
+    they are decided again as new rows; logged. The ids unparked (``app_id``:
+    that tenant's rows only)."""
+    params = {"ids": list(ids), "actor": actor, "reason": reason, "app_id": app_id}
+    return [row["id"] for row in await _all(conn, "unpark_entries", params)]
+
+
+async def visible(conn: Connection, ids: Sequence[UUID]) -> list[UUID]:
+    """Of ``ids``, those of rows this connection can read, in the order given."""
+    rows = await _all(conn, "visible_entries", {"ids": list(ids)})
+    found = {row["id"] for row in rows}
+    return [i for i in ids if i in found]

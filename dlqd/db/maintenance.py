@@ -10,7 +10,7 @@ from typing import Any, Literal
 import psycopg
 
 from dlqd.db.compose import listen_statement
-from dlqd.db.connector import Connection, transaction, translate, translated
+from dlqd.db.connector import Connection, required, transaction, translate, translated
 from dlqd.db.queries import q
 
 Row = dict[str, Any]
@@ -107,3 +107,18 @@ async def notifications(conn: Connection, within: float) -> AsyncIterator[tuple[
             yield note.channel, note.payload
     except psycopg.Error as exc:
         raise translate(exc, conn) from exc
+
+
+@translated
+async def record_run(conn: Connection, task: str, *, ok: bool, detail: dict[str, Any]) -> None:
+    """When the leader's ``task`` last finished, whether it succeeded, what it did."""
+    from psycopg.types.json import Jsonb
+
+    await conn.execute(q("record_run"), {"task": task, "ok": ok, "detail": Jsonb(detail)})
+
+
+@translated
+async def console_key(conn: Connection, candidate: bytes) -> bytes:
+    """The console's session key: ``candidate`` if no replica made one before."""
+    cur = await conn.execute(q("console_key"), {"key": candidate})
+    return bytes(required(await cur.fetchone(), "console key")["key"])

@@ -17,6 +17,12 @@ from dlqd.db.queries import q, sql_dir
 from dlqd.errors import MigrationError, SchemaOutdated
 
 _FILE_RE = re.compile(r"^(\d{3})_(\w+)\.sql$")
+#: the first line of a migration that runs outside a transaction, one
+#: statement at a time (CREATE INDEX CONCURRENTLY cannot run inside one)
+NO_TRANSACTION = "-- dlqd: no-transaction"
+_CONCURRENT_INDEX = re.compile(
+    r"^CREATE\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY\s+IF\s+NOT\s+EXISTS\s+(\w+)\s", re.IGNORECASE
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +34,10 @@ class Migration:
     @property
     def checksum(self) -> str:
         return hashlib.sha256(self.sql.encode()).hexdigest()
+
+    @property
+    def transactional(self) -> bool:
+        return not self.sql.startswith(NO_TRANSACTION)
 
 
 def available_migrations(directory: Path | None = None) -> list[Migration]:
@@ -123,19 +133,15 @@ async def migrate(
                     )
                 continue
             try:
-                async with conn.transaction():
-                    await conn.execute(
-                        q("migration_timeouts"), {"lock_timeout": MIGRATION_LOCK_TIMEOUT}
-                    )
-                    await conn.execute(migration.sql.encode())
-                    await conn.execute(
-                        q("migrations_record"),
-                        {
-                            "version": migration.version,
-                            "name": migration.name,
-                            "checksum": migration.checksum,
-                        },
-                    )
+                if migration.transactional:
+                    async with conn.transaction():
+                        await conn.execute(
+                            q("migration_timeouts"), {"lock_timeout": MIGRATION_LOCK_TIMEOUT}
+                        )
+                        await conn.execute(migration.sql.encode())
+                        await _record(conn, migration)
+                else:
+                    await _run_statements(conn, migration)
             except psycopg.Error as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 if isinstance(exc, psycopg.errors.LockNotAvailable):
@@ -156,6 +162,35 @@ async def migrate(
     finally:
         if not conn.closed:
             await conn.execute(q("migrations_unlock"))
+
+
+async def _record(conn: Connection, migration: Migration) -> None:
+    await conn.execute(
+        q("migrations_record"),
+        {"version": migration.version, "name": migration.name, "checksum": migration.checksum},
+    )
+
+
+async def _run_statements(conn: Connection, migration: Migration) -> None:
+    """A no-transaction migration: each statement on its own (autocommit), under
+    the migration lock timeout; an index that an interrupted run left invalid
+    is dropped first, so that IF NOT EXISTS builds it again. Recorded once all
+    statements ran: a failed run is simply run again."""
+    from dlqd.db.compose import drop_index_concurrently
+    from dlqd.statements import split_statements
+
+    await conn.execute(q("migration_session_timeouts"), {"lock_timeout": MIGRATION_LOCK_TIMEOUT})
+    try:
+        for statement in split_statements(migration.sql):
+            if index := _CONCURRENT_INDEX.match(statement):
+                cur = await conn.execute(q("index_invalid"), {"name": index.group(1)})
+                row = await cur.fetchone()
+                if row is not None and row["invalid"]:
+                    await conn.execute(drop_index_concurrently(index.group(1)))
+            await conn.execute(statement.encode())
+        await _record(conn, migration)
+    finally:
+        await conn.execute(q("migration_session_timeouts"), {"lock_timeout": "0"})
 
 
 @translated

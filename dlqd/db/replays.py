@@ -68,6 +68,7 @@ async def finish_replayed(
     actor: str | None,
     reason: str | None,
     inbox_seqs: Sequence[int],
+    redrive: UUID | None = None,
 ) -> dict[UUID, float | None]:
     """Mark, unschedule and log the rows whose target succeeded (and drop the
     page's inbox entries); the rows marked, with their dlq-to-replay seconds."""
@@ -80,6 +81,7 @@ async def finish_replayed(
             "actor": actor,
             "reason": reason,
             "inbox_seqs": list(inbox_seqs),
+            "redrive": redrive,
         },
     )
     return {row["id"]: row["lag_seconds"] for row in await cur.fetchall()}
@@ -100,7 +102,11 @@ class LogEntry(Protocol):
 
 @translated
 async def log_outcomes(
-    conn: Connection, entries: Sequence[LogEntry], actor: str | None, reason: str | None
+    conn: Connection,
+    entries: Sequence[LogEntry],
+    actor: str | None,
+    reason: str | None,
+    redrive: UUID | None = None,
 ) -> None:
     await conn.execute(
         q("log_outcomes"),
@@ -112,6 +118,7 @@ async def log_outcomes(
             "manual": [e.manual for e in entries],
             "actor": actor,
             "reason": reason,
+            "redrive": redrive,
         },
     )
 

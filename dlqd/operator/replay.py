@@ -23,10 +23,11 @@ import anyio
 from dlqd.config import HttpTarget, NotifyTarget, Policy, Settings, SqlTarget
 from dlqd.db import claims, entries
 from dlqd.db.connector import Connection, transaction
+from dlqd.db.tenancy import tenant_scope
 from dlqd.errors import DatabaseError, UsageError
 from dlqd.filters import PendingFilter
 from dlqd.policy import matches
-from dlqd.replay.batch import Batch, Item, apply, set_replay_timeouts, settle_split
+from dlqd.replay.batch import Batch, Item, Progress, apply, set_replay_timeouts, settle_split
 from dlqd.replay.http import HttpDeliverer, deliver_all
 from dlqd.replay.report import report
 from dlqd.replay.rows import Candidate
@@ -98,18 +99,34 @@ def manual_target(
     return None, settings.replay.default_target
 
 
+Key = tuple[str, UUID]  # a keyset position: (dlq_at as text, id)
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Rows a replay selects by filter: those ``where`` matches, after
+    ``start``, dead-lettered by ``until``, as tenant ``app_id`` sees them."""
+
+    where: PendingFilter
+    start: Key | None = None
+    until: str | None = None
+    app_id: str | None = None
+
+
 async def _selected(
-    conn: Connection, ids: Sequence[UUID], where: PendingFilter | None, size: int
-) -> AsyncIterator[list[UUID]]:
-    if where is None:
+    conn: Connection, ids: Sequence[UUID], selection: Selection | None, size: int
+) -> AsyncIterator[tuple[list[UUID], Key | None]]:
+    """Chunks of ids, each with the keyset position of its last row (by filter)."""
+    if selection is None:
         for start in range(0, len(ids), size):
-            yield list(ids[start : start + size])
+            yield list(ids[start : start + size]), None
         return
-    after: tuple[str | None, UUID | None] = (None, None)
+    after: tuple[str | None, UUID | None] = selection.start or (None, None)
     while True:
-        rows = await entries.pending_ids(conn, where, after, size)
+        async with tenant_scope(conn, selection.app_id):
+            rows = await entries.pending_ids(conn, selection.where, after, size, selection.until)
         if rows:
-            yield [row["id"] for row in rows]
+            yield [row["id"] for row in rows], (rows[-1]["dlq_at"], rows[-1]["id"])
         if len(rows) < size:
             return
         after = (rows[-1]["dlq_at"], rows[-1]["id"])
@@ -120,33 +137,48 @@ async def replay(
     settings: Settings,
     *,
     ids: Sequence[UUID] = (),
-    where: PendingFilter | None = None,
+    where: PendingFilter | Selection | None = None,
     dry_run: bool = False,
     rate: float | None = None,
     via: str | None = None,
     actor: str | None = None,
     reason: str | None = None,
+    app_id: str | None = None,
     on_chunk: Callable[[int], object] | None = None,
     pause: Callable[[float], Awaitable[None]] = anyio.sleep,
+    progress: Progress | None = None,
+    stop: Callable[[], bool] | None = None,
+    into: ReplayResult | None = None,
 ) -> ReplayResult:
     """Replay rows now (by ``ids``, or every pending row ``where`` selects).
 
     ``conn`` is an autocommit connection: each chunk is its own transaction.
     ``rate`` (rows a second) spaces the chunks with ``pause``, never after the
-    last one.
+    last one. ``app_id``: a tenant's rows only (a tenant-bound console token),
+    selected under row-level security. ``progress``: a redrive's bookkeeping,
+    in each chunk's transaction; ``stop()`` true: no further chunk starts.
+    ``into``: the result to add to (read by ``on_chunk`` as it grows).
     """
     if rate is not None and not (math.isfinite(rate) and rate >= MIN_RATE):
         raise UsageError(f"--rate must be at least {MIN_RATE:g} rows a second")
-    result = ReplayResult(dry_run=dry_run, named=len(set(ids)))
+    result = into if into is not None else ReplayResult()
+    result.dry_run, result.named = dry_run, len(set(ids))
     through = via_policy(settings, via) if via is not None else None
     size = settings.replay.batch_size if rate is None else max(1, min(500, math.ceil(rate)))
+    selection = Selection(where, app_id=app_id) if isinstance(where, PendingFilter) else where
+    if selection is not None and app_id is not None and selection.app_id != app_id:
+        raise UsageError("a tenant's replay selects that tenant's rows")
     previous: tuple[int, float] | None = None  # size and start of the chunk before
     http = HttpDeliverer()
     try:
-        async for chunk in _selected(conn, list(dict.fromkeys(ids)), where, size):
+        async for chunk, last in _selected(conn, list(dict.fromkeys(ids)), selection, size):
+            if stop is not None and stop():
+                break
             if rate is not None and previous is not None:
                 done, started = previous
                 await pause(max(0.0, done / rate - (anyio.current_time() - started)))
+                if stop is not None and stop():
+                    break
             started = anyio.current_time()
             previous = (len(chunk), started)
             await _chunk(
@@ -156,8 +188,11 @@ async def replay(
                 through=through,
                 actor=actor,
                 reason=reason,
+                app_id=app_id,
                 http=http,
                 result=result,
+                progress=progress,
+                cursor=last,
             )
             if on_chunk is not None:
                 on_chunk(len(chunk))
@@ -174,32 +209,36 @@ async def _chunk(
     through: Policy | None,
     actor: str | None,
     reason: str | None,
+    app_id: str | None,
     http: HttpDeliverer,
     result: ReplayResult,
+    progress: Progress | None,
+    cursor: Key | None,
 ) -> None:
     started = anyio.current_time()
     batch: Batch | None = None
     try:
         async with transaction(conn):
             await set_replay_timeouts(conn, settings)
-            rows = await claims.lock_entries(conn, chunk)
+            rows = await claims.lock_entries(conn, chunk, app_id)
             found = {row["id"] for row in rows}
             missing = [i for i in chunk if i not in found]
-            result.missing += missing
-            result.skipped_by_reason["not_found"] += len(missing)
+            skips = Counter({"not_found": len(missing)})
             pending = [Candidate.from_row(row) for row in rows if not row["replayed"]]
-            result.skipped_by_reason["already_replayed"] += len(rows) - len(pending)
+            skips["already_replayed"] += len(rows) - len(pending)
             items: list[Item] = []
             for candidate in pending:
                 policy, target = manual_target(candidate, settings, through)
                 if target is None:
-                    result.skipped_by_reason["no_target"] += 1
+                    skips["no_target"] += 1
                 else:
                     items.append(Item(candidate, policy, target))
-            if not items:
-                return
-            if result.dry_run:
-                result.replayed += len(items)
+            if not items or result.dry_run:
+                if progress is not None:
+                    await progress.record(conn, cursor, replayed=0, failed=0, skipped=len(chunk))
+                result.missing += missing
+                result.skipped_by_reason.update(skips)
+                result.replayed += len(items) if result.dry_run else 0
                 return
             batch = Batch(
                 settings.policies_fingerprint,
@@ -207,6 +246,9 @@ async def _chunk(
                 manual=True,
                 actor=actor,
                 reason=reason,
+                progress=progress,
+                cursor=cursor,
+                carried_skips=skips.total(),
             )
             batch.replay = items
             # http targets answer while this transaction holds the rows
@@ -218,6 +260,9 @@ async def _chunk(
         if exc.broken or batch is None:
             raise
         outcome = await settle_split(conn, batch, settings, exc)
+    # counted once committed: a chunk that rolled back counts nothing
+    result.missing += missing
+    result.skipped_by_reason.update(skips)
     report(outcome, None, duration=anyio.current_time() - started, manual=True)
     result.replayed += len(outcome.replayed)
     result.failed += len(outcome.failed)
@@ -240,16 +285,28 @@ class ParkResult:
 
 
 async def park(
-    conn: Connection, ids: Sequence[UUID], *, actor: str | None, reason: str | None
+    conn: Connection,
+    ids: Sequence[UUID],
+    *,
+    actor: str | None,
+    reason: str | None,
+    app_id: str | None = None,
 ) -> ParkResult:
-    """Park pending rows by hand: sticky until a replay or an unpark; logged."""
-    changed = await entries.park(conn, list(dict.fromkeys(ids)), actor, reason)
+    """Park pending rows by hand: sticky until a replay or an unpark; logged
+    (``app_id``: that tenant's rows only)."""
+    changed = await entries.park(conn, list(dict.fromkeys(ids)), actor, reason, app_id)
     return ParkResult(changed, [i for i in ids if i not in set(changed)], "parked")
 
 
 async def unpark(
-    conn: Connection, ids: Sequence[UUID], *, actor: str | None, reason: str | None
+    conn: Connection,
+    ids: Sequence[UUID],
+    *,
+    actor: str | None,
+    reason: str | None,
+    app_id: str | None = None,
 ) -> ParkResult:
-    """Unpark rows parked by hand or by an event: decided again as new rows; logged."""
-    changed = await entries.unpark(conn, list(dict.fromkeys(ids)), actor, reason)
+    """Unpark rows parked by hand or by an event: decided again as new rows;
+    logged (``app_id``: that tenant's rows only)."""
+    changed = await entries.unpark(conn, list(dict.fromkeys(ids)), actor, reason, app_id)
     return ParkResult(changed, [i for i in ids if i not in set(changed)], "new")

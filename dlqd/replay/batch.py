@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 from uuid import UUID
 
 import anyio
@@ -117,6 +117,24 @@ class Decision:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class Progress(Protocol):
+    """A redrive's bookkeeping, done as the last statement of every transaction
+    that replays part of its chunk: counted with the rows it counts."""
+
+    @property
+    def redrive(self) -> UUID: ...
+
+    async def record(
+        self,
+        conn: Connection,
+        cursor: tuple[str, UUID] | None,
+        *,
+        replayed: int,
+        failed: int,
+        skipped: int,
+    ) -> None: ...
+
+
 @dataclass
 class Batch:
     fingerprint: str
@@ -124,6 +142,11 @@ class Batch:
     manual: bool = False
     actor: str | None = None  # a manual replay: who, and why (kept in the replay log)
     reason: str | None = None
+    # a redrive's chunk: its bookkeeping, the chunk's last row (its cursor),
+    # and the rows skipped before the batch was built (counted with its first part)
+    progress: Progress | None = None
+    cursor: tuple[str, UUID] | None = None
+    carried_skips: int = 0
     replay: list[Item] = field(default_factory=list)
     states: dict[UUID, StateRow] = field(default_factory=dict)
     logs: list[LogRow] = field(default_factory=list)
@@ -160,7 +183,15 @@ class Batch:
 
     def only(self, ids: set[UUID], *, with_rest: bool) -> Batch:
         """The part of this batch about ``ids`` (``with_rest``: and its non-replay writes)."""
-        part = Batch(self.fingerprint, self.db_now, self.manual, self.actor, self.reason)
+        part = Batch(
+            self.fingerprint,
+            self.db_now,
+            self.manual,
+            self.actor,
+            self.reason,
+            progress=self.progress,
+            cursor=self.cursor,
+        )
         part.replay = [i for i in self.replay if i.row.id in ids]
         part.deliveries = {k: v for k, v in self.deliveries.items() if k in ids}
         if with_rest:
@@ -172,7 +203,25 @@ class Batch:
             part.decisions = self.decisions
             part.policy_parked = self.policy_parked
             part.inbox_seqs = self.inbox_seqs
+            part.carried_skips = self.carried_skips
         return part
+
+    @property
+    def redrive(self) -> UUID | None:
+        return self.progress.redrive if self.progress is not None else None
+
+    async def record_progress(
+        self, conn: Connection, *, replayed: int, failed: int, skipped: int
+    ) -> None:
+        """A redrive's counts for this transaction (nothing for other batches)."""
+        if self.progress is not None:
+            await self.progress.record(
+                conn,
+                self.cursor,
+                replayed=replayed,
+                failed=failed,
+                skipped=skipped + self.carried_skips,
+            )
 
 
 @dataclass
@@ -293,6 +342,7 @@ async def apply(
             actor=batch.actor,
             reason=batch.reason,
             inbox_seqs=batch.inbox_seqs,
+            redrive=batch.redrive,
         )
         outcome.replayed = [(i, lags[i.row.id]) for i in succeeded if i.row.id in lags]
         outcome.skipped += len(succeeded) - len(outcome.replayed)
@@ -301,6 +351,9 @@ async def apply(
         if (failure := failures.get(item.row.id)) is not None:
             record_failure(batch, item, failure, settings, outcome)
     await _write(conn, batch, inbox_done=bool(succeeded))
+    await batch.record_progress(
+        conn, replayed=len(outcome.replayed), failed=len(outcome.failed), skipped=outcome.skipped
+    )
     return outcome
 
 
@@ -345,7 +398,7 @@ async def _write(conn: Connection, batch: Batch, *, inbox_done: bool = False) ->
     if batch.states:
         await replays.write_schedule(conn, batch.fingerprint, list(batch.states.items()))
     if batch.logs:
-        await replays.log_outcomes(conn, batch.logs, batch.actor, batch.reason)
+        await replays.log_outcomes(conn, batch.logs, batch.actor, batch.reason, batch.redrive)
     if batch.inbox_seqs and not inbox_done:
         await claims.delete_inbox(conn, batch.inbox_seqs)
 
@@ -380,6 +433,12 @@ async def settle_split(
                 if item.row.id in locked:
                     record_failure(part, item, Failure(str(error)), settings, pending)
             await _write(conn, part)
+            await part.record_progress(
+                conn,
+                replayed=0,
+                failed=len(pending.failed),
+                skipped=len(failed) - len(pending.failed),
+            )
         return pending
     outcome = Outcome()
     middle = len(batch.replay) // 2
@@ -392,7 +451,9 @@ async def settle_split(
             async with transaction(conn):
                 await set_replay_timeouts(conn, settings)
                 locked = await claims.relock(conn, half.ids(), batch.manual)
-                half.replay = [i for i in half.replay if i.row.id in locked]
+                still = [i for i in half.replay if i.row.id in locked]
+                half.carried_skips += len(half.replay) - len(still)  # replayed meanwhile
+                half.replay = still
                 half.states = {k: v for k, v in half.states.items() if k in locked}
                 half.logs = [r for r in half.logs if r.dlq_id in locked]
                 result = await apply(conn, half, settings)

@@ -9,6 +9,7 @@ row (ON DELETE CASCADE), so there are no orphans to trim.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +19,9 @@ import anyio
 from anyio.abc import TaskStatus
 
 from dlqd.config import Settings, parse_duration
+from dlqd.db import maintenance
 from dlqd.db.connector import Pool, pooled
+from dlqd.errors import DlqdError, error_line
 from dlqd.metrics import Metrics
 from dlqd.purge import Batched, purge_rows, trim_log
 from dlqd.services.base import PeriodicService
@@ -86,10 +89,26 @@ class Purger(PeriodicService[PurgeResult]):
             async with pooled(self.pool) as conn:
                 rows = await purge_rows(conn, settings)
                 log = await trim_log(conn, settings)
-        except Exception:
+                seconds = anyio.current_time() - started
+                # what the console's overview shows as the last purge
+                await maintenance.record_run(
+                    conn,
+                    "purge",
+                    ok=True,
+                    detail={
+                        "deleted": rows.deleted,
+                        "log_trimmed": log.deleted,
+                        "seconds": round(seconds, 3),
+                    },
+                )
+        except Exception as exc:
             self.metrics.purge_runs_total.labels("error").inc()
+            with anyio.move_on_after(2), contextlib.suppress(DlqdError):
+                async with pooled(self.pool, wait=1) as conn:
+                    await maintenance.record_run(
+                        conn, "purge", ok=False, detail={"error": error_line(exc)}
+                    )
             raise
-        seconds = anyio.current_time() - started
         self.metrics.purged_entries_total.inc(rows.deleted)
         self.metrics.purge_runs_total.labels("success").inc()
         self.metrics.last_purge_success_timestamp_seconds.set(time.time())
