@@ -74,6 +74,16 @@ EXAMPLES = {
     "unpark": "  dlqd unpark 0f8fad5b-d9cb-469f-a165-70867728950e --reason 'receiver fixed'",
     "explain": "  dlqd explain 0f8fad5b-d9cb-469f-a165-70867728950e --config /etc/dlqd/dlqd.toml",
     "sql": '  dlqd sql roles | psql "$ADMIN_DATABASE_URL"',
+    "redrive": (
+        "  dlqd redrive start --type 'email.*' --error-reason timeout --rate 50 --dry-run\n"
+        "  dlqd redrive start --app-id shop --via transient --reason 'relay fixed' --rate 50\n"
+        "  dlqd redrive list\n"
+        "  dlqd redrive cancel 1b4e28ba-2fa1-11d2-883f-0016d3cca427"
+    ),
+    "console": (
+        "  dlqd console token alice --role operator\n"
+        "  dlqd console token shop-support --role viewer --app-id shop"
+    ),
     "completion": (
         "  dlqd completion bash > /etc/bash_completion.d/dlqd\n"
         "  dlqd completion zsh > ~/.zfunc/_dlqd\n"
@@ -183,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     list_.add_argument(
         "--policy", action="append", metavar="NAME", help="rows scheduled or parked by this policy"
     ).completer = _policy_names  # type: ignore[attr-defined]
+    _add_searches(list_)
     list_.add_argument("--json", action="store_true", help="one JSON document on stdout")
 
     show = add("show", "one row with its replay history")
@@ -254,6 +265,83 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("id", help="the row's id (a UUID)").completer = _nothing  # type: ignore[attr-defined]
     explain.add_argument("--json", action="store_true", help="one JSON document on stdout")
 
+    redrive = add(
+        "redrive",
+        "replay everything a filter matches, as a durable task a daemon runs",
+        "A redrive replays every pending row a filter matches now (parked ones included), "
+        "through --via POLICY's target or the matching policy's, at --rate for the whole "
+        "deployment, on one daemon replica at a time (another resumes it after a crash). "
+        "Every replay is logged with your name and --reason. `dlqd replay` is the synchronous "
+        "form.",
+    )
+    actions = redrive.add_subparsers(dest="action", required=True, metavar="ACTION")
+    start = actions.add_parser(
+        "start",
+        parents=[common],
+        help="create a redrive (--dry-run: count what it would replay)",
+        description="Create a redrive of the pending rows the filters match (none: all).",
+        formatter_class=_Formatter,
+    )
+    _add_filters(start)
+    start.add_argument(
+        "--state",
+        action="append",
+        choices=["new", "waiting", "parked", "unmatched"],
+        help="rows in this recorded state; repeat for several",
+    )
+    start.add_argument(
+        "--policy", action="append", metavar="NAME", help="rows scheduled or parked by this policy"
+    ).completer = _policy_names  # type: ignore[attr-defined]
+    _add_searches(start)
+    start.add_argument(
+        "--via",
+        metavar="POLICY",
+        help="replay through this policy's target, whatever policy matches the rows",
+    ).completer = _policy_names  # type: ignore[attr-defined]
+    start.add_argument("--reason", metavar="TEXT", help="why, kept in the replay log")
+    start.add_argument(
+        "--rate", type=_positive_float, help="at most N rows a second, for the whole deployment"
+    )
+    start.add_argument(
+        "--dry-run", action="store_true", help="count what it would replay, create nothing"
+    )
+    start.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    listing = actions.add_parser(
+        "list",
+        parents=[common],
+        help="redrives, newest first, with their progress",
+        formatter_class=_Formatter,
+    )
+    listing.add_argument("--json", action="store_true", help="a JSON array on stdout")
+    stop = actions.add_parser(
+        "cancel",
+        parents=[common],
+        help="stop a redrive after the chunk in flight",
+        description="Stop a redrive after the chunk in flight; waits (up to 30s) until it has.",
+        formatter_class=_Formatter,
+    )
+    stop.add_argument("id", help="the redrive's id").completer = _nothing  # type: ignore[attr-defined]
+    stop.add_argument("--json", action="store_true", help="one JSON document on stdout")
+
+    console = add("console", "make console tokens")
+    tokens = console.add_subparsers(dest="action", required=True, metavar="ACTION")
+    token = tokens.add_parser(
+        "token",
+        help="print a new random token and its [[console.tokens]] entry",
+        description="Print a new random console token (once: it is kept nowhere) and the "
+        "[[console.tokens]] entry, with the token's SHA-256, to add to the config.",
+        formatter_class=_Formatter,
+    )
+    token.add_argument("name", help="who uses it: the actor of what it does")
+    token.add_argument(
+        "--role",
+        choices=["viewer", "operator"],
+        required=True,
+        help="viewer: reads only; operator: may replay, park and redrive",
+    )
+    token.add_argument("--app-id", metavar="APP_ID", help="bind the token to one tenant")
+    token.add_argument("--json", action="store_true", help="one JSON document on stdout")
+
     completion = add("completion", "print a shell completion script")
     completion.add_argument("shell", choices=["bash", "zsh", "fish"], help="your shell")
     return parser
@@ -292,6 +380,17 @@ def _add_filters(parser: argparse.ArgumentParser) -> None:
             metavar="GLOB",
             help=f"{what} matching this glob (e.g. '{example}'); repeat for any of several",
         )
+
+
+def _add_searches(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--payload",
+        metavar="JSON",
+        help='rows whose payload contains this JSON document (e.g. \'{"to": "x@example.com"}\')',
+    )
+    parser.add_argument(
+        "--error", metavar="TEXT", help="rows whose last error contains this text (any case)"
+    )
 
 
 MAX_PAGE = 10_000
@@ -337,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
 
         sys.stdout.write(shellcode(["dlqd"], shell=args.shell))
         return 0
+    if args.command == "console":
+        return _console_token(args)
     if args.command == "sql":
         # needs no configuration: an administrator runs it before dlqd has any
         from dlqd.db.queries import sql_dir
@@ -469,6 +570,8 @@ def _filter(args: argparse.Namespace) -> PendingFilter:
         error_reason=tuple(args.error_reason or ()),
         state=tuple(getattr(args, "state", None) or ()),
         policy=tuple(getattr(args, "policy", None) or ()),
+        payload=getattr(args, "payload", None),
+        error=getattr(args, "error", None),
     )
 
 
@@ -535,10 +638,8 @@ async def _show(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{'state'.ljust(width)}  {safe(narrow)}")
     print()
     if shown.replays:
-        print_table(
-            ["at", "policy", "outcome", "error", "actor", "reason"],
-            [list(r.values()) for r in shown.replays],
-        )
+        columns = ["at", "policy", "outcome", "error", "actor", "reason"]
+        print_table(columns, [[r[c] for c in columns] for r in shown.replays])
     else:
         print("no replays yet")
     return 0
@@ -770,4 +871,121 @@ async def _purge(args: argparse.Namespace, settings: Settings) -> int:
         print_json({"deleted": deleted, "dry_run": args.dry_run})
     else:
         print(f"{'would delete' if args.dry_run else 'deleted'} {deleted} rows")
+    return 0
+
+
+def _console_token(args: argparse.Namespace) -> int:
+    """``dlqd console token``: needs no config nor database (an administrator
+    makes tokens before the console runs)."""
+    import json
+
+    from pydantic import ValidationError
+
+    from dlqd.config import ConsoleToken
+    from dlqd.console.auth import new_token
+
+    try:
+        entry = ConsoleToken(name=args.name, sha256="0" * 64, role=args.role, app_id=args.app_id)
+    except ValidationError as exc:
+        from dlqd.config import describe_validation_error
+
+        print(f"dlqd: error: {describe_validation_error(exc)}", file=sys.stderr)
+        return 2
+    token, digest = new_token()
+    if args.json:
+        print_json(
+            {"name": entry.name, "role": entry.role, "app_id": entry.app_id, "token": token,
+             "sha256": digest}
+        )  # fmt: skip
+        return 0
+    lines = [
+        f"token for {entry.name} (shown once, kept nowhere: hand it over, keep it secret):",
+        f"  {token}",
+        "",
+        "add to the config (the token's SHA-256, never the token):",
+        "[[console.tokens]]",
+        f"name = {json.dumps(entry.name)}",
+        f'sha256 = "{digest}"',
+        f'role = "{entry.role}"',
+    ]
+    if entry.app_id is not None:
+        lines.append(f"app_id = {json.dumps(entry.app_id, ensure_ascii=False)}")
+    print("\n".join(lines))
+    return 0
+
+
+@command("redrive")
+async def _redrive(args: argparse.Namespace, settings: Settings) -> int:
+    from dlqd import operator
+    from dlqd.operator import redrive
+
+    async with operator.session(settings, f"dlqd redrive {args.action}") as conn:
+        if args.action == "start":
+            from dlqd.replay.checks import check_targets
+
+            check_targets(settings)
+            started = await redrive.start(
+                conn,
+                settings,
+                _filter(args),
+                actor=_actor(),
+                via=args.via,
+                reason=args.reason,
+                rate=args.rate,
+                dry_run=args.dry_run,
+            )
+            if args.json:
+                print_json(started.to_json())
+            elif args.dry_run:
+                print(f"would redrive {started.matched} rows (dead-lettered until now)")
+            else:
+                print(
+                    f"redrive {started.id} queued: {started.matched} rows; a running `dlqd run` "
+                    "takes it (`dlqd redrive list` shows its progress)"
+                )
+            return 0
+        if args.action == "list":
+            listed = await redrive.listed(conn)
+            if args.json:
+                print_json([r.to_json() for r in listed])
+                return 0
+            rows = []
+            for r in listed:
+                state = f"{r.state} (cancelling)" if r.cancel_requested and r.active else r.state
+                rate = f"{r.rows_per_second:.1f}/s" if r.rows_per_second else "-"
+                rows.append(
+                    [str(r.id), state, r.matched, r.replayed, r.failed, r.skipped, r.to_do, rate,
+                     r.actor, r.reason, r.created_at]
+                )  # fmt: skip
+            print_table(
+                ["id", "state", "matched", "replayed", "failed", "skipped", "to_do", "rate",
+                 "actor", "reason", "created"],
+                rows,
+            )  # fmt: skip
+            return 0
+        from uuid import UUID
+
+        from dlqd.errors import UsageError
+
+        try:
+            redrive_id = UUID(args.id)
+        except ValueError:
+            raise UsageError(f"invalid id {args.id[:40]!r}: expected a UUID") from None
+        cancelled = await redrive.cancel(conn, redrive_id)
+        if cancelled is None:
+            raise NotFound(f"no redrive with id {redrive_id}")
+        if cancelled.active:
+            cancelled = await redrive.settled(conn, redrive_id, within=30) or cancelled
+    if args.json:
+        print_json(cancelled.to_json())
+    elif cancelled.active:
+        print(
+            f"redrive {redrive_id}: cancel asked; it stops after the chunk in flight "
+            f"(replayed {cancelled.replayed} so far)"
+        )
+    else:
+        print(
+            f"redrive {redrive_id}: {cancelled.state} (replayed {cancelled.replayed}, failed "
+            f"{cancelled.failed}, skipped {cancelled.skipped})"
+        )
     return 0

@@ -458,10 +458,108 @@ class MetricsSettings(_Frozen):
     """The `app_id` label; false where tenants are many."""
 
 
+#: keys the console masks in payloads by default ("keys named like": a key
+#: matches when its letters and digits, lowercased, contain one of these)
+DEFAULT_REDACT_KEYS = ("password", "secret", "token", "authorization", "api_key")
+_TOKEN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ConsoleToken(_Frozen):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    """Who acts (the replay log's actor): letters, digits and `._@-`, at most 64."""
+    sha256: str
+    """The token's SHA-256, lowercase hex (`dlqd console token` prints it); never the token."""
+    role: Literal["viewer", "operator"]
+    """`viewer`: reads only; `operator`: may replay, park, unpark, start and cancel redrives."""
+    app_id: Annotated[str, Field(min_length=1, max_length=2048)] | None = None
+    """Binds the token to one tenant: Postgres row-level security shows it that tenant's rows
+    only.
+    """
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _TOKEN_NAME_RE.match(value):
+            raise ValueError("letters, digits and ._@- only, starting with a letter or digit")
+        return value
+
+    @field_validator("sha256")
+    @classmethod
+    def _digest(cls, value: str) -> str:
+        if not _SHA256_RE.match(value):
+            raise ValueError(
+                "expected the token's SHA-256 as 64 lowercase hex digits "
+                "(`dlqd console token NAME --role viewer` prints one)"
+            )
+        return value
+
+
+def _redact_key(value: str) -> str:
+    normalized = re.sub(r"[^a-z0-9]", "", value.lower())
+    if not normalized:
+        raise ValueError("a key to redact needs a letter or a digit")
+    return value
+
+
+class ConsoleSettings(_Frozen):
+    enabled: bool = False
+    """Serve the web console (`dlqd run`), on its own address."""
+    host: str = "127.0.0.1"
+    """Address of the console; put a TLS proxy in front of it to reach it from elsewhere."""
+    port: int = Field(default=9465, ge=0, le=65535)
+    """Port of the console (0: any free one); never the metrics port."""
+    session_ttl: Annotated[Duration, _at_least("1m")] = timedelta(hours=8)
+    """How long a browser stays signed in."""
+    redact_keys: tuple[Annotated[str, AfterValidator(_redact_key)], ...] = DEFAULT_REDACT_KEYS
+    """Keys masked in payloads and error histories, at any depth, by Postgres (matched on their
+    letters and digits, any case: `api_key` masks `apiKey` and `X-Api-Key`).
+    """
+    tokens: tuple[ConsoleToken, ...] = ()
+    """Who may sign in: `name`, `sha256`, `role`, optional `app_id`."""
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        return _valid_host(value)
+
+    @model_validator(mode="after")
+    def _usable(self) -> ConsoleSettings:
+        names = [t.name for t in self.tokens]
+        for index, name in enumerate(names):
+            if name in names[:index]:
+                raise ValueError(f"console.tokens[{index}].name: duplicate token name {name!r}")
+        digests = [t.sha256 for t in self.tokens]
+        for index, digest in enumerate(digests):
+            if digest in digests[:index]:
+                raise ValueError(f"console.tokens[{index}].sha256: two tokens share one token")
+        if self.enabled and not self.tokens:
+            raise ValueError(
+                "console.tokens: the console refuses to start enabled without a token "
+                "(make one with `dlqd console token NAME --role viewer`)"
+            )
+        return self
+
+    def redact_patterns(self) -> list[str]:
+        """The keys as Postgres matches them (letters and digits, lowercased)."""
+        return [re.sub(r"[^a-z0-9]", "", k.lower()) for k in self.redact_keys]
+
+
 _HOSTNAME_RE = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
 )
+
+
+def _valid_host(value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    if not _HOSTNAME_RE.match(value):
+        raise ValueError("expected an IP address or a host name") from None
+    return value
 
 
 def _default_log_format() -> Literal["json", "console"]:
@@ -507,6 +605,8 @@ class Settings(BaseSettings):
     """The scheduled purge (on the leader)."""
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     """The collector behind `/metrics`."""
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
+    """The web console (off by default)."""
     policies: list[Policy] = Field(default_factory=list)
     """Ordered policies: the first that matches a row decides."""
 
@@ -533,14 +633,20 @@ class Settings(BaseSettings):
     @field_validator("metrics_host")
     @classmethod
     def _host(cls, value: str) -> str:
-        try:
-            ipaddress.ip_address(value)
-            return value
-        except ValueError:
-            pass
-        if not _HOSTNAME_RE.match(value):
-            raise ValueError("expected an IP address or a host name") from None
-        return value
+        return _valid_host(value)
+
+    @model_validator(mode="after")
+    def _console_apart(self) -> Settings:
+        if (
+            self.console.enabled
+            and self.console.port != 0
+            and self.console.port == self.metrics_port
+        ):
+            raise ValueError(
+                "console.port: must differ from metrics_port (the console is never served "
+                "beside /metrics)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _policies_consistent(self) -> Settings:
@@ -632,7 +738,7 @@ def describe_validation_error(error: ValidationError) -> str:
         elif item["type"] == "extra_forbidden":
             message = "is not a known setting"
         loc = tuple(item["loc"])
-        if not loc and ": " in message:
+        if ": " in message and (not loc or message.startswith(_field_path(loc) + ".")):
             messages.append(message)  # model-level errors name their own field
         else:
             messages.append(f"{_field_path(loc)}: {message}")

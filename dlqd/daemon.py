@@ -1,22 +1,27 @@
 """``dlqd run``: the pool, start-up checks, signals, reload, and one task group
-owning the HTTP server, the replay workers and the background services
-(``dlqd/services/``: listener, collector, sweeper, health, leader with the
-purger, watchdog); systemd notifications."""
+owning the HTTP server, the console (when enabled, with a pool of its own),
+the replay workers and the background services (``dlqd/services/``:
+listener, collector, sweeper, health, redriver, leader with the purger,
+watchdog); systemd notifications."""
 
 from __future__ import annotations
 
+import secrets
 import signal
 from contextlib import AsyncExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import anyio
 from anyio import CancelScope
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 
 from dlqd import __version__
 from dlqd.config import Settings, load_settings
+from dlqd.db import maintenance
 from dlqd.db.connector import (
+    Connection,
     Pool,
     connect,
     describe_dsn,
@@ -25,6 +30,7 @@ from dlqd.db.connector import (
     pooler_drops_prepared_statements,
 )
 from dlqd.db.migrations import require_current_schema
+from dlqd.db.tenancy import tenant_role_problem
 from dlqd.errors import ConfigError
 from dlqd.logs import get_logger, register_secret
 from dlqd.metrics import Metrics
@@ -38,6 +44,7 @@ from dlqd.services.health import Health
 from dlqd.services.leader import LeaderElector
 from dlqd.services.listener import Listener
 from dlqd.services.purger import Purger
+from dlqd.services.redriver import Redriver
 from dlqd.services.sweeper import Sweeper
 from dlqd.services.watchdog import Watchdog
 from dlqd.throttle import Throttle
@@ -47,6 +54,8 @@ from dlqd.web import build_app, serve
 log = get_logger("dlqd.daemon")
 #: this many failed replayer passes in a row make the replica unready
 FAILING_PASSES = 3
+#: connections of the console's own pool (requests beyond it wait a moment, then 503)
+CONSOLE_POOL = 4
 
 
 def raise_fd_limit() -> None:
@@ -76,6 +85,8 @@ class Daemon:
         self.pool: Pool | None = None
         self.replayers: list[Replayer] = []
         self.http_port: int | None = None
+        self.console_port: int | None = None
+        self.redriver: Redriver | None = None
         self.started = False
 
     def settings(self) -> Settings:
@@ -116,6 +127,7 @@ class Daemon:
                 raise ConfigError("invalid configuration: " + "; ".join(fatal))
             for text, _ in problems:
                 log.warning("sql target does not plan", problem=text)
+            console_key = await self._console_preflight(probe) if settings.console.enabled else None
         finally:
             await probe.close()
 
@@ -124,7 +136,8 @@ class Daemon:
             # held for the daemon's life, so no flood of HTTP clients can take
             # the descriptors the database work needs.
             # per worker: its passes and its http leg; then the services
-            size = 2 * settings.replay.concurrency + 3
+            # (the redriver: its chunks and its lease)
+            size = 2 * settings.replay.concurrency + 5
             # the replayer's statements run many times a second: prepared on
             # the server from the first run, unless a pooler cannot keep them
             pool = open_pool(settings.dsn, size, prepare=prepare)
@@ -139,6 +152,8 @@ class Daemon:
                     settings.metrics_port,
                     build_app(self.metrics.registry, self.readiness_problems),
                 )
+                if console_key is not None:
+                    self.console_port = await self._serve_console(tg, stack, console_key, prepare)
                 if settings.listen.enabled:
                     self.listener = Listener(self.settings, pool, self.wakeup, self.metrics)
                     await tg.start(self.listener.run)
@@ -166,10 +181,12 @@ class Daemon:
                 self.leader = LeaderElector(
                     pool, self.settings, self.metrics, [Purger(pool, self.settings, self.metrics)]
                 )
+                self.redriver = Redriver(pool, self.settings, self.metrics, self.stopping)
                 services: list[Any] = [
                     Collector(pool, self.settings, self.metrics),
                     Sweeper(pool, self.settings, self.wakeup),
                     self.health,
+                    self.redriver,
                     self.leader,
                 ]
                 if (interval := watchdog_interval()) is not None:
@@ -186,6 +203,7 @@ class Daemon:
                     policies=len(settings.policies),
                     workers=settings.replay.concurrency,
                     http_port=self.http_port,
+                    console_port=self.console_port,
                 )
                 self.wakeup.set()  # first scan: rows inserted while no daemon ran
 
@@ -196,11 +214,48 @@ class Daemon:
                 with anyio.move_on_after(timeout, shield=True) as scope:
                     for done in workers_done:
                         await done.wait()
+                    # a redrive lets go after its chunk in flight (another replica resumes it)
+                    await self.redriver.idle.wait()
                 if scope.cancelled_caught:
                     log.warning("shutdown_timeout reached: batches in flight are rolled back")
                 tg.cancel_scope.cancel()
         log.info("stopped")
         return 0
+
+    async def _console_preflight(self, conn: Connection) -> bytes:
+        """What the console needs of the database: its session key, and for
+        tokens bound to a tenant, a role to switch to (else: exit 78)."""
+        bound = [t.name for t in self._settings.console.tokens if t.app_id is not None]
+        if bound:
+            problem = await tenant_role_problem(conn)
+            if problem is not None:
+                raise ConfigError(
+                    f"invalid configuration: console.tokens: {bound[0]!r} is bound to a tenant, "
+                    f"but {problem}"
+                )
+        return await maintenance.console_key(conn, secrets.token_bytes(32))
+
+    async def _serve_console(
+        self, tg: TaskGroup, stack: AsyncExitStack, key: bytes, prepare: bool
+    ) -> int:
+        """The console on its own address, with a small pool of its own: no page
+        view takes a connection the replayers need. Its statements are planned
+        for their parameters (its filters are optional: a generic plan would
+        not use the index a given search needs)."""
+        from dlqd.console.app import Console
+
+        settings = self._settings
+        pool = open_pool(settings.dsn, CONSOLE_POOL, prepare=False, name="dlqd console")
+        await pool.open(wait=True, timeout=30)
+        stack.push_async_callback(pool.close)
+        console = Console(self.settings, pool, self.metrics, key)
+        port: int = await tg.start(
+            partial(serve, what="console"),
+            settings.console.host,
+            settings.console.port,
+            console.app(),
+        )
+        return port
 
     async def _worker(
         self,

@@ -158,9 +158,30 @@ class Metrics:
             "Replayer passes (a flood of wake-ups must not multiply them).",
             registry=r,
         )
+        self.redrive_rows_total = Counter(
+            "dlqd_redrive_rows",
+            "Rows redrives replayed, failed or skipped (counted once committed).",
+            ["outcome"],
+            registry=r,
+        )
+        self.redrives_running = Gauge(
+            "dlqd_redrives_running",
+            "Redrives this replica runs now (sum them over replicas).",
+            registry=r,
+        )
+        self.console_sign_ins_total = Counter(
+            "dlqd_console_sign_ins",
+            "Console sign-ins by outcome (refused: a token that matches none).",
+            ["outcome"],
+            registry=r,
+        )
         # series that alerts compare must exist before their first event
         for outcome in ("success", "error"):
             self.purge_runs_total.labels(outcome)
+        for outcome in ("replayed", "failed", "skipped"):
+            self.redrive_rows_total.labels(outcome)
+        for outcome in ("accepted", "refused"):
+            self.console_sign_ins_total.labels(outcome)
         for reason in PARK_EVENTS:
             self.parked_total.labels("none", reason)
         self.build_info = Gauge("dlqd_build_info", "dlqd's version.", ["version"], registry=r)

@@ -3,7 +3,8 @@ daemon's task group.
 
 Routes: ``/metrics`` (prometheus-client's exposition: OpenMetrics when the
 scraper asks for it, gzip when it accepts it), ``/healthz`` and ``/readyz``.
-The operator console planned next mounts on the same application.
+The console (``dlqd.console``) is an application of its own, served by
+:func:`serve` on its own address, never beside ``/metrics``.
 
 Hypercorn is embedded through its public ``serve(app, config,
 shutdown_trigger=...)``: it runs as one task among the daemon's and stops when
@@ -121,15 +122,15 @@ def build_app(
     )
 
 
-def _bind(host: str, port: int) -> list[socket.socket]:
+def _bind(host: str, port: int, what: str = "metrics") -> list[socket.socket]:
     """Listening sockets for every address of ``host`` on one port (port 0:
-    the first free one, shared by all)."""
+    the first free one, shared by all). ``what``: metrics or console, for messages."""
+    hint = "metrics_host / metrics_port" if what == "metrics" else "console.host / console.port"
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError as exc:
         raise DlqdError(
-            f"cannot serve metrics on {host}:{port}: {exc.strerror or exc} "
-            "(set metrics_host / metrics_port)"
+            f"cannot serve {what} on {host}:{port}: {exc.strerror or exc} (set {hint})"
         ) from None
     sockets: list[socket.socket] = []
     seen: set[tuple[int, str]] = set()
@@ -152,8 +153,7 @@ def _bind(host: str, port: int) -> list[socket.socket]:
         for sock in sockets:
             sock.close()
         raise DlqdError(
-            f"cannot serve metrics on {host}:{port}: {exc.strerror or exc} "
-            "(set metrics_host / metrics_port)"
+            f"cannot serve {what} on {host}:{port}: {exc.strerror or exc} (set {hint})"
         ) from None
     return sockets
 
@@ -180,10 +180,11 @@ async def serve(
     port: int,
     app: Starlette,
     *,
+    what: str = "metrics",
     task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` until cancelled; report the bound port once listening."""
-    sockets = _bind(host, port)
+    sockets = _bind(host, port, what)
     bound = int(sockets[0].getsockname()[1])
     config = _config(sockets)
     shutdown = anyio.Event()
@@ -201,7 +202,9 @@ async def serve(
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(run)
-        log.info("http listening", host=host, port=bound)
+        log.info(
+            "http listening" if what == "metrics" else f"{what} listening", host=host, port=bound
+        )
         task_status.started(bound)
         try:
             await finished.wait()

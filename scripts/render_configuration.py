@@ -44,7 +44,7 @@ def _type(field: FieldInfo) -> str:
         return "string (secret)"
     if "Target" in text or "SqlTarget" in text:
         return "target"
-    if origin is list or "list[" in text:
+    if origin is list or origin is tuple or "list[" in text:
         return "list"
     if origin is dict or "dict[" in text:
         return "table"
@@ -69,6 +69,8 @@ def _default(name: str, field: FieldInfo) -> str:
         return "see below" if isinstance(made, BaseModel) else f"`{made}`"
     if value is None:
         return "none"
+    if isinstance(value, tuple):
+        return ", ".join(f"`{v}`" for v in value) if value else "none"
     if isinstance(value, timedelta):
         return f"`{config.format_duration(value)}`"
     if isinstance(value, bool):
@@ -97,17 +99,32 @@ HEAD = "| key | environment | type | default | meaning |\n| --- | --- | --- | --
 
 def render() -> str:
     sections = [
-        ("Top level", config.Settings, "", "DLQD_", ("listen", "replay", "purge", "metrics")),
+        (
+            "Top level",
+            config.Settings,
+            "",
+            "DLQD_",
+            ("listen", "replay", "purge", "metrics", "console"),
+        ),
         ("`[listen]`", config.ListenSettings, "listen.", "DLQD_LISTEN__", ()),
         ("`[replay]`", config.ReplaySettings, "replay.", "DLQD_REPLAY__", ()),
         ("`[purge]`", config.PurgeSettings, "purge.", "DLQD_PURGE__", ()),
         ("`[metrics]`", config.MetricsSettings, "metrics.", "DLQD_METRICS__", ()),
+        ("`[console]`", config.ConsoleSettings, "console.", "DLQD_CONSOLE__", ()),
     ]
     parts: list[str] = [BEGIN, ""]
     for title, model, key, env, skip in sections:
         rows = [r for r in _rows(model, key, env) if not any(f"`{s}`" in r[:40] for s in skip)]
         parts += [f"### {title}", "", HEAD, *rows, ""]
     parts += [
+        "### `[[console.tokens]]`",
+        "",
+        "Tokens come from the TOML file, or all at once from `DLQD_CONSOLE__TOKENS` (a JSON "
+        "list); `dlqd console token NAME --role R [--app-id A]` prints a new one and its entry.",
+        "",
+        HEAD,
+        *_rows(config.ConsoleToken, "", None),
+        "",
         "### `[[policies]]`",
         "",
         "Policies come from the TOML file, or all at once from `DLQD_POLICIES` (a JSON list).",

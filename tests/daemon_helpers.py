@@ -89,6 +89,14 @@ class DaemonProcess:
                     break
         return self._port or 0
 
+    @property
+    def console_port(self) -> int:
+        """The console's port (0 until the daemon logged it)."""
+        for event in self.events():
+            if event.get("event") == "console listening":
+                return int(event["port"])
+        return 0
+
     def http(self, path: str) -> tuple[int, str]:
         if not self.port:
             return 0, ""
