@@ -97,6 +97,22 @@ def test_list_filters_are_globs_that_repeat_and_states(db_url: str) -> None:
     assert listed("--state", "parked") == {"w1"}
     assert listed("--state", "new") == {"e1", "e2", "s1"}
     assert listed("--policy", "hooks") == {"w1"}
+    # searches: a document the payload contains, text of the last error
+    assert listed("--payload", '{"job": "s1"}') == {"s1"}
+    assert listed("--payload", '{"job": "s1"}', "--app-id", "crm") == set()
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            """UPDATE job_dlq SET error_history = '[{"error": "old"}, {"error": "SMTP 550"}]'
+                WHERE original_job_id = 'e2'"""
+        )
+        conn.execute(
+            "UPDATE dlqd_entry_state SET last_error = 'HTTP 503 from hooks' WHERE policy = 'hooks'"
+        )
+    assert listed("--error", "smtp 550") == {"e2"}
+    assert listed("--error", "old") == set()  # the last entry only
+    assert listed("--error", "503") == {"w1"}  # or the last failed replay's
+    bad = dlqd_cli("list", "--payload", "{nope", env=env)
+    assert bad.returncode == 2 and "payload search: not valid JSON" in bad.stderr
     table = dlqd_cli("list", "--state", "parked", env=env).stdout
     assert "parked" in table
     assert "hooks" in table
@@ -233,3 +249,24 @@ def test_completion_scripts() -> None:
         assert marker in result.stdout, shell
         assert "dlqd" in result.stdout
     assert dlqd_cli("completion", "tcsh").returncode == 2
+
+
+def test_console_token_prints_a_token_once_and_its_entry() -> None:
+    import hashlib
+    import re
+    import tomllib
+
+    result = dlqd_cli("console", "token", "shop-support", "--role", "viewer", "--app-id", "shop")
+    assert result.returncode == 0, result.stderr
+    token = result.stdout.splitlines()[1].strip()
+    entry = tomllib.loads(result.stdout.split("never the token):\n", 1)[1])
+    [made] = entry["console"]["tokens"]
+    assert made == {
+        "name": "shop-support", "role": "viewer", "app_id": "shop",
+        "sha256": hashlib.sha256(token.encode()).hexdigest(),
+    }  # fmt: skip
+    assert len(token) >= 43 and re.fullmatch(r"[A-Za-z0-9_-]+", token)
+    again = json.loads(dlqd_cli("console", "token", "x", "--role", "operator", "--json").stdout)
+    assert again["token"] != token and again["app_id"] is None
+    bad = dlqd_cli("console", "token", "no spaces", "--role", "viewer")
+    assert bad.returncode == 2 and "name: letters, digits" in bad.stderr

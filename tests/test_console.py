@@ -566,3 +566,21 @@ async def test_bad_input_is_a_clear_error(
         form = {"Content-Type": "application/x-www-form-urlencoded"}
         huge = client.post(f"/jobs/{shop[0]}/park", content=b"x" * 70_000, headers=form)
         assert huge.status_code == 413
+
+
+def test_tokens_and_redacted_keys_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dlqd.config import load_settings
+    from dlqd.console.auth import digest
+
+    tokens = [{"name": "ci", "sha256": digest("t"), "role": "operator", "app_id": "shop"}]
+    monkeypatch.setenv("DLQD_DATABASE_URL", "postgresql://localhost/x")
+    monkeypatch.setenv("DLQD_CONSOLE__ENABLED", "true")
+    monkeypatch.setenv("DLQD_CONSOLE__TOKENS", json.dumps(tokens))
+    monkeypatch.setenv("DLQD_CONSOLE__REDACT_KEYS", '["pin", "X-Card"]')
+    settings = load_settings()
+    [token] = settings.console.tokens
+    assert (token.name, token.role, token.app_id) == ("ci", "operator", "shop")
+    assert settings.console.redact_patterns() == ["pin", "xcard"]
+    monkeypatch.setenv("DLQD_CONSOLE__TOKENS", '[{"name": "ci", "sha256": "nope", "role": "x"}]')
+    with pytest.raises(Exception, match=r"console\.tokens\.0\.sha256|console\.tokens\[0\]"):
+        load_settings()

@@ -145,6 +145,33 @@ async def test_migrate_twice_is_a_noop(empty_db_url: str) -> None:
     assert second == []
 
 
+async def test_an_index_an_interrupted_migration_left_invalid_is_built_again(
+    conn: Conn, db_url: str
+) -> None:
+    """Migration 011 builds its index CONCURRENTLY (no lock on the job systems'
+    inserts); a run cut short leaves it invalid, and the next run rebuilds it."""
+    [payload] = [m for m in available_migrations() if m.name == "console_indexes"]
+    assert not payload.transactional
+    [before] = await _rows(conn, "SELECT 'job_dlq_pending_payload_idx'::regclass::oid AS oid")
+    await conn.execute(
+        b"""UPDATE pg_index SET indisvalid = false
+             WHERE indexrelid = 'job_dlq_pending_payload_idx'::regclass"""
+    )
+    await conn.execute(b"DELETE FROM dlqd_schema_migrations WHERE version = 11")
+    again = await connect(db_url, autocommit=True)
+    try:
+        assert [m.version for m in await migrate(again)] == [11]
+    finally:
+        await again.close()
+    [index] = await _rows(
+        conn,
+        """SELECT i.indisvalid, i.indexrelid AS oid FROM pg_index i
+            WHERE i.indexrelid = 'job_dlq_pending_payload_idx'::regclass""",
+    )
+    assert index["indisvalid"] is True
+    assert index["oid"] != before["oid"]  # dropped and built again
+
+
 async def test_replicas_migrating_at_once_apply_each_migration_once(empty_db_url: str) -> None:
     applied: list[list[int]] = []
 
