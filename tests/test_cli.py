@@ -112,7 +112,8 @@ def test_list_filters_are_globs_that_repeat_and_states(db_url: str) -> None:
     assert listed("--error", "old") == set()  # the last entry only
     assert listed("--error", "503") == {"w1"}  # or the last failed replay's
     bad = dlqd_cli("list", "--payload", "{nope", env=env)
-    assert bad.returncode == 2 and "payload search: not valid JSON" in bad.stderr
+    assert bad.returncode == 2
+    assert "payload search: not valid JSON" in bad.stderr
     table = dlqd_cli("list", "--state", "parked", env=env).stdout
     assert "parked" in table
     assert "hooks" in table
@@ -265,8 +266,11 @@ def test_console_token_prints_a_token_once_and_its_entry() -> None:
         "name": "shop-support", "role": "viewer", "app_id": "shop",
         "sha256": hashlib.sha256(token.encode()).hexdigest(),
     }  # fmt: skip
-    assert len(token) >= 43 and re.fullmatch(r"[A-Za-z0-9_-]+", token)
+    assert len(token) >= 43
+    assert re.fullmatch(r"[A-Za-z0-9_-]+", token)
     again = json.loads(dlqd_cli("console", "token", "x", "--role", "operator", "--json").stdout)
-    assert again["token"] != token and again["app_id"] is None
+    assert again["token"] != token
+    assert again["app_id"] is None
     bad = dlqd_cli("console", "token", "no spaces", "--role", "viewer")
-    assert bad.returncode == 2 and "name: letters, digits" in bad.stderr
+    assert bad.returncode == 2
+    assert "name: letters, digits" in bad.stderr
