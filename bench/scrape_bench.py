@@ -11,8 +11,19 @@ then measures:
   counts, the NOTIFY queue usage: what runs every ``metrics.refresh_interval``),
   next to the plain-SQL floor of the same run (``count(*)`` of the pending
   rows), with the plans' scan nodes from EXPLAIN;
+- the counts (migration 012): the baseline reconciliation (the table counted
+  once, after the fill that ran without triggers) and a reconciliation round,
+  which the leader runs at most every hundred times its duration;
+- ``dlqd status`` (``collect_status``) and the console's overview;
+- the reads an incident hits: ``list``'s first page (no filter, ``--state
+  parked``, ``--policy``, a glob), ``explain`` and ``show``, through the
+  operator layer, next to their plain-SQL floors (the first 50 pending rows
+  by the pending index; one row by its key);
 - a scrape: ``GET /metrics`` over HTTP from the real server (Starlette under
-  hypercorn), plain text, OpenMetrics and gzip, with the collected series.
+  hypercorn), plain text, OpenMetrics and gzip, with the collected series;
+- with ``--idle SECONDS``: every pending row parked by a policy (as the daemon
+  records it), then a real ``dlqd run`` with that policy, idle: the CPU of the
+  daemon and of the database backends serving it over that many seconds.
 
 Prints medians and min/max. Asserts nothing.
 """
@@ -21,9 +32,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -40,8 +54,12 @@ sys.path.insert(0, str(ROOT))
 from benchlib import migrated_cluster  # type: ignore[import-not-found]
 
 from dlqd.config import load_settings
+from dlqd.db import counts
 from dlqd.db.queries import q
+from dlqd.filters import PendingFilter
 from dlqd.metrics import Metrics
+from dlqd.operator import reads
+from dlqd.operator.explain import explain as explain_row
 from dlqd.services.collector import Collector
 from dlqd.web import build_app, serve
 
@@ -113,11 +131,18 @@ async def fill(url: str, rows: int, pending: int) -> None:
             f"(filled and vacuumed in {time.perf_counter() - started:.0f} s)",
             flush=True,
         )
+    async with await psycopg.AsyncConnection.connect(
+        url, autocommit=True, row_factory=dict_row
+    ) as conn:
+        began = time.perf_counter()
+        await counts.reconcile(conn)  # the baseline: what was there before the counts
+        await counts.fold(conn)
+        print(f"baseline reconciliation: {time.perf_counter() - began:.1f} s", flush=True)
 
 
 async def explain(url: str) -> None:
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-        for name in ("status_groups", "status_held"):
+        for name in ("status_counts", "held_counts"):
             cur = await conn.execute(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {q(name)}")
             row = await cur.fetchone()
             assert row is not None
@@ -205,13 +230,139 @@ async def scrapes(metrics: Metrics, repeat: int) -> None:
         tg.cancel_scope.cancel()
 
 
-async def main(rows: int, pending: int, repeat: int) -> None:
+async def timed(repeat: int, step: Any) -> list[float]:
+    await step()  # warm
+    took: list[float] = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        await step()
+        took.append(time.perf_counter() - started)
+    return took
+
+
+async def incident_reads(url: str, repeat: int) -> None:
+    async with await psycopg.AsyncConnection.connect(
+        url, autocommit=True, row_factory=dict_row
+    ) as conn:
+        took = await timed(repeat, lambda: reads.status(conn))
+        print(f"dlqd status (collect_status): {ms(took)}")
+        print(f"console overview: {ms(await timed(repeat, lambda: reads.overview(conn)))}")
+        cur = await conn.execute(
+            "SELECT id FROM job_dlq WHERE replayed_at IS NULL ORDER BY dlq_at DESC LIMIT 1"
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        some = row["id"]
+        filters = {
+            "list, first page": None,
+            "list --state parked": PendingFilter(state=("parked",)),
+            "list --policy p": PendingFilter(policy=("p",)),
+            "list --type '*.3'": PendingFilter(type=("*.3",)),
+            "list --app-id app-3 --type 'type.*'": PendingFilter(
+                app_id=("app-3",), type=("type.*",)
+            ),
+        }
+        for name, where in filters.items():
+            took = await timed(repeat, lambda w=where: reads.list_rows(conn, 50, where=w))
+            print(f"{name}: {ms(took)}")
+        floor = await timed(
+            repeat,
+            lambda: conn.execute(
+                "SELECT * FROM job_dlq WHERE replayed_at IS NULL ORDER BY dlq_at, id LIMIT 50"
+            ),
+        )
+        print(f"plain-SQL floor, the first 50 pending rows: {ms(floor)}")
+        print(f"explain: {ms(await timed(repeat, lambda: explain_row(conn, None, some)))}")
+        print(f"show: {ms(await timed(repeat, lambda: reads.show(conn, some)))}")
+        floor = await timed(
+            repeat, lambda: conn.execute("SELECT * FROM job_dlq WHERE id = %s", (some,))
+        )
+        print(f"plain-SQL floor, one row by its key: {ms(floor)}")
+        took = await timed(min(repeat, 3), lambda: counts.reconcile(conn))
+        print(f"reconciliation round: {ms(took)}")
+
+
+PARK_ALL = """
+INSERT INTO dlqd_entry_state (dlq_id, state, policy, fingerprint, due_at, failures,
+                              parked_reason, updated_at)
+SELECT id, 'parked_policy', 'hold', %(fingerprint)s, NULL, 0, NULL, now()
+  FROM job_dlq WHERE replayed_at IS NULL
+"""
+HOLD = """
+[listen]
+poll_interval = "30s"
+
+[[policies]]
+name = "hold"
+action = "park"
+"""
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU of one process so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0  # ended meanwhile
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def idle(url: str, seconds: float) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        config = Path(folder) / "dlqd.toml"
+        config.write_text(HOLD)
+        settings = load_settings(config, database_url=url)
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            began = time.perf_counter()
+            await conn.execute("DELETE FROM dlqd_entry_state")
+            await conn.execute(PARK_ALL, {"fingerprint": settings.policies_fingerprint})
+            await conn.execute("VACUUM (ANALYZE) dlqd_entry_state")
+            cur = await conn.execute("SELECT count(*) FROM dlqd_entry_state")
+            parked = (await cur.fetchone() or (0,))[0]
+            print(f"parked {parked:,} rows in {time.perf_counter() - began:.0f} s", flush=True)
+        env = {
+            **os.environ,
+            "DLQD_DATABASE_URL": url,
+            "DLQD_METRICS_HOST": "127.0.0.1",
+            "DLQD_METRICS_PORT": "0",
+        }
+        daemon = subprocess.Popen(  # noqa: ASYNC220 - a benchmark, nothing else runs
+            [sys.executable, "-m", "dlqd", "run", "--config", str(config)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            await anyio.sleep(30)  # started: the first full pass, the counts' baseline
+            async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+                cur = await conn.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'dlqd%%'"
+                    " AND pid <> pg_backend_pid()"
+                )
+                backends = [pid for (pid,) in await cur.fetchall()]
+            before = cpu_seconds(daemon.pid), sum(cpu_seconds(p) for p in backends)
+            await anyio.sleep(seconds)
+            after = cpu_seconds(daemon.pid), sum(cpu_seconds(p) for p in backends)
+        finally:
+            daemon.terminate()
+            daemon.wait(timeout=30)
+    print(
+        f"idle with {parked:,} parked, {seconds:.0f} s: daemon "
+        f"{(after[0] - before[0]) / seconds * 100:.2f}% of a core, its {len(backends)} "
+        f"database backends {(after[1] - before[1]) / seconds * 100:.2f}% of a core"
+    )
+
+
+async def main(rows: int, pending: int, repeat: int, idle_seconds: float) -> None:
     async with migrated_cluster() as url:
         await fill(url, rows, pending)
         await explain(url)
         metrics = Metrics()
         await collector_rounds(url, repeat, metrics)
+        await incident_reads(url, repeat)
         await scrapes(metrics, repeat)
+        if idle_seconds:
+            await idle(url, idle_seconds)
         print(json.dumps({"rows": rows, "pending": pending, "repeat": repeat}))
 
 
@@ -220,5 +371,6 @@ if __name__ == "__main__":
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--pending", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=50)
+    parser.add_argument("--idle", type=float, default=0.0, metavar="SECONDS")
     args = parser.parse_args()
-    anyio.run(main, args.rows, args.pending, args.repeat)
+    anyio.run(main, args.rows, args.pending, args.repeat, args.idle)

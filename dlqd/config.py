@@ -451,7 +451,14 @@ class PurgeSettings(_Frozen):
 
 class MetricsSettings(_Frozen):
     refresh_interval: Annotated[Duration, _at_least("1s")] = timedelta(seconds=5)
-    """How often the collector refreshes the gauges (a scrape runs no query)."""
+    """How often the collector refreshes the gauges (a scrape runs no query), and the leader folds
+    the counts.
+    """
+    reconcile_interval: Annotated[Duration, _at_least("1s")] = timedelta(minutes=1)
+    """How often the leader reconciles the counts with the table (at least 100 times as long as
+    the last reconciliation took): what no trigger saw is corrected, and rows restored without
+    the insert trigger are found.
+    """
     max_series: int = Field(default=500, ge=1, le=100_000)
     """Label sets per family; the smallest groups fold into `__other__`."""
     tenant_label: bool = True

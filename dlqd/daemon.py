@@ -1,13 +1,15 @@
 """``dlqd run``: the pool, start-up checks, signals, reload, and one task group
 owning the HTTP server, the console (when enabled, with a pool of its own),
 the replay workers and the background services (``dlqd/services/``:
-listener, collector, sweeper, health, redriver, leader with the purger,
-watchdog); systemd notifications."""
+listener, collector, health, redriver, leader with the purger and the
+counter (its reconciliation sweeps), watchdog); systemd notifications."""
 
 from __future__ import annotations
 
+import os
 import secrets
 import signal
+import socket
 from contextlib import AsyncExitStack
 from functools import partial
 from pathlib import Path
@@ -40,6 +42,7 @@ from dlqd.replay.http import HttpDeliverer
 from dlqd.replay.worker import Replayer
 from dlqd.sdnotify import sd_notify, watchdog_interval
 from dlqd.services.collector import Collector
+from dlqd.services.counter import Counter
 from dlqd.services.health import Health
 from dlqd.services.leader import LeaderElector
 from dlqd.services.listener import Listener
@@ -162,7 +165,8 @@ class Daemon:
                 dry_runs = DryRunLedger()
                 http = HttpDeliverer()
                 stack.push_async_callback(http.aclose)
-                for _ in range(settings.replay.concurrency):
+                replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+                for index in range(settings.replay.concurrency):
                     done = anyio.Event()
                     workers_done.append(done)
                     replayer = Replayer(
@@ -173,18 +177,25 @@ class Daemon:
                         self.stopping,
                         dry_runs=dry_runs,
                         http=http,
+                        worker=f"{replica}/{index}",
                     )
                     self.replayers.append(replayer)
                     await tg.start(self._worker, replayer, done)
                 # the background services, one shape each (dlqd/services/)
                 self.health = Health(pool)
+                sweeper = Sweeper(pool, self.settings, self.wakeup)
                 self.leader = LeaderElector(
-                    pool, self.settings, self.metrics, [Purger(pool, self.settings, self.metrics)]
+                    pool,
+                    self.settings,
+                    self.metrics,
+                    [
+                        Purger(pool, self.settings, self.metrics),
+                        Counter(pool, self.settings, self.metrics, sweeper),
+                    ],
                 )
                 self.redriver = Redriver(pool, self.settings, self.metrics, self.stopping)
                 services: list[Any] = [
                     Collector(pool, self.settings, self.metrics),
-                    Sweeper(pool, self.settings, self.wakeup),
                     self.health,
                     self.redriver,
                     self.leader,

@@ -169,6 +169,18 @@ class Metrics:
             "Redrives this replica runs now (sum them over replicas).",
             registry=r,
         )
+        self.count_corrections_total = Counter(
+            "dlqd_count_corrections",
+            "Rows the leader's reconciliation corrected in the counts (changes no trigger saw: "
+            "a restore with triggers off, an update by another role).",
+            ["kind"],
+            registry=r,
+        )
+        self.counts_reconciled_timestamp_seconds = Gauge(
+            "dlqd_counts_reconciled_timestamp_seconds",
+            "Unix time the leader last reconciled the counts with the table (0 elsewhere).",
+            registry=r,
+        )
         self.console_sign_ins_total = Counter(
             "dlqd_console_sign_ins",
             "Console sign-ins by outcome (refused: a token that matches none).",
@@ -182,6 +194,8 @@ class Metrics:
             self.redrive_rows_total.labels(outcome)
         for outcome in ("accepted", "refused"):
             self.console_sign_ins_total.labels(outcome)
+        for kind in ("pending", "waiting", "unmatched", "parked"):
+            self.count_corrections_total.labels(kind)
         for reason in PARK_EVENTS:
             self.parked_total.labels("none", reason)
         self.build_info = Gauge("dlqd_build_info", "dlqd's version.", ["version"], registry=r)

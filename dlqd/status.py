@@ -1,8 +1,10 @@
 """What is pending, parked and unmatched, by group: for ``dlqd status`` and the metrics.
 
-Pending counts come from the index-only grouped query; parked and unmatched
-are what the daemon recorded in ``dlqd_entry_state`` (read commands tell the
-state in Postgres, whatever config the operator passes).
+Counts come from ``dlqd_counts`` and the deltas not folded yet (kept by
+triggers in the transactions that change the rows, folded and reconciled by
+the leader: ``dlqd.services.counter``), parked and unmatched as the daemon
+recorded them in ``dlqd_entry_state`` (read commands tell the state in
+Postgres, whatever config the operator passes).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from dlqd.db import entries
+from dlqd.db import counts, entries
 from dlqd.db.connector import Connection
 
 GroupKey = tuple[str, str, str]
@@ -75,9 +77,32 @@ class Status:
 
 
 async def collect_status(conn: Connection) -> Status:
-    """Pending counts and oldest ages (index-only), then what the daemon recorded:
-    parked (by policy or by event) and unmatched rows. No policy is consulted, so
-    the answer is the same with any config, or none."""
+    """Pending, parked (by policy or by event) and unmatched rows and the oldest
+    age, per group, as the daemon recorded them: no policy is consulted, so the
+    answer is the same with any config, or none. From the counts the triggers
+    keep (O(groups), an index probe per group for its oldest row) once the
+    leader reconciled them; before, by counting the table."""
+    if await counts.ready(conn):
+        found = [
+            Group(
+                row["app_id"],
+                row["type"],
+                row["error_reason"],
+                pending=int(row["pending"]),
+                parked=min(int(row["pending"]), int(row["parked"])),
+                unmatched=int(row["unmatched"]),
+                oldest_pending_age_seconds=row["oldest_age"],
+            )
+            for row in await counts.status_groups(conn)
+        ]
+        for group in found:
+            group.unmatched = min(group.pending - group.parked, group.unmatched)
+        return Status(groups=fold(found, MAX_GROUPS))
+    return await _counted_from_the_table(conn)
+
+
+async def _counted_from_the_table(conn: Connection) -> Status:
+    """Grouped pending counts and oldest ages (index-only), then the held rows."""
     groups: dict[GroupKey, Group] = {}
     for row in await entries.status_groups(conn):
         key = (row["app_id"], row["type"], row["error_reason"])

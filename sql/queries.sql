@@ -880,3 +880,82 @@ SELECT e.n, r.value ->> coalesce(
 -- name: visible_entries
 -- Of these ids, the rows the caller can read (a tenant's: under row-level security).
 SELECT id FROM job_dlq WHERE id = ANY (%(ids)s::uuid[])
+
+-- fragment: counted
+-- What is pending and held, per group and kind: the folded counts and the
+-- deltas not folded yet (migration 012). O(groups + unfolded deltas).
+SELECT c.app_id, c.type, c.error_reason, c.kind, sum(c.n) AS n
+  FROM (SELECT app_id, type, error_reason, kind, n FROM dlqd_counts
+        UNION ALL
+        SELECT app_id, type, error_reason, kind, n FROM dlqd_count_deltas) c
+ GROUP BY 1, 2, 3, 4
+
+-- name: counts_ready
+-- Whether the counts were reconciled once (until then: count the table).
+SELECT at IS NOT NULL AS ready FROM dlqd_counts_reconciled
+
+-- name: status_counts
+-- The status from the counts: pending, parked and unmatched per group, and
+-- each group's oldest pending row by one probe of job_dlq_pending_group_idx
+-- (finite times only). Keys as labels (dlqd_label: over-long ones merge).
+WITH counted AS (
+    {{counted}}
+), groups AS (
+    SELECT app_id, type, error_reason,
+           coalesce(sum(n) FILTER (WHERE kind = 'pending'), 0) AS pending,
+           coalesce(sum(n) FILTER (WHERE left(kind, 7) = 'parked:'), 0) AS parked,
+           coalesce(sum(n) FILTER (WHERE kind = 'unmatched'), 0) AS unmatched
+      FROM counted
+     GROUP BY 1, 2, 3
+)
+SELECT dlqd_label(g.app_id) AS app_id, dlqd_label(g.type) AS type,
+       dlqd_label(g.error_reason) AS error_reason, sum(g.pending)::bigint AS pending,
+       sum(g.parked)::bigint AS parked, sum(g.unmatched)::bigint AS unmatched,
+       greatest(0, extract(epoch FROM now() - min(o.dlq_at)))::float8 AS oldest_age
+  FROM groups g
+  LEFT JOIN LATERAL (
+      SELECT j.dlq_at FROM job_dlq j
+       WHERE j.app_id = g.app_id AND j.type = g.type AND j.error_reason = g.error_reason
+         AND j.replayed_at IS NULL AND j.dlq_at > '-infinity' AND j.dlq_at < 'infinity'
+       ORDER BY j.dlq_at
+       LIMIT 1
+  ) o ON true
+ WHERE g.pending > 0
+ GROUP BY 1, 2, 3
+
+-- name: held_counts
+-- Held rows by kind (waiting, unmatched, parked:<why>), from the counts.
+WITH counted AS (
+    {{counted}}
+)
+SELECT kind, sum(n)::bigint AS n FROM counted WHERE kind <> 'pending' GROUP BY kind HAVING sum(n) <> 0
+
+-- name: fold_counts
+SELECT dlqd_fold_counts() AS folded
+
+-- name: reconcile_counts
+SELECT kind, corrected FROM dlqd_reconcile_counts()
+
+-- name: wake_listen
+-- This worker waits for notifications: inserters send them while its row is fresh.
+INSERT INTO dlqd_wake AS w (worker, beat) VALUES (%(worker)s, now())
+ON CONFLICT (worker) DO UPDATE SET beat = now()
+
+-- name: wake_drain
+-- This worker drains a backlog (it looks again at once, notified or not): while
+-- no worker's row is fresh, inserters send no NOTIFY.
+DELETE FROM dlqd_wake WHERE worker = %(worker)s
+
+-- name: inbox_writers
+-- The transactions writing the inbox now (an insert into job_dlq in flight),
+-- but this session: a worker that starts listening waits for them to end, as
+-- they may have skipped their NOTIFY while no worker listened.
+SELECT coalesce(array_agg(DISTINCT l.virtualtransaction), '{}') AS vxids
+  FROM pg_locks l
+ WHERE l.locktype = 'relation' AND l.relation = 'dlqd_inbox'::regclass
+   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+   AND l.mode = 'RowExclusiveLock' AND l.pid <> pg_backend_pid()
+
+-- name: writers_running
+SELECT count(*) AS n FROM pg_locks
+ WHERE locktype = 'virtualxid' AND virtualxid = ANY (%(vxids)s::text[])

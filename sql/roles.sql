@@ -117,6 +117,14 @@ BEGIN
         GRANT SELECT ON job_dlq, dlqd_entry_state, dlqd_inbox, dlqd_replay_log,
                         dlqd_replay_hours, dlqd_redrives TO dlqd_tenant;
     END IF;
+    -- the counts: read by all, appended to by every replay's finish, folded
+    -- and reconciled by the leader through the owner's functions; the wake flags
+    IF to_regclass('dlqd_counts') IS NOT NULL THEN
+        GRANT SELECT ON dlqd_counts, dlqd_count_deltas, dlqd_counts_reconciled TO dlqd, dlqd_tenant;
+        GRANT INSERT ON dlqd_count_deltas TO dlqd;
+        GRANT EXECUTE ON FUNCTION dlqd_fold_counts(), dlqd_reconcile_counts() TO dlqd;
+        GRANT SELECT, INSERT, UPDATE, DELETE ON dlqd_wake TO dlqd;
+    END IF;
 END
 $$;
 

@@ -485,9 +485,17 @@ async def test_rows_that_bypassed_the_trigger_are_found_by_the_periodic_scan(
     sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
 ) -> None:
     """A restore with session_replication_role = replica fires no trigger: no
-    NOTIFY, no inbox entry. The periodic scan still finds the rows."""
-    daemon = spawn(daemons, sink_db, sink_config(tmp_path, poll="300ms"), tmp_path)
+    NOTIFY, no inbox entry, no count. The leader's reconciliation sees the
+    counts drift, corrects them (and says so), and its sweep finds the rows."""
+    config = sink_config(tmp_path, '[metrics]\nreconcile_interval = "1s"', poll="300ms")
+    daemon = spawn(daemons, sink_db, config, tmp_path)
     await daemon.wait_ready()
+
+    async def baseline_taken() -> bool:
+        # the first reconciliation is the baseline (what was there before), not drift
+        return daemon.metric("dlqd_counts_reconciled_timestamp_seconds") > 0
+
+    await wait_until(baseline_taken, within=30)
     conn = await psycopg.AsyncConnection.connect(sink_db, autocommit=True)
     async with conn, conn.transaction():
         await conn.execute("SET LOCAL session_replication_role = replica")
@@ -502,6 +510,8 @@ async def test_rows_that_bypassed_the_trigger_are_found_by_the_periodic_scan(
     await wait_until(drained, within=30)
     await assert_sink_matches_replayed(sink_db, expected=7)
     assert daemon.metric("dlqd_notifications_total") == 0
+    # the drift was reported: seven pending rows no trigger counted
+    assert 'dlqd_count_corrections_total{kind="pending"} 7.0' in daemon.http("/metrics")[1]
 
 
 async def test_rate_limit_spaces_replays(
@@ -557,3 +567,71 @@ target = { kind = "sql", statement = "SELECT 1/0" }
     first_batch, trial = attempts[:4], attempts[4]
     assert trial - max(first_batch) >= 1.9  # nothing tried during the cool-down
     assert await pending_count(sink_db) == 4  # failing rows stay, for a human or a fix
+
+
+async def test_inserters_skip_the_notify_while_the_worker_drains_and_no_row_waits(
+    sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    """While the worker drains a backlog (it looks again by itself) it has no
+    fresh row in dlqd_wake, and inserters send no NOTIFY (whose commit lock
+    serialises them); while it listens, they do. With the poll scan at 1 h,
+    every row inserted during the drain is still replayed at once."""
+    slow = (
+        "INSERT INTO sink (dlq_id, type, payload)"
+        " SELECT id, type, payload FROM replayed, pg_sleep(0.05)"  # a slow page
+    )
+    config = daemon_config(
+        tmp_path,
+        f"""
+[[policies]]
+name = "all"
+target = {{ kind = "sql", statement = "{slow}" }}
+""",
+        extra="[replay]\nbatch_size = 20",
+    )
+    daemon = spawn(daemons, sink_db, config, tmp_path)
+    await daemon.wait_ready()
+    listener = await psycopg.AsyncConnection.connect(sink_db, autocommit=True)
+    await listener.execute("LISTEN dlqd_job_dlq")
+    writer = await psycopg.AsyncConnection.connect(sink_db, autocommit=True)
+    notified: list[bool] = []  # per insert: whether a worker's row was fresh (it notified)
+    inserted = 0
+
+    async def insert(n: int) -> None:
+        nonlocal inserted
+        # repeatable read: the trigger decides on the snapshot this count saw
+        async with writer.transaction():
+            await writer.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            cur = await writer.execute(
+                "SELECT count(*) FROM dlqd_wake WHERE beat > now() - interval '30 seconds'"
+            )
+            fresh = await cur.fetchone()
+            batch = [row_json(original_job_id=f"r{inserted + i}") for i in range(n)]
+            await writer.execute(INSERT_MANY, {"rows": Jsonb(batch)})
+        inserted += n
+        notified.append(fresh is not None and fresh[0] > 0)
+
+    try:
+        await insert(600)  # a backlog of 30 pages, 50 ms each
+        with anyio.fail_after(60):
+            while notified.count(False) < 5:
+                await insert(1)
+                assert len(notified) < 1000, "the worker never drained"
+
+        async def drained() -> bool:
+            return await pending_count(sink_db) == 0
+
+        await wait_until(drained, within=60)  # no row waits for the hourly poll
+        await writer.execute("NOTIFY dlqd_job_dlq, 'end'")
+        got: list[str] = []
+        with anyio.fail_after(10):
+            async for note in listener.notifies():
+                if note.payload == "end":
+                    break
+                got.append(note.payload)
+    finally:
+        await listener.close()
+        await writer.close()
+    await assert_sink_matches_replayed(sink_db, expected=inserted)
+    assert notified[0]  # the daemon listened when the backlog came
+    assert len(got) == notified.count(True)  # one NOTIFY per insert that saw a fresh row

@@ -7,6 +7,7 @@ from typing import Any
 import anyio
 import psycopg
 import pytest
+from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
@@ -148,10 +149,43 @@ async def test_purge_refuses_a_bad_batch_size(conn: Conn) -> None:
         await _purge(conn, "7 days", None, 0)
 
 
-async def _listener(db_url: str) -> psycopg.AsyncConnection[Any]:
+async def _listener(db_url: str, *, beat: str = "now()") -> psycopg.AsyncConnection[Any]:
+    """A LISTEN connection with its worker's row in dlqd_wake, as a replayer
+    that listens has (inserters notify only while some row is fresh)."""
     listener = await psycopg.AsyncConnection.connect(db_url, autocommit=True)
     await listener.execute("LISTEN dlqd_job_dlq")
+    await listener.execute(
+        sql.SQL("INSERT INTO dlqd_wake (worker, beat) VALUES ('test', {})").format(sql.SQL(beat))
+    )
     return listener
+
+
+@pytest.mark.parametrize(
+    "worker",
+    ["none", "stale", "draining"],
+)
+async def test_no_notification_while_no_worker_listens(
+    conn: Conn, db_url: str, worker: str
+) -> None:
+    """No worker's row (no daemon), a stale one (a daemon gone for 30 s), or
+    its row taken away (a worker draining a backlog looks again by itself):
+    inserters send no NOTIFY, whose commit-time lock serialises them."""
+    listener = await _listener(db_url, beat="now() - interval '31 seconds'")
+    try:
+        if worker in {"none", "draining"}:
+            await conn.execute("DELETE FROM dlqd_wake")
+        if worker == "draining":
+            await conn.execute("INSERT INTO dlqd_wake (worker, beat) VALUES ('w', now())")
+            await conn.execute("DELETE FROM dlqd_wake WHERE worker = 'w'")
+        await conn.execute(INSERT_MANY, {"rows": Jsonb([row_json(original_job_id="q")])})
+        await conn.execute("NOTIFY dlqd_job_dlq, 'end'")
+        with anyio.fail_after(10):
+            got = [n.payload async for n in listener.notifies(stop_after=1)]
+    finally:
+        await listener.close()
+    assert got == ["end"]
+    # the row is still in the inbox: a worker that starts scans it first
+    assert await (await conn.execute("SELECT count(*) AS n FROM dlqd_inbox")).fetchone() == {"n": 1}
 
 
 async def test_one_notification_per_insert_statement(conn: Conn, db_url: str) -> None:

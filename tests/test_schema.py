@@ -113,12 +113,21 @@ async def test_purge_function_and_trigger_exist(conn: Conn) -> None:
         ),
         "result": "bigint",
     }
-    [trigger] = await _rows(
-        conn,
-        """SELECT tgname, pg_get_triggerdef(oid) AS def FROM pg_trigger
-            WHERE tgrelid = 'job_dlq'::regclass AND NOT tgisinternal""",
-    )
-    assert trigger["tgname"] == "job_dlq_notify_insert"
+    triggers = {
+        t["tgname"]: t["def"]
+        for t in await _rows(
+            conn,
+            """SELECT tgname, pg_get_triggerdef(oid) AS def FROM pg_trigger
+                WHERE tgrelid = 'job_dlq'::regclass AND NOT tgisinternal""",
+        )
+    }
+    # the insert trigger; the counts' own (migration 012): deletes of pending rows, truncates
+    assert set(triggers) == {
+        "job_dlq_notify_insert", "job_dlq_count_deleted", "job_dlq_count_truncated",
+    }  # fmt: skip
+    assert "BEFORE DELETE" in triggers["job_dlq_count_deleted"]
+    assert "WHEN ((old.replayed_at IS NULL))" in triggers["job_dlq_count_deleted"]
+    trigger = {"def": triggers["job_dlq_notify_insert"]}
     [definer] = await _rows(
         conn, "SELECT prosecdef FROM pg_proc WHERE proname = 'job_dlq_notify_insert'"
     )

@@ -132,3 +132,30 @@ async def enqueue_orphans(
 
 def _ms(value: timedelta) -> str:
     return f"{max(1, round(value.total_seconds() * 1000))}ms"
+
+
+@translated
+async def wake_listen(conn: Connection, worker: str) -> None:
+    """Inserters notify from now on (this worker's row is fresh)."""
+    await conn.execute(q("wake_listen"), {"worker": worker})
+
+
+@translated
+async def wake_drain(conn: Connection, worker: str) -> None:
+    """This worker looks again by itself: inserters need not notify for it."""
+    await conn.execute(q("wake_drain"), {"worker": worker})
+
+
+@translated
+async def inbox_writers(conn: Connection) -> list[str]:
+    """Virtual transaction ids of the other sessions writing the inbox now."""
+    cur = await conn.execute(q("inbox_writers"))
+    row = await cur.fetchone()
+    return list(row["vxids"]) if row else []
+
+
+@translated
+async def writers_running(conn: Connection, vxids: list[str]) -> int:
+    cur = await conn.execute(q("writers_running"), {"vxids": vxids})
+    row = await cur.fetchone()
+    return int(row["n"]) if row else 0

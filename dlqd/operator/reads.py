@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from dlqd.db import entries
+from dlqd.db import counts, entries
 from dlqd.db import overview as views
 from dlqd.db.connector import Connection
 from dlqd.db.entries import Page
@@ -112,7 +112,10 @@ async def overview(conn: Connection, *, app_id: str | None = None) -> Overview:
     rows only); the leader, its runs and the circuits are the deployment's."""
     async with tenant_scope(conn, app_id):
         status_now = await collect_status(conn)
-        held = {row["reason"]: int(row["n"]) for row in await views.held_by_reason(conn)}
+        if await counts.ready(conn):
+            held = {k.removeprefix("parked:"): n for k, n in (await counts.held(conn)).items()}
+        else:
+            held = {r["reason"]: int(r["n"]) for r in await views.held_by_reason(conn)}
         hours = await views.outcomes_by_hour(conn, 24)
     runs = {row["task"]: row for row in await views.last_runs(conn)}
     return Overview(

@@ -43,6 +43,7 @@ from dlqd.replay.express import ExpressPages
 from dlqd.replay.http import HttpDeliverer
 from dlqd.replay.lane import HttpLane
 from dlqd.replay.pages import Claim, Pages
+from dlqd.replay.presence import BEAT, DRAIN_INTERVAL, DRAIN_ROWS, Presence
 from dlqd.replay.report import Reporter
 from dlqd.replay.result import PassResult
 from dlqd.throttle import Throttle
@@ -80,6 +81,7 @@ class Replayer:
         *,
         dry_runs: DryRunLedger | None = None,
         http: HttpDeliverer | None = None,
+        worker: str | None = None,
     ) -> None:
         self.pool = pool
         self.settings = settings
@@ -100,6 +102,12 @@ class Replayer:
         # passes failed since the last one that succeeded (/readyz reports them)
         self.failures_in_a_row = 0
         self.last_error: str | None = None
+        # whether inserters notify this worker (a row while it listens; none
+        # while it drains); no name, or no LISTEN: never a row
+        self.presence = Presence(
+            pool, worker or "", enabled=worker is not None and settings().listen.enabled
+        )
+        self.draining = False
 
     def _wake(self) -> None:
         if self._flag is not None:
@@ -207,6 +215,7 @@ class Replayer:
                 await self._loop(flag, task_status)
             finally:
                 self.lane.tasks = None
+                await self.presence.leave()
 
     async def _loop(self, flag: WakeFlag, task_status: TaskStatus[None]) -> None:
         backoff = Backoff(base=0.2, cap=15.0)
@@ -214,6 +223,7 @@ class Replayer:
         last_fingerprint = ""
         woken = False
         task_status.started()
+        listening = False
         while not self.stopping.is_set():
             # Clear the wake-up *before* looking for work: a notification that
             # lands while the pass runs then leaves the flag set and the loop
@@ -227,11 +237,17 @@ class Replayer:
             full = fingerprint != last_fingerprint or started - last_full >= poll
             idle = False
             try:
+                if not listening and not self.draining:
+                    # inserters notify from now on; those in flight are waited for
+                    await self.presence.listen()
+                    listening = True
                 result = await self.run_once(full=full)
                 if full:
                     last_full, last_fingerprint = started, fingerprint
+                await self._drain_or_listen(result, flag)
             except TRANSIENT_ERRORS as exc:
                 wait = backoff.next()
+                listening = self.draining = False  # put the row back once it works again
                 self._failed(exc)
                 log.warning("replayer pass failed", error=error_line(exc), retry_in=round(wait, 3))
             except Exception as exc:  # one bad pass must not end the daemon
@@ -248,6 +264,10 @@ class Replayer:
                 backoff.reset()
                 self.failures_in_a_row, self.last_error = 0, None
                 wait = self._next_wait(result, poll)
+                if self.draining:
+                    wait = min(wait, DRAIN_INTERVAL)  # no notification comes: look again
+                elif self.presence.listening:
+                    wait = min(wait, BEAT)  # the row stays fresh (inserters notify)
                 idle = woken and result.claimed == 0
             if self.stopping.is_set():
                 break
@@ -264,6 +284,20 @@ class Replayer:
                 # a steady stream of single inserts: the wake-ups within the
                 # cooldown share one pass (less CPU per row, that much latency)
                 await anyio.sleep(max(0.0, started + cooldown - anyio.current_time()))
+
+    async def _drain_or_listen(self, result: PassResult, flag: WakeFlag) -> None:
+        """A backlog (a pass that claimed many rows, or left some): drain it,
+        looking again by itself, so that inserters need not notify. The backlog
+        gone: listen again, and look once more (see ``presence``)."""
+        if not self.draining and (result.more or result.claimed >= DRAIN_ROWS):
+            await self.presence.drain()
+            self.draining = self.presence.enabled
+        elif self.draining and result.claimed == 0 and not result.more:
+            await self.presence.listen()
+            self.draining = False
+            flag.set()
+        else:
+            await self.presence.beat()
 
     def _failed(self, exc: BaseException) -> None:
         self.failures_in_a_row += 1

@@ -1,0 +1,90 @@
+"""Whether inserters need to wake this worker: its row in ``dlqd_wake``.
+
+A NOTIFY costs every inserting transaction a cluster-wide lock held through
+its commit (PostgreSQL serialises notifying commits), which halves the
+inserts of eight concurrent sessions. So the insert trigger notifies only
+while some worker *listens*: its row is there, fresh (a heartbeat every
+``BEAT`` seconds, fresh for ``FRESH``). A worker that is draining a backlog
+looks again by itself after every pass and takes its row away; when the
+backlog is gone it puts its row back, then waits for the transactions that
+were writing the inbox at that moment (they may have skipped their NOTIFY)
+and looks once more: no row is left waiting for a poll. With no worker
+listening at all (no daemon), inserters send no NOTIFY: a daemon that starts
+scans the inbox first.
+"""
+
+from __future__ import annotations
+
+import anyio
+
+from dlqd.db import claims
+from dlqd.db.connector import Pool, pooled
+from dlqd.errors import DlqdError, error_line
+from dlqd.logs import get_logger
+
+log = get_logger("dlqd.replayer")
+
+#: a listening worker renews its row this often; inserters trust it this long
+BEAT = 10.0
+FRESH = 30.0  # the trigger's own interval (migration 012): keep them in step
+#: a pass that claimed at least this many rows makes the worker drain
+DRAIN_ROWS = 32
+#: between the passes of a drain
+DRAIN_INTERVAL = 0.005
+#: how long a worker that starts listening waits for inbox writers in flight
+WRITERS_WAIT = 2.0
+
+
+class Presence:
+    """One worker's row; ``enabled`` false (no LISTEN): never a row, no NOTIFY needed."""
+
+    def __init__(self, pool: Pool, worker: str, *, enabled: bool) -> None:
+        self.pool = pool
+        self.worker = worker
+        self.enabled = enabled
+        self.listening = False
+        self.beat_at = -float("inf")
+
+    async def listen(self) -> None:
+        """Put the row back (inserters notify again), then wait for the inbox
+        writers in flight: the caller's next pass sees their rows."""
+        if not self.enabled:
+            return
+        async with pooled(self.pool) as conn:
+            await claims.wake_listen(conn, self.worker)
+            self.listening, self.beat_at = True, anyio.current_time()
+            vxids = await claims.inbox_writers(conn)
+            if not vxids:
+                return
+            with anyio.move_on_after(WRITERS_WAIT):
+                pause = 0.001
+                while await claims.writers_running(conn, vxids):
+                    await anyio.sleep(pause)
+                    pause = min(pause * 2, 0.05)
+
+    async def drain(self) -> None:
+        """Take the row away: this worker looks again by itself."""
+        if not self.enabled or not self.listening:
+            return
+        async with pooled(self.pool) as conn:
+            await claims.wake_drain(conn, self.worker)
+        self.listening = False
+
+    async def beat(self) -> None:
+        """Keep a listening worker's row fresh."""
+        if self.enabled and self.listening and anyio.current_time() - self.beat_at >= BEAT:
+            async with pooled(self.pool) as conn:
+                await claims.wake_listen(conn, self.worker)
+            self.beat_at = anyio.current_time()
+
+    async def leave(self) -> None:
+        """At stop: the row goes (a worker that is gone wakes for nothing)."""
+        if not self.enabled:
+            return
+        try:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                async with pooled(self.pool, wait=1) as conn:
+                    await claims.wake_drain(conn, self.worker)
+        except DlqdError as exc:
+            log.info("wake row not removed (it goes stale)", error=error_line(exc))
+        self.listening = False

@@ -1,0 +1,239 @@
+"""The counts (migration 012): exact after every kind of change, whoever makes it.
+
+Each test takes the baseline (the first reconciliation), changes the table
+the way the daemon, an operator or someone else would, folds, and holds the
+counts to the table twice: status from the counts equals status counted from
+the table itself (an independent query), and a reconciliation finds nothing
+to correct.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from dlqd import status as status_module
+from dlqd.config import load_settings
+from dlqd.db import counts
+from dlqd.metrics import Metrics
+from dlqd.replay.worker import Replayer
+from dlqd.status import collect_status
+from dlqd.throttle import Throttle
+from tests.conftest import as_role, dlqd_cli
+from tests.daemon_helpers import write_config
+from tests.factories import INSERT_MANY, row_json
+
+pytestmark = pytest.mark.anyio
+
+SINK = "INSERT INTO sink (dlq_id) SELECT id FROM replayed"
+POLICIES: list[dict[str, Any]] = [
+    # set-based and immediate: the express path
+    {"name": "fast", "match": {"type": ["a.*"]}, "target": {"kind": "sql", "statement": SINK}},
+    # jitter: the ordinary path
+    {
+        "name": "slow",
+        "match": {"type": ["b.*"]},
+        "jitter": 0.1,
+        "target": {"kind": "sql", "statement": SINK},
+    },
+    {"name": "hold", "match": {"type": ["c.*"]}, "action": "park"},
+    {
+        "name": "later",
+        "match": {"type": ["d.*"]},
+        "delay": "1h",
+        "target": {"kind": "sql", "statement": SINK},
+    },
+    # the sink refuses these: parked at the first failure (max_failures)
+    {
+        "name": "broken",
+        "match": {"type": ["f.*"]},
+        "max_failures": 1,
+        "target": {
+            "kind": "sql",
+            "statement": "INSERT INTO sink (dlq_id) SELECT NULL FROM replayed",
+        },
+    },
+    # e.* matches nothing: unmatched
+]
+
+
+@pytest.fixture
+async def pool(db_url: str) -> AsyncIterator[AsyncConnectionPool[Any]]:
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        await conn.execute("CREATE TABLE sink (dlq_id uuid PRIMARY KEY)")
+        await conn.execute("GRANT INSERT ON sink TO dlqd")
+    p: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        db_url,
+        min_size=1,
+        max_size=3,
+        kwargs={"autocommit": True, "row_factory": dict_row, "prepare_threshold": 0},
+        open=False,
+    )
+    await p.open()
+    yield p
+    await p.close()
+
+
+def rows(prefix: str, n: int, **kw: Any) -> list[dict[str, Any]]:
+    return [row_json(original_job_id=f"{prefix}{i}", **kw) for i in range(n)]
+
+
+async def insert(pool: AsyncConnectionPool[Any], batch: list[dict[str, Any]]) -> None:
+    async with pool.connection() as conn:
+        await conn.execute(INSERT_MANY, {"rows": Jsonb(batch)})
+
+
+def shape(groups: list[status_module.Group]) -> list[tuple[Any, ...]]:
+    return sorted(
+        (g.app_id, g.type, g.error_reason, g.pending, g.parked, g.unmatched) for g in groups
+    )
+
+
+async def assert_exact(pool: AsyncConnectionPool[Any]) -> dict[str, int]:
+    """Counts equal the table; returns the held counts (by kind) for the caller's checks."""
+    async with pool.connection() as conn:
+        await counts.fold(conn)
+        assert await counts.ready(conn)
+        from_counts = await collect_status(conn)
+        from_table = await status_module._counted_from_the_table(conn)
+        assert shape(from_counts.groups) == shape(from_table.groups)
+        assert await counts.reconcile(conn) == {}  # nothing to correct
+        # the oldest age per group: the table's oldest pending row
+        cur = await conn.execute(
+            """SELECT app_id, type, error_reason,
+                      extract(epoch FROM now() - min(dlq_at))::float8 AS age
+                 FROM job_dlq WHERE replayed_at IS NULL GROUP BY 1, 2, 3"""
+        )
+        ages = {(r["app_id"], r["type"], r["error_reason"]): r["age"] for r in await cur.fetchall()}
+        for g in from_counts.groups:
+            assert g.oldest_pending_age_seconds == pytest.approx(
+                ages[(g.app_id, g.type, g.error_reason)], abs=5
+            )
+        return await counts.held(conn)
+
+
+async def baseline(pool: AsyncConnectionPool[Any]) -> None:
+    async with pool.connection() as conn:
+        assert not await counts.ready(conn)  # before: readers count the table
+        await counts.reconcile(conn)
+
+
+async def one_pass(pool: AsyncConnectionPool[Any], db_url: str) -> None:
+    settings = load_settings(database_url=db_url, policies=POLICIES)
+    replayer = Replayer(pool, lambda: settings, Metrics(), Throttle(), anyio.Event())
+    await replayer.run_once(full=True)
+
+
+async def test_counts_follow_inserts_and_every_kind_of_replay(
+    pool: AsyncConnectionPool[Any], db_url: str
+) -> None:
+    old = datetime.now(UTC) - timedelta(days=2)
+    await insert(pool, rows("before", 3, type="a.x", dlq_at=old))  # there before the counts
+    await baseline(pool)
+    await insert(pool, rows("a", 40, type="a.x") + rows("b", 7, type="b.y", app_id="t2"))
+    await insert(pool, rows("c", 5, type="c.z") + rows("d", 4, type="d.w"))
+    await insert(pool, rows("e", 6, type="e.v", error_reason="boom") + rows("f", 2, type="f.u"))
+    assert await assert_exact(pool) == {}  # nothing held yet: no pass ran
+
+    await one_pass(pool, db_url)
+    held = await assert_exact(pool)
+    assert held == {"parked:policy": 5, "waiting": 4, "unmatched": 6, "parked:max_failures": 2}
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT count(*) AS n FROM sink")
+        assert await cur.fetchone() == {"n": 43 + 7}  # express and ordinary replays
+
+    # a second pass changes nothing, and the counts stay exact
+    await one_pass(pool, db_url)
+    assert await assert_exact(pool) == held
+
+
+async def test_counts_follow_manual_replays_parks_purges_and_deletes_by_others(
+    pool: AsyncConnectionPool[Any], db_url: str, tmp_path: Path
+) -> None:
+    await baseline(pool)
+    await insert(pool, rows("e", 6, type="e.v") + rows("c", 5, type="c.z"))
+    await insert(pool, rows("old", 4, type="g.h", dlq_at=datetime.now(UTC) - timedelta(days=40)))
+    await one_pass(pool, db_url)
+    assert await assert_exact(pool) == {"unmatched": 6 + 4, "parked:policy": 5}
+
+    cfg = write_config(
+        tmp_path / "dlqd.toml",
+        f"""
+[purge]
+pending_retention = "30d"
+
+[[policies]]
+name = "fast"
+target = {{ kind = "sql", statement = "{SINK}" }}
+""",
+    )
+    env = {"DLQD_DATABASE_URL": as_role(db_url, "dlqd")}
+    # an operator parks two unmatched rows, then replays every e.* row by a policy
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT id FROM job_dlq WHERE type = 'e.v' ORDER BY id LIMIT 2")
+        ids = [str(r["id"]) for r in await cur.fetchall()]
+    parked = dlqd_cli("park", *ids, "--config", str(cfg), env=env)
+    assert parked.returncode == 0, parked.stderr
+    held = {"unmatched": 4 + 4, "parked:manual": 2, "parked:policy": 5}
+    assert await assert_exact(pool) == held
+    replayed = dlqd_cli("replay", "--type", "e.*", "--yes", "--config", str(cfg), env=env)
+    assert replayed.returncode == 0, replayed.stderr
+    assert await assert_exact(pool) == {"unmatched": 4, "parked:policy": 5}
+
+    # the purge deletes pending rows past pending_retention (the old g.h ones)
+    purged = dlqd_cli("purge", "--config", str(cfg), env=env)
+    assert purged.returncode == 0, purged.stderr
+    assert await assert_exact(pool) == {"parked:policy": 5}
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT count(*) AS n FROM job_dlq WHERE type = 'g.h'")
+        assert await cur.fetchone() == {"n": 0}
+
+    # someone else deletes a parked row, and replays one by hand in SQL
+    async with pool.connection() as conn:
+        await conn.execute(
+            "DELETE FROM job_dlq WHERE id = (SELECT min(id::text)::uuid FROM job_dlq"
+            " WHERE type = 'c.z' AND replayed_at IS NULL)"
+        )
+    assert await assert_exact(pool) == {"parked:policy": 4}
+
+    # and empties the table
+    async with pool.connection() as conn:
+        await conn.execute("TRUNCATE job_dlq CASCADE")
+    assert await assert_exact(pool) == {}
+    await insert(pool, rows("again", 3, type="e.v"))
+    assert await assert_exact(pool) == {}
+
+
+async def test_what_no_trigger_saw_is_corrected_and_reported(
+    pool: AsyncConnectionPool[Any], db_url: str
+) -> None:
+    await baseline(pool)
+    await insert(pool, rows("seen", 3, type="a.x"))
+    async with pool.connection() as conn, conn.transaction():
+        # a restore with triggers off, and an update no trigger watches
+        await conn.execute("SET LOCAL session_replication_role = replica")
+        await conn.execute(INSERT_MANY, {"rows": Jsonb(rows("restored", 5, type="r.s"))})
+        await conn.execute(
+            "UPDATE job_dlq SET replayed_at = now() WHERE id = (SELECT min(id::text)::uuid"
+            " FROM job_dlq WHERE type = 'a.x')"
+        )
+    async with pool.connection() as conn:
+        await counts.fold(conn)
+        assert await counts.reconcile(conn) == {"pending": 5 + 1}  # five unseen, one gone
+    await assert_exact(pool)
+    status = await _status(pool)
+    assert {(g.type, g.pending) for g in status.groups} == {("a.x", 2), ("r.s", 5)}
+
+
+async def _status(pool: AsyncConnectionPool[Any]) -> status_module.Status:
+    async with pool.connection() as conn:
+        return await collect_status(conn)
