@@ -13,13 +13,18 @@ from tests.pgcluster import Cluster
 
 
 @asynccontextmanager
-async def migrated_cluster() -> AsyncIterator[str]:
+async def migrated_cluster(*, durable: bool = False) -> AsyncIterator[str]:
     """A throwaway cluster with production-like settings (autovacuum on, as
-    operators run it), migrated; yields its URL and removes it afterwards."""
+    operators run it), migrated; yields its URL and removes it afterwards.
+    ``durable``: commits wait for the disk too (fsync, synchronous_commit and
+    full-page writes on, as in production; the test clusters run without)."""
     with Cluster.create() as cluster:
         url = cluster.url()
         async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
             await conn.execute("ALTER SYSTEM SET autovacuum = on")
+            if durable:
+                for setting in ("fsync", "synchronous_commit", "full_page_writes"):
+                    await conn.execute(f"ALTER SYSTEM SET {setting} = on")
             await conn.execute("SELECT pg_reload_conf()")
         conn = await connect(url, autocommit=True)
         try:

@@ -16,7 +16,11 @@ round:
   sink table as it comes (it competes for the same CPUs).
 
 Prints each setup's median transactions per second and its ratio to the
-limit. Asserts nothing.
+limit. ``--durable``: commits wait for the disk (fsync and synchronous_commit
+on, as in production); without it the cluster runs as the tests' do, and the
+inserts are bound by CPU instead. ``--system-server``: a database of its own
+on the machine's server (127.0.0.1:5432, whose commits wait for its disk)
+instead of a throwaway cluster. Asserts nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -38,6 +45,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchlib import migrated_cluster  # type: ignore[import-not-found]
 
+from dlqd.db.connector import connect
+from dlqd.db.migrations import migrate
 from tests.pgcluster import find_bindir
 
 INSERT = (
@@ -135,7 +144,27 @@ async def setup(url: str, name: str) -> None:
             )
 
 
-async def main(clients: int, seconds: int, rounds: int) -> None:
+@asynccontextmanager
+async def system_database() -> AsyncIterator[str]:
+    """A migrated database of its own on the machine's server, dropped afterwards."""
+    admin = "postgresql://postgres@127.0.0.1:5432/postgres"
+    name = f"dlqd_insert_bench_{uuid.uuid4().hex[:8]}"
+    async with await psycopg.AsyncConnection.connect(admin, autocommit=True) as conn:
+        await conn.execute(f"CREATE DATABASE {name}".encode())
+    url = f"postgresql://postgres@127.0.0.1:5432/{name}"
+    try:
+        conn = await connect(url, autocommit=True)
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+        yield url
+    finally:
+        async with await psycopg.AsyncConnection.connect(admin, autocommit=True) as conn:
+            await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)".encode())
+
+
+async def main(clients: int, seconds: int, rounds: int, durable: bool, system: bool) -> None:
     setups = [
         "no triggers",
         "installed, no worker listening",
@@ -143,7 +172,8 @@ async def main(clients: int, seconds: int, rounds: int) -> None:
         "installed, dlqd run replaying",
     ]
     results: dict[str, list[float]] = {name: [] for name in setups}
-    async with migrated_cluster() as url:
+    database = system_database() if system else migrated_cluster(durable=durable)
+    async with database as url:
         async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
             await conn.execute("CREATE TABLE sink (dlq_id uuid PRIMARY KEY)")
         # one LISTEN session that consumes, as a daemon's listener does
@@ -155,6 +185,8 @@ async def main(clients: int, seconds: int, rounds: int) -> None:
             for round_ in range(1, rounds + 1):
                 for name in setups:
                     await setup(url, name)
+                    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+                        await conn.execute("CHECKPOINT")
                     if name == "installed, dlqd run replaying":
                         with Daemon(url, Path(folder)):
                             await wait_for_worker(url)
@@ -170,10 +202,15 @@ async def main(clients: int, seconds: int, rounds: int) -> None:
                         await conn.execute("TRUNCATE job_dlq CASCADE")
                         await conn.execute("TRUNCATE sink")
                         await conn.execute("VACUUM ANALYZE job_dlq")
+                        # every setup starts right after a checkpoint: the same
+                        # full-page writes for each (a checkpoint in the middle of
+                        # one run halves it)
+                        await conn.execute("CHECKPOINT")
                     await anyio.sleep(1)  # checkpoint and autovacuum settle
         await listener.close()
     limit = statistics.median(results["no triggers"])
-    print(f"\n{clients} sessions, one row per transaction, {seconds} s x {rounds} rounds")
+    commits = "the machine's server" if system else "durable" if durable else "fsync off"
+    print(f"\n{clients} sessions, one row per transaction, {seconds} s x {rounds}, {commits}")
     for name in setups:
         median = statistics.median(results[name])
         spread = f"min {min(results[name]):.0f}, max {max(results[name]):.0f}"
@@ -185,5 +222,7 @@ if __name__ == "__main__":
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--durable", action="store_true")
+    parser.add_argument("--system-server", action="store_true")
     args = parser.parse_args()
-    anyio.run(main, args.clients, args.seconds, args.rounds)
+    anyio.run(main, args.clients, args.seconds, args.rounds, args.durable, args.system_server)

@@ -124,7 +124,14 @@ async def test_outcomes_histograms_and_the_collected_gauges_match_the_database(
         [row_json(original_job_id=f"t{i}", type="trial.run") for i in range(3)],
         [row_json(original_job_id=f"o{i}", type="other.x", app_id="app-c") for i in range(5)],
     ]
+    async def listening() -> bool:
+        # a worker that drained a page looks again by itself for a moment, and
+        # inserters send no NOTIFY meanwhile: each batch waits for it to listen
+        fresh = "SELECT count(*) FROM dlqd_wake WHERE beat > now() - interval '30 seconds'"
+        return int(await scalar(sink_db, fresh)) > 0
+
     for batch in batches:  # one statement each: one notification each
+        await wait_until(listening, within=30)
         await insert_rows(sink_db, batch)
 
     async def settled() -> bool:

@@ -4,9 +4,10 @@ A NOTIFY costs every inserting transaction a cluster-wide lock held through
 its commit (PostgreSQL serialises notifying commits), which halves the
 inserts of eight concurrent sessions. So the insert trigger notifies only
 while some worker *listens*: its row is there, fresh (a heartbeat every
-``BEAT`` seconds, fresh for ``FRESH``). A worker that is draining a backlog
-looks again by itself after every pass and takes its row away; when the
-backlog is gone it puts its row back, then waits for the transactions that
+``BEAT`` seconds, fresh for ``FRESH``). A worker that finds rows coming faster
+than one per pass (a backlog, a flood) drains: it takes its row away and
+looks again by itself, every 5 to 40 ms as the rows come; when none came for
+``LINGER`` it puts its row back, then waits for the transactions that
 were writing the inbox at that moment (they may have skipped their NOTIFY)
 and looks once more: no row is left waiting for a poll. With no worker
 listening at all (no daemon), inserters send no NOTIFY: a daemon that starts
@@ -27,10 +28,15 @@ log = get_logger("dlqd.replayer")
 #: a listening worker renews its row this often; inserters trust it this long
 BEAT = 10.0
 FRESH = 30.0  # the trigger's own interval (migration 012): keep them in step
-#: a pass that claimed at least this many rows makes the worker drain
-DRAIN_ROWS = 32
-#: between the passes of a drain
+#: a pass that claimed at least this many rows makes the worker drain (rows
+#: come faster than one per pass: the NOTIFYs would cost more than looking)
+DRAIN_ROWS = 2
+#: between the passes of a drain: from the first, doubled while passes find
+#: fewer than DRAIN_ROWS rows, up to the last (a trickle costs few passes)
 DRAIN_INTERVAL = 0.005
+DRAIN_INTERVAL_MAX = 0.04
+#: a drain ends after this long without a row (then the worker listens again)
+LINGER = 0.1
 #: how long a worker that starts listening waits for inbox writers in flight
 WRITERS_WAIT = 2.0
 

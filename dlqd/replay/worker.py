@@ -43,7 +43,14 @@ from dlqd.replay.express import ExpressPages
 from dlqd.replay.http import HttpDeliverer
 from dlqd.replay.lane import HttpLane
 from dlqd.replay.pages import Claim, Pages
-from dlqd.replay.presence import BEAT, DRAIN_INTERVAL, DRAIN_ROWS, Presence
+from dlqd.replay.presence import (
+    BEAT,
+    DRAIN_INTERVAL,
+    DRAIN_INTERVAL_MAX,
+    DRAIN_ROWS,
+    LINGER,
+    Presence,
+)
 from dlqd.replay.report import Reporter
 from dlqd.replay.result import PassResult
 from dlqd.throttle import Throttle
@@ -108,6 +115,8 @@ class Replayer:
             pool, worker or "", enabled=worker is not None and settings().listen.enabled
         )
         self.draining = False
+        self.drain_wait = DRAIN_INTERVAL  # between the passes of a drain
+        self.empty_since: float | None = None  # the drain's passes found nothing since
 
     def _wake(self) -> None:
         if self._flag is not None:
@@ -265,7 +274,7 @@ class Replayer:
                 self.failures_in_a_row, self.last_error = 0, None
                 wait = self._next_wait(result, poll)
                 if self.draining:
-                    wait = min(wait, DRAIN_INTERVAL)  # no notification comes: look again
+                    wait = min(wait, self.drain_wait)  # no notification comes: look again
                 elif self.presence.listening:
                     wait = min(wait, BEAT)  # the row stays fresh (inserters notify)
                 idle = woken and result.claimed == 0
@@ -286,18 +295,32 @@ class Replayer:
                 await anyio.sleep(max(0.0, started + cooldown - anyio.current_time()))
 
     async def _drain_or_listen(self, result: PassResult, flag: WakeFlag) -> None:
-        """A backlog (a pass that claimed many rows, or left some): drain it,
-        looking again by itself, so that inserters need not notify. The backlog
-        gone: listen again, and look once more (see ``presence``)."""
-        if not self.draining and (result.more or result.claimed >= DRAIN_ROWS):
-            await self.presence.drain()
-            self.draining = self.presence.enabled
-        elif self.draining and result.claimed == 0 and not result.more:
+        """Rows coming faster than one per pass (a backlog, a flood): drain,
+        looking again by itself, so that inserters need not notify; the
+        interval adapts to the rows (doubled while passes find few). No row
+        for ``LINGER``: listen again, and look once more (see ``presence``)."""
+        if not self.draining:
+            if result.more or result.claimed >= DRAIN_ROWS:
+                await self.presence.drain()
+                self.draining = self.presence.enabled
+                self.drain_wait, self.empty_since = DRAIN_INTERVAL, None
+            else:
+                await self.presence.beat()
+            return
+        if result.more or result.claimed >= DRAIN_ROWS:
+            self.drain_wait, self.empty_since = DRAIN_INTERVAL, None
+            return
+        self.drain_wait = min(self.drain_wait * 2, DRAIN_INTERVAL_MAX)
+        if result.claimed:
+            self.empty_since = None
+            return
+        now = anyio.current_time()
+        if self.empty_since is None:
+            self.empty_since = now
+        if now - self.empty_since >= LINGER:
             await self.presence.listen()
             self.draining = False
             flag.set()
-        else:
-            await self.presence.beat()
 
     def _failed(self, exc: BaseException) -> None:
         self.failures_in_a_row += 1
