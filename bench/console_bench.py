@@ -98,11 +98,11 @@ def floors(url: str, repeat: int, some: str, search: str) -> None:
             print(f"plain-SQL floor, {name:<17}: {ms(timed(repeat, run))}", flush=True)
 
 
-def wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
+def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError("dlqd run ended")
+            raise RuntimeError(f"dlqd run ended: {log.read_text()[-2000:]}")
         try:
             if httpx.get(url + "/login", timeout=2).status_code == 200:
                 return
@@ -147,15 +147,17 @@ match = {{ type = "never-matches" }}
             "DLQD_METRICS_HOST": "127.0.0.1",
             "DLQD_METRICS_PORT": "0",
         }
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "dlqd", "run", "--config", str(config)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        log = Path(folder) / "dlqd.log"
+        with log.open("wb") as sink:
+            daemon = subprocess.Popen(
+                [sys.executable, "-m", "dlqd", "run", "--config", str(config)],
+                env=env,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+            )
         try:
             console = f"http://127.0.0.1:{port}"
-            wait_ready(console, daemon)
+            wait_ready(console, daemon, log)
             pages(console, token, repeat, some, search)
         finally:
             daemon.terminate()

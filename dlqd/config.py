@@ -312,7 +312,8 @@ class Policy(_Frozen):
     max_delay: Duration = timedelta(hours=1)
     """The longest wait, of a replay or a retry."""
     jitter: float = Field(default=0.0, ge=0.0, lt=1.0)
-    """± fraction of the wait, from the row id (every replica computes the same time)."""
+    """± fraction of the wait, from the row id (every replica, and Postgres itself, computes the
+    same time, to the microsecond; in millionths)."""
     retry_delay: Duration = timedelta(seconds=1)
     """After failed attempt k of a row: `min(max_delay, retry_delay * factor^(k-1))`."""
     max_replays: int | None = Field(default=None, ge=0)

@@ -98,12 +98,37 @@ def first_match(entry: MatchLike, policies: Sequence[Policy]) -> Policy | None:
     return None
 
 
+_MICROSECOND = timedelta(microseconds=1)
+#: jitter in millionths: the integer both Python and Postgres compute with
+JITTER_SCALE = 1_000_000
+_TWO_64 = 2**64
+
+
+def _hash_unit(entry_id: UUID) -> int:
+    """The row id's first 8 bytes of sha256 as an unsigned integer: uniform in [0, 2**64)."""
+    return int.from_bytes(hashlib.sha256(entry_id.bytes).digest()[:8], "big")
+
+
+def jittered_micros(entry_id: UUID, micros: int, jitter: float) -> int:
+    """``micros`` ± ``jitter`` of it, from the row id alone, in integers only:
+    ``micros + trunc(micros * (2u - 2**64) * ppm / (2**64 * 10**6))`` with u
+    the id's hash and ppm the jitter in millionths. ``dlqd_jittered_us`` in
+    Postgres (migration 013) is the same expression, so both paths agree to
+    the microsecond."""
+    ppm = round(jitter * JITTER_SCALE)
+    if ppm <= 0 or micros == 0:
+        return micros
+    spread = micros * (2 * _hash_unit(entry_id) - _TWO_64) * ppm
+    quotient = abs(spread) // (_TWO_64 * JITTER_SCALE)  # toward zero, as numeric div()
+    return micros + (quotient if spread >= 0 else -quotient)
+
+
 def jitter_factor(entry_id: UUID, jitter: float) -> float:
-    """A factor in ``[1 - jitter, 1 + jitter]`` derived from the row id alone."""
+    """The factor in ``[1 - jitter, 1 + jitter]`` that :func:`jittered_micros`
+    applies (to within a microsecond), from the row id alone."""
     if jitter <= 0:
         return 1.0
-    digest = hashlib.sha256(entry_id.bytes).digest()
-    unit = int.from_bytes(digest[:8], "big") / 2**64  # uniform in [0, 1)
+    unit = _hash_unit(entry_id) / _TWO_64  # uniform in [0, 1)
     return 1.0 + jitter * (2.0 * unit - 1.0)
 
 
@@ -118,17 +143,19 @@ def _capped(base: timedelta, factor: float, exponent: int, cap: timedelta) -> ti
     return timedelta(seconds=min(seconds, cap_seconds))
 
 
-def replay_delay(policy: Policy, replay_count: int, entry_id: UUID) -> timedelta:
-    """Wait after ``dlq_at`` before the n-th replay (n = ``replay_count``) of a job.
-
-    exponential: ``min(max_delay, delay * factor**n)``; fixed: ``delay``; then
-    ± ``jitter`` from the row id.
-    """
+def base_delay(policy: Policy, replay_count: int) -> timedelta:
+    """The n-th replay's delay before jitter: exponential ``min(max_delay,
+    delay * factor**n)``; fixed ``delay``."""
     if policy.backoff == "fixed":
-        base = policy.delay
-    else:
-        base = _capped(policy.delay, policy.factor, replay_count, policy.max_delay)
-    return base * jitter_factor(entry_id, policy.jitter)
+        return policy.delay
+    return _capped(policy.delay, policy.factor, replay_count, policy.max_delay)
+
+
+def replay_delay(policy: Policy, replay_count: int, entry_id: UUID) -> timedelta:
+    """Wait after ``dlq_at`` before the n-th replay (n = ``replay_count``) of a
+    job: :func:`base_delay` ± ``jitter`` from the row id (:func:`jittered_micros`)."""
+    micros = base_delay(policy, replay_count) // _MICROSECOND
+    return timedelta(microseconds=jittered_micros(entry_id, micros, policy.jitter))
 
 
 def retry_delay(policy: Policy, failures: int) -> timedelta:

@@ -34,7 +34,8 @@ WITH candidates AS MATERIALIZED (
              CROSS JOIN LATERAL (SELECT {case} AS policy OFFSET 0) m
              CROSS JOIN LATERAL (
                     SELECT (%(kinds)s::text[])[m.policy + 1] AS kind,
-                           j.dlq_at + (%(delays)s::bigint[])[m.policy + 1]
+                           j.dlq_at + dlqd_jittered_us(j.id, (%(delays)s::bigint[])[m.policy + 1],
+                                                       (%(jitters)s::bigint[])[m.policy + 1])
                                       * interval '1 microsecond' AS due_at
                     OFFSET 0) k
              CROSS JOIN LATERAL (

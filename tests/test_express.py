@@ -22,7 +22,7 @@ from structlog.testing import capture_logs
 from dlqd.config import Match, Policy, Settings, load_settings
 from dlqd.db.compose import first_policy, like_pattern
 from dlqd.metrics import AGE_BUCKETS, Metrics
-from dlqd.policy import Replay, decide, first_match
+from dlqd.policy import JITTER_SCALE, Replay, decide, first_match, jittered_micros
 from dlqd.replay.express import plan, sink_kind
 from dlqd.replay.worker import Replayer
 from dlqd.throttle import Throttle
@@ -206,12 +206,12 @@ def test_which_policies_go_express(db_url: str) -> None:
     assert express is not None
     # kinds: what an express page may do (park, schedule) for each policy's rows
     assert express.params["kinds"] == [
-        "exp", "fixed", None, "fixed", None, "fixed", None, "fixed", "fixed", "park", "fixed",
+        "exp", "fixed", "exp", "fixed", None, "fixed", None, "fixed", "fixed", "park", "fixed",
         "fixed",
     ]  # fmt: skip
     # due rows replay at once for these; the others' go the ordinary way
     assert {p.name for p in express.policies.values()} == {
-        "delayed", "fixed", "jitter-now", "fast", "elsewhere",
+        "delayed", "fixed", "jittery", "jitter-now", "fast", "elsewhere",
     }  # fmt: skip
     # two targets, each a CTE over its own policies' rows
     text = express.text.as_string()
@@ -512,9 +512,14 @@ async def test_express_schedules_in_sql_what_python_would(
     db_url: str, pool: AsyncConnectionPool[Any], sink: None
 ) -> None:
     """Due times written by express pages equal decide()'s to the microsecond:
-    a fixed delay, an exponential one (a job never replayed), a future dlq_at;
-    a job replayed before takes the ordinary path, which counts its replays."""
+    a fixed delay, an exponential one (a job never replayed), each also with
+    jitter, a future dlq_at; a job replayed before takes the ordinary path,
+    which counts its replays."""
     policies = [
+        {"name": "fixed-jitter", "match": {"type": ["fj.*"]}, "delay": "90m",
+         "backoff": "fixed", "jitter": 0.3, "target": {"kind": "sql", "statement": SINK}},
+        {"name": "exp-jitter", "match": {"type": ["ej.*"]}, "delay": "7s", "factor": 3.0,
+         "jitter": 0.1, "target": {"kind": "sql", "statement": SINK}},
         {"name": "fixed", "match": {"type": ["f.*"]}, "delay": "90m", "backoff": "fixed",
          "target": {"kind": "sql", "statement": SINK}},
         {"name": "exp", "match": {"type": ["e.*"]}, "delay": "7s", "factor": 3.0,
@@ -534,11 +539,13 @@ async def test_express_schedules_in_sql_what_python_would(
             row_json(original_job_id="e1", type="e.x"),
             row_json(original_job_id="back", type="e.x"),
             row_json(original_job_id="later", type="x", dlq_at=future),
+            *[row_json(original_job_id=f"fj{i}", type="fj.x") for i in range(20)],
+            *[row_json(original_job_id=f"ej{i}", type="ej.x") for i in range(20)],
         ],
     )
     with capture_logs() as logs:
         result = await replayer.run_once(full=False)
-    assert result.scheduled == 4
+    assert result.scheduled == 44
     express = [e for e in logs if e["event"] == "batch" and e.get("express")]
     assert express == []  # schedule rows only: nothing replayed or parked
     rows = await fetch(
@@ -548,7 +555,8 @@ async def test_express_schedules_in_sql_what_python_would(
              FROM dlqd_entry_state s JOIN job_dlq j ON j.id = s.dlq_id
             WHERE s.state = 'waiting'""",
     )
-    assert len(rows) == 4
+    assert len(rows) == 44
+    assert len({row[6] - row[5] for row in rows if row[8] == "fixed-jitter"}) == 20  # jittered
     for row in rows:
         count = 1 if row[7] == "back" else 0
         decision = decide(_Entry(*row[:6]), current.policies, count, row[5])
@@ -736,3 +744,30 @@ async def _full_state(url: str, metrics: Metrics) -> dict[str, Any]:
         if line.startswith(("dlqd_replays_total{", "dlqd_parked_total{"))
     )
     return state
+
+
+async def test_the_jitter_in_sql_is_the_jitter_in_python(db_url: str) -> None:
+    """One definition of the jitter: dlqd_jittered_us equals
+    policy.jittered_micros on 100,000 random ids, delays and jitters."""
+    rng = random.Random(20261201)
+    ids = [uuid4() for _ in range(100_000)]
+    delays = [rng.choice([1, 999, 10**6, rng.randrange(1, 10**13)]) for _ in ids]
+    jitters = [rng.choice([0.0, 0.1, 0.5, 0.999999, rng.random()]) for _ in ids]
+    ppms = [round(j * JITTER_SCALE) for j in jitters]  # the jitter in millionths
+    async with await psycopg.AsyncConnection.connect(db_url) as conn:
+        cur = await conn.execute(
+            """SELECT dlqd_jittered_us(i, d, p)
+                 FROM unnest(%s::uuid[], %s::bigint[], %s::bigint[])
+                      WITH ORDINALITY AS t(i, d, p, n)
+                ORDER BY n""",
+            (ids, delays, ppms),
+        )
+        in_sql = [row[0] for row in await cur.fetchall()]
+    in_python = [jittered_micros(i, d, j) for i, d, j in zip(ids, delays, jitters, strict=True)]
+    assert in_sql == in_python
+    # and it is a jitter: within its bounds, and not the same for every id
+    assert all(
+        abs(got - d) * JITTER_SCALE <= d * ppm
+        for got, d, ppm in zip(in_python, delays, ppms, strict=True)
+    )
+    assert len({got for got, d in zip(in_python, delays, strict=True) if d == 10**6}) > 100

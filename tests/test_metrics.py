@@ -124,6 +124,7 @@ async def test_outcomes_histograms_and_the_collected_gauges_match_the_database(
         [row_json(original_job_id=f"t{i}", type="trial.run") for i in range(3)],
         [row_json(original_job_id=f"o{i}", type="other.x", app_id="app-c") for i in range(5)],
     ]
+
     async def listening() -> bool:
         # a worker that drained a page looks again by itself for a moment, and
         # inserters send no NOTIFY meanwhile: each batch waits for it to listen

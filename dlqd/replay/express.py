@@ -5,11 +5,12 @@ first policy that matches it can be applied without Python:
 
 - a park policy: the row gets its ``parked_policy`` schedule row;
 - a replay policy without ``max_replays`` or dry run, whose delay is known in
-  SQL (none, fixed, or exponential for a job never replayed; no jitter on a
-  delay): a row not due yet gets its ``waiting`` schedule row at
-  ``dlq_at + delay``; a due row is replayed at once when the policy has no
-  rate limit, its circuit is closed, and its target runs over a set (a ``sql``
-  statement over ``replayed``, or a ``notify`` channel).
+  SQL (none, fixed, or exponential for a job never replayed; its jitter by
+  ``dlqd_jittered_us``, the integers ``policy.jittered_micros`` computes): a
+  row not due yet gets its ``waiting`` schedule row at ``dlq_at + delay``; a
+  due row is replayed at once when the policy has no rate limit, its circuit
+  is closed, and its target runs over a set (a ``sql`` statement over
+  ``replayed``, or a ``notify`` channel).
 
 The policies' matches are compiled to SQL (``LIKE`` for globs without a
 character class). One statement claims the page ``FOR UPDATE SKIP LOCKED``,
@@ -31,7 +32,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
-from uuid import UUID
 
 import anyio
 
@@ -42,7 +42,7 @@ from dlqd.db.connector import Connection
 from dlqd.errors import DatabaseError
 from dlqd.logs import get_logger
 from dlqd.metrics import AGE_BUCKETS
-from dlqd.policy import replay_delay
+from dlqd.policy import JITTER_SCALE, base_delay
 from dlqd.replay.report import Reporter, report_express
 from dlqd.replay.result import ExpressPage, PassResult
 from dlqd.replay.targets import is_set_based
@@ -77,8 +77,7 @@ def express_kind(policy: Policy, settings: Settings) -> Kind | None:
     known without Python (``fixed``; ``exp``: exponential, known for a job never
     replayed, the only case it is taken), replaying the due ones at once when
     the policy is also :func:`express_target`. None: the ordinary path decides
-    (dry runs; ``max_replays``, which counts; jitter on a delay, computed in
-    Python from the row id)."""
+    (dry runs; ``max_replays``, which counts)."""
     if policy.dry_run or settings.dry_run:
         return None
     if policy.action == "park":
@@ -87,8 +86,7 @@ def express_kind(policy: Policy, settings: Settings) -> Kind | None:
         return None
     if policy.delay.total_seconds() == 0:
         return "fixed"  # no delay: neither the backoff nor the jitter matters
-    if policy.jitter > 0:
-        return None
+    # the jitter is computed in SQL too (dlqd_jittered_us, as policy.jittered_micros)
     return "fixed" if policy.backoff == "fixed" else "exp"
 
 
@@ -147,13 +145,14 @@ def plan(settings: Settings, age_buckets: Sequence[float]) -> ExpressPlan | None
             replaying[index] = policy
     delays = [
         # microseconds, added as such: an interval's days would follow DST
-        _micros(replay_delay(p, 0, _NIL)) if kind in ("fixed", "exp") else None
+        _micros(base_delay(p, 0)) if kind in ("fixed", "exp") else None
         for p, kind in zip(settings.policies, kinds, strict=True)
     ]
     params: dict[str, Any] = {
         "names": [p.name for p in settings.policies],
         "kinds": kinds,
         "delays": delays,
+        "jitters": [round(p.jitter * JITTER_SCALE) for p in settings.policies],
         "fingerprint": settings.policies_fingerprint,
         "retention": settings.purge.log_retention,
         # width_bucket counts the bounds <= its operand: over the negated bounds,
@@ -178,9 +177,6 @@ def plan(settings: Settings, age_buckets: Sequence[float]) -> ExpressPlan | None
 
 def _micros(delay: timedelta) -> int:
     return (delay.days * 86_400 + delay.seconds) * 1_000_000 + delay.microseconds
-
-
-_NIL = UUID(int=0)
 
 
 def parse_page(row: dict[str, Any], after_seq: int, names: Sequence[str]) -> ExpressPage:
