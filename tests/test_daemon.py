@@ -635,3 +635,57 @@ target = {{ kind = "sql", statement = "{slow}" }}
     await assert_sink_matches_replayed(sink_db, expected=inserted)
     assert notified[0]  # the daemon listened when the backlog came
     assert len(got) == notified.count(True)  # one NOTIFY per insert that saw a fresh row
+
+
+async def test_a_row_whose_notify_was_skipped_in_a_long_transaction_is_still_found(
+    sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    """A transaction inserts while the worker drains (no NOTIFY) and stays open
+    past the drain. The worker listens again, replays other rows meanwhile (the
+    open transaction holds nothing up), and finds the late row when it commits,
+    with the poll scan at 1 h."""
+    slow = (
+        "INSERT INTO sink (dlq_id, type, payload)"
+        " SELECT id, type, payload FROM replayed, pg_sleep(0.05)"
+    )
+    config = daemon_config(
+        tmp_path,
+        f"""
+[[policies]]
+name = "all"
+target = {{ kind = "sql", statement = "{slow}" }}
+""",
+        extra="[replay]\nbatch_size = 20",
+    )
+    daemon = spawn(daemons, sink_db, config, tmp_path)
+    await daemon.wait_ready()
+    fresh = "SELECT count(*) FROM dlqd_wake WHERE beat > now() - interval '30 seconds'"
+
+    async def draining() -> bool:
+        return int(await scalar(sink_db, fresh)) == 0
+
+    async def listening() -> bool:
+        return int(await scalar(sink_db, fresh)) > 0
+
+    async def replayed(original_job_id: str) -> bool:
+        query = "SELECT replayed_at IS NOT NULL FROM job_dlq WHERE original_job_id = %s"
+        return bool(await scalar(sink_db, query, [original_job_id]))
+
+    await insert_rows(sink_db, [row_json(original_job_id=f"b{i}") for i in range(600)])
+    await wait_until(draining, within=30)
+    late = await psycopg.AsyncConnection.connect(sink_db)
+    try:
+        await late.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        cur = await late.execute(fresh)
+        assert await cur.fetchone() == (0,)  # the trigger below sees no worker: no NOTIFY
+        await late.execute(INSERT_MANY, {"rows": Jsonb([row_json(original_job_id="late")])})
+        await wait_until(listening, within=60)  # the backlog is gone
+        await insert_rows(sink_db, [row_json(original_job_id="meanwhile")])
+        await wait_until(lambda: replayed("meanwhile"), within=10)
+        assert not await replayed("late")  # not committed yet
+        await late.commit()
+    finally:
+        await late.close()
+    # at once, not at the listening worker's next look of its own (every 10 s)
+    await wait_until(lambda: replayed("late"), within=3)
+    await assert_sink_matches_replayed(sink_db, expected=602)

@@ -7,9 +7,10 @@ while some worker *listens*: its row is there, fresh (a heartbeat every
 ``BEAT`` seconds, fresh for ``FRESH``). A worker that finds rows coming faster
 than one per pass (a backlog, a flood) drains: it takes its row away and
 looks again by itself, every 5 to 40 ms as the rows come; when none came for
-``LINGER`` it puts its row back, then waits for the transactions that
-were writing the inbox at that moment (they may have skipped their NOTIFY)
-and looks once more: no row is left waiting for a poll. With no worker
+``LINGER`` it puts its row back, notes the transactions that were writing
+the inbox at that moment (they may have skipped their NOTIFY), keeps looking
+by itself until they have ended, and looks once more: no row is left waiting
+for a poll, and no writer's long transaction holds the worker up. With no worker
 listening at all (no daemon), inserters send no NOTIFY: a daemon that starts
 scans the inbox first.
 """
@@ -37,8 +38,6 @@ DRAIN_INTERVAL = 0.005
 DRAIN_INTERVAL_MAX = 0.04
 #: a drain ends after this long without a row (then the worker listens again)
 LINGER = 0.1
-#: how long a worker that starts listening waits for inbox writers in flight
-WRITERS_WAIT = 2.0
 
 
 class Presence:
@@ -50,23 +49,29 @@ class Presence:
         self.enabled = enabled
         self.listening = False
         self.beat_at = -float("inf")
+        # inbox writers in flight when the row came back (virtual transaction ids)
+        self.writers: list[str] = []
 
     async def listen(self) -> None:
-        """Put the row back (inserters notify again), then wait for the inbox
-        writers in flight: the caller's next pass sees their rows."""
+        """Put the row back (inserters notify again) and note the inbox writers
+        in flight: until :meth:`writers_done`, the caller keeps looking by itself."""
         if not self.enabled:
             return
         async with pooled(self.pool) as conn:
             await claims.wake_listen(conn, self.worker)
             self.listening, self.beat_at = True, anyio.current_time()
-            vxids = await claims.inbox_writers(conn)
-            if not vxids:
-                return
-            with anyio.move_on_after(WRITERS_WAIT):
-                pause = 0.001
-                while await claims.writers_running(conn, vxids):
-                    await anyio.sleep(pause)
-                    pause = min(pause * 2, 0.05)
+            self.writers = await claims.inbox_writers(conn)
+
+    async def writers_done(self) -> bool:
+        """Whether the writers :meth:`listen` noted have all ended (their rows
+        are visible now: the caller looks once more)."""
+        if not self.writers:
+            return True
+        async with pooled(self.pool) as conn:
+            if await claims.writers_running(conn, self.writers):
+                return False
+        self.writers = []
+        return True
 
     async def drain(self) -> None:
         """Take the row away: this worker looks again by itself."""
@@ -74,7 +79,7 @@ class Presence:
             return
         async with pooled(self.pool) as conn:
             await claims.wake_drain(conn, self.worker)
-        self.listening = False
+        self.listening, self.writers = False, []  # the drain's passes see their rows
 
     async def beat(self) -> None:
         """Keep a listening worker's row fresh."""

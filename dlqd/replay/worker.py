@@ -247,9 +247,12 @@ class Replayer:
             idle = False
             try:
                 if not listening and not self.draining:
-                    # inserters notify from now on; those in flight are waited for
+                    # inserters notify from now on; while those in flight
+                    # (their NOTIFY perhaps skipped) run, look by itself
                     await self.presence.listen()
                     listening = True
+                    self.draining = bool(self.presence.writers)
+                    self.drain_wait, self.empty_since = DRAIN_INTERVAL, None
                 result = await self.run_once(full=full)
                 if full:
                     last_full, last_fingerprint = started, fingerprint
@@ -298,16 +301,19 @@ class Replayer:
         """Rows coming faster than one per pass (a backlog, a flood): drain,
         looking again by itself, so that inserters need not notify; the
         interval adapts to the rows (doubled while passes find few). No row
-        for ``LINGER``: listen again, and look once more (see ``presence``)."""
+        for ``LINGER``: listen again, keep looking until the inbox writers in
+        flight then have ended, and look once more (see ``presence``)."""
+        busy = result.more or result.claimed >= DRAIN_ROWS
         if not self.draining:
-            if result.more or result.claimed >= DRAIN_ROWS:
+            if busy:
                 await self.presence.drain()
                 self.draining = self.presence.enabled
                 self.drain_wait, self.empty_since = DRAIN_INTERVAL, None
             else:
                 await self.presence.beat()
             return
-        if result.more or result.claimed >= DRAIN_ROWS:
+        if busy:
+            await self.presence.drain()  # its row away again, if it was back
             self.drain_wait, self.empty_since = DRAIN_INTERVAL, None
             return
         self.drain_wait = min(self.drain_wait * 2, DRAIN_INTERVAL_MAX)
@@ -317,10 +323,13 @@ class Replayer:
         now = anyio.current_time()
         if self.empty_since is None:
             self.empty_since = now
-        if now - self.empty_since >= LINGER:
-            await self.presence.listen()
+        if now - self.empty_since < LINGER:
+            return
+        if not self.presence.listening:
+            await self.presence.listen()  # inserters notify from now on
+        if await self.presence.writers_done():
             self.draining = False
-            flag.set()
+            flag.set()  # their rows are visible now: look once more
 
     def _failed(self, exc: BaseException) -> None:
         self.failures_in_a_row += 1
