@@ -248,9 +248,10 @@ def daemon_round_trips(
 
 
 def latency_with_waiting(
-    admin: str, rows: int, waiting: int, workdir: Path, stack: ExitStack
+    admin: str, rows: int, waiting: int, workdir: Path, stack: ExitStack, *, jitter: float = 0.0
 ) -> None:
-    """The same round trip while many rows wait for a later due time."""
+    """The same round trip while many rows wait for a later due time (the
+    delay ± ``jitter``: computed in SQL, as in Python, for express pages)."""
     url = fresh_db(admin, stack)
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(
@@ -271,18 +272,21 @@ def latency_with_waiting(
         f"scheduling {waiting} delayed rows, one plain SQL statement (limit): "
         f"{elapsed:.2f} s = {waiting / elapsed:,.0f} rows/s"
     )
-    config = """
+    config = f"""
 [listen]
 poll_interval = "1h"
 [[policies]]
 name = "slow"
-match = { type = ["slow"] }
+match = {{ type = ["slow"] }}
 delay = "1d"
-target = { kind = "notify", channel = "never" }
+jitter = {jitter}
+target = {{ kind = "notify", channel = "never" }}
 [[policies]]
 name = "ping"
-target = { kind = "notify", channel = "replayed" }
+target = {{ kind = "notify", channel = "replayed" }}
 """
+    if jitter:
+        print(f"(the delayed policy has jitter = {jitter})")
     samples = daemon_round_trips(url, config, rows, workdir, waiting)
     print(f"insert->replay with {waiting} rows waiting:  {percentiles(samples)}")
 
@@ -506,6 +510,9 @@ def main() -> None:
     parser.add_argument("--latency-only", action="store_true", help="skip the drain runs")
     parser.add_argument("--mix", action="store_true", help="also drain over 20 policies")
     parser.add_argument(
+        "--jitter", type=float, default=0.0, help="the delayed policy's jitter (0 to 1)"
+    )
+    parser.add_argument(
         "--system-server",
         action="store_true",
         help="use 127.0.0.1:5432 (autovacuum off there) instead of a cluster of its own",
@@ -519,7 +526,9 @@ def main() -> None:
         print(f"dlqd bench: {os.cpu_count()} cpus, PostgreSQL {_version(admin)}")
         if not args.drain_only:
             latency(admin, args.latency_rows, Path(tmp), stack)
-            latency_with_waiting(admin, args.latency_rows, args.waiting, Path(tmp), stack)
+            latency_with_waiting(
+                admin, args.latency_rows, args.waiting, Path(tmp), stack, jitter=args.jitter
+            )
         if not args.latency_only:
             drain(admin, args.backlog, Path(tmp), stack, args.forms.split(","))
             if args.mix:

@@ -689,3 +689,36 @@ target = {{ kind = "sql", statement = "{slow}" }}
     # at once, not at the listening worker's next look of its own (every 10 s)
     await wait_until(lambda: replayed("late"), within=3)
     await assert_sink_matches_replayed(sink_db, expected=602)
+
+
+async def test_rows_looked_at_again_by_every_pass_do_not_keep_the_worker_draining(
+    sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    """A dry run's rows are claimed and left as they are by every pass: they
+    are no backlog. The worker listens again instead of polling every few ms."""
+    config = sink_config(tmp_path)
+    config.write_text(config.read_text().replace('name = "all"', 'name = "all"\ndry_run = true'))
+    daemon = spawn(daemons, sink_db, config, tmp_path)
+    await daemon.wait_ready()
+    await insert_rows(sink_db, [row_json(original_job_id=f"d{i}") for i in range(40)])
+    fresh = "SELECT count(*) FROM dlqd_wake WHERE beat > now() - interval '30 seconds'"
+
+    async def dry_run_logged() -> bool:
+        lines = daemon.http("/metrics")[1].splitlines()
+        dry = [
+            line
+            for line in lines
+            if line.startswith("dlqd_replays_total{") and 'outcome="dry_run"' in line
+        ]
+        return bool(dry) and float(dry[0].rsplit(" ", 1)[1]) == 40
+
+    async def listening() -> bool:
+        return int(await scalar(sink_db, fresh)) > 0
+
+    await wait_until(dry_run_logged, within=30)
+    await wait_until(listening, within=10)
+    before = daemon.metric("dlqd_replayer_passes_total")
+    await anyio.sleep(1)  # a window to count passes in, not a wait for a condition
+    # a draining worker would pass every 5 to 40 ms: 25 or more in that second
+    assert daemon.metric("dlqd_replayer_passes_total") - before < 15
+    assert int(await scalar(sink_db, fresh)) > 0  # and still listening

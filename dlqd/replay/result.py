@@ -34,6 +34,12 @@ class PassResult:
     # the last page left due rows over its byte budget: more pages follow
     deferred: bool = False
 
+    @property
+    def progressed(self) -> int:
+        """Rows whose state this pass changed (not those it only looked at:
+        dry runs, rows skipped)."""
+        return self.replayed + self.failed + self.parked + self.scheduled + self.unmatched
+
     def out_of_time(self) -> bool:
         if anyio.current_time() < self.deadline:
             return False

@@ -303,7 +303,9 @@ class Replayer:
         interval adapts to the rows (doubled while passes find few). No row
         for ``LINGER``: listen again, keep looking until the inbox writers in
         flight then have ended, and look once more (see ``presence``)."""
-        busy = result.more or result.claimed >= DRAIN_ROWS
+        # rows that changed, not rows claimed: a dry run's rows are looked at
+        # again by every pass, and would keep a worker draining for nothing
+        busy = result.more or result.progressed >= DRAIN_ROWS
         if not self.draining:
             if busy:
                 await self.presence.drain()
@@ -317,7 +319,7 @@ class Replayer:
             self.drain_wait, self.empty_since = DRAIN_INTERVAL, None
             return
         self.drain_wait = min(self.drain_wait * 2, DRAIN_INTERVAL_MAX)
-        if result.claimed:
+        if result.progressed:
             self.empty_since = None
             return
         now = anyio.current_time()
