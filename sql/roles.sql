@@ -25,13 +25,25 @@ END
 $$;
 -- whatever it was made with: no login, no way around row-level security
 -- (where only a superuser may name those attributes, a role made without
--- superuser rights has neither; the console checks before it serves)
+-- superuser rights has neither; from PostgreSQL 16 a CREATEROLE role may
+-- name CREATEDB only if it has it, and could not have given it either; the
+-- console checks before it serves)
 DO $$
 BEGIN
     BEGIN
         ALTER ROLE dlqd_tenant NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE;
     EXCEPTION WHEN insufficient_privilege THEN
-        ALTER ROLE dlqd_tenant NOLOGIN NOCREATEDB NOCREATEROLE;
+        ALTER ROLE dlqd_tenant NOLOGIN;
+        BEGIN
+            ALTER ROLE dlqd_tenant NOCREATEDB;
+        EXCEPTION WHEN insufficient_privilege THEN
+            NULL;
+        END;
+        BEGIN
+            ALTER ROLE dlqd_tenant NOCREATEROLE;
+        EXCEPTION WHEN insufficient_privilege THEN
+            NULL;
+        END;
     END;
 END
 $$;
