@@ -34,8 +34,12 @@ WITH candidates AS MATERIALIZED (
              CROSS JOIN LATERAL (SELECT {case} AS policy OFFSET 0) m
              CROSS JOIN LATERAL (
                     SELECT (%(kinds)s::text[])[m.policy + 1] AS kind,
-                           j.dlq_at + dlqd_jittered_us(j.id, (%(delays)s::bigint[])[m.policy + 1],
-                                                       (%(jitters)s::bigint[])[m.policy + 1])
+                           -- the jitter's function only for policies with one
+                           j.dlq_at + CASE WHEN (%(jitters)s::bigint[])[m.policy + 1] > 0
+                                      THEN dlqd_jittered_us(j.id,
+                                                            (%(delays)s::bigint[])[m.policy + 1],
+                                                            (%(jitters)s::bigint[])[m.policy + 1])
+                                      ELSE (%(delays)s::bigint[])[m.policy + 1] END
                                       * interval '1 microsecond' AS due_at
                     OFFSET 0) k
              CROSS JOIN LATERAL (

@@ -6,8 +6,9 @@ inserts of eight concurrent sessions. So the insert trigger notifies only
 while some worker *listens*: its row is there, fresh (a heartbeat every
 ``BEAT`` seconds, fresh for ``FRESH``). A worker that finds rows coming faster
 than one per pass (a backlog, a flood) drains: it takes its row away and
-looks again by itself, every 5 to 40 ms as the rows come; when none came for
-``LINGER`` it puts its row back, notes the transactions that were writing
+looks again by itself, every 5 to 40 ms as the rows come; when no pass found
+``DRAIN_ROWS`` for ``LINGER`` (the flood is over, or is a trickle the NOTIFY
+serves better) it puts its row back, notes the transactions that were writing
 the inbox at that moment (they may have skipped their NOTIFY), keeps looking
 by itself until they have ended, and looks once more: no row is left waiting
 for a poll, and no writer's long transaction holds the worker up. With no worker
@@ -36,7 +37,7 @@ DRAIN_ROWS = 2
 #: fewer than DRAIN_ROWS rows, up to the last (a trickle costs few passes)
 DRAIN_INTERVAL = 0.005
 DRAIN_INTERVAL_MAX = 0.04
-#: a drain ends after this long without a row (then the worker listens again)
+#: a drain ends after this long without a pass of DRAIN_ROWS rows (then the worker listens)
 LINGER = 0.1
 
 

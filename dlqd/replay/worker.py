@@ -116,7 +116,7 @@ class Replayer:
         )
         self.draining = False
         self.drain_wait = DRAIN_INTERVAL  # between the passes of a drain
-        self.empty_since: float | None = None  # the drain's passes found nothing since
+        self.quiet_since: float | None = None  # the drain's passes found few rows since
 
     def _wake(self) -> None:
         if self._flag is not None:
@@ -252,7 +252,7 @@ class Replayer:
                     await self.presence.listen()
                     listening = True
                     self.draining = bool(self.presence.writers)
-                    self.drain_wait, self.empty_since = DRAIN_INTERVAL, None
+                    self.drain_wait, self.quiet_since = DRAIN_INTERVAL, None
                 result = await self.run_once(full=full)
                 if full:
                     last_full, last_fingerprint = started, fingerprint
@@ -300,9 +300,10 @@ class Replayer:
     async def _drain_or_listen(self, result: PassResult, flag: WakeFlag) -> None:
         """Rows coming faster than one per pass (a backlog, a flood): drain,
         looking again by itself, so that inserters need not notify; the
-        interval adapts to the rows (doubled while passes find few). No row
-        for ``LINGER``: listen again, keep looking until the inbox writers in
-        flight then have ended, and look once more (see ``presence``)."""
+        interval doubles while passes find few rows. No pass with as many as
+        ``DRAIN_ROWS`` for ``LINGER``: listen again, keep looking until the
+        inbox writers in flight then have ended, and look once more (see
+        ``presence``)."""
         # rows that changed, not rows claimed: a dry run's rows are looked at
         # again by every pass, and would keep a worker draining for nothing
         busy = result.more or result.progressed >= DRAIN_ROWS
@@ -310,22 +311,21 @@ class Replayer:
             if busy:
                 await self.presence.drain()
                 self.draining = self.presence.enabled
-                self.drain_wait, self.empty_since = DRAIN_INTERVAL, None
+                self.drain_wait, self.quiet_since = DRAIN_INTERVAL, None
             else:
                 await self.presence.beat()
             return
         if busy:
             await self.presence.drain()  # its row away again, if it was back
-            self.drain_wait, self.empty_since = DRAIN_INTERVAL, None
+            self.drain_wait, self.quiet_since = DRAIN_INTERVAL, None
             return
+        # a pass with fewer rows: the drain slows down, and ends after LINGER of
+        # them (a trickle, one row a look, is the NOTIFY's business again)
         self.drain_wait = min(self.drain_wait * 2, DRAIN_INTERVAL_MAX)
-        if result.progressed:
-            self.empty_since = None
-            return
         now = anyio.current_time()
-        if self.empty_since is None:
-            self.empty_since = now
-        if now - self.empty_since < LINGER:
+        if self.quiet_since is None:
+            self.quiet_since = now
+        if now - self.quiet_since < LINGER:
             return
         if not self.presence.listening:
             await self.presence.listen()  # inserters notify from now on
