@@ -29,6 +29,8 @@ CREATE TABLE IF NOT EXISTS sink (
 )
 """
 SINK_STATEMENT = "INSERT INTO sink (dlq_id, type, payload) VALUES (%(id)s, %(type)s, %(payload)s)"
+#: whether some worker listens (inserters notify only then: migration 012)
+FRESH_WORKERS = "SELECT count(*) FROM dlqd_wake WHERE beat > now() - interval '30 seconds'"
 
 
 _serial = itertools.count(1)

@@ -15,6 +15,7 @@ from psycopg.types.json import Jsonb
 
 from tests.conftest import as_role, dlqd_cli
 from tests.daemon_helpers import (
+    FRESH_WORKERS,
     SINK_STATEMENT,
     DaemonProcess,
     scalar,
@@ -59,6 +60,24 @@ target = {{ kind = "sql", statement = "{SINK_STATEMENT}" }}
         poll=poll,
         extra=extra,
         listen=listen,
+    )
+
+
+def slow_pages_config(path: Path) -> Path:
+    """Every row into the sink in pages of 20 that take 50 ms each: a backlog
+    the worker drains for a while (the poll scan at 1 h)."""
+    slow = (
+        "INSERT INTO sink (dlq_id, type, payload)"
+        " SELECT id, type, payload FROM replayed, pg_sleep(0.05)"
+    )
+    return daemon_config(
+        path,
+        f"""
+[[policies]]
+name = "all"
+target = {{ kind = "sql", statement = "{slow}" }}
+""",
+        extra="[replay]\nbatch_size = 20",
     )
 
 
@@ -576,20 +595,7 @@ async def test_inserters_skip_the_notify_while_the_worker_drains_and_no_row_wait
     fresh row in dlqd_wake, and inserters send no NOTIFY (whose commit lock
     serialises them); while it listens, they do. With the poll scan at 1 h,
     every row inserted during the drain is still replayed at once."""
-    slow = (
-        "INSERT INTO sink (dlq_id, type, payload)"
-        " SELECT id, type, payload FROM replayed, pg_sleep(0.05)"  # a slow page
-    )
-    config = daemon_config(
-        tmp_path,
-        f"""
-[[policies]]
-name = "all"
-target = {{ kind = "sql", statement = "{slow}" }}
-""",
-        extra="[replay]\nbatch_size = 20",
-    )
-    daemon = spawn(daemons, sink_db, config, tmp_path)
+    daemon = spawn(daemons, sink_db, slow_pages_config(tmp_path), tmp_path)
     await daemon.wait_ready()
     listener = await psycopg.AsyncConnection.connect(sink_db, autocommit=True)
     await listener.execute("LISTEN dlqd_job_dlq")
@@ -602,9 +608,7 @@ target = {{ kind = "sql", statement = "{slow}" }}
         # repeatable read: the trigger decides on the snapshot this count saw
         async with writer.transaction():
             await writer.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            cur = await writer.execute(
-                "SELECT count(*) FROM dlqd_wake WHERE beat > now() - interval '30 seconds'"
-            )
+            cur = await writer.execute(FRESH_WORKERS)
             fresh = await cur.fetchone()
             batch = [row_json(original_job_id=f"r{inserted + i}") for i in range(n)]
             await writer.execute(INSERT_MANY, {"rows": Jsonb(batch)})
@@ -644,28 +648,14 @@ async def test_a_row_whose_notify_was_skipped_in_a_long_transaction_is_still_fou
     past the drain. The worker listens again, replays other rows meanwhile (the
     open transaction holds nothing up), and finds the late row when it commits,
     with the poll scan at 1 h."""
-    slow = (
-        "INSERT INTO sink (dlq_id, type, payload)"
-        " SELECT id, type, payload FROM replayed, pg_sleep(0.05)"
-    )
-    config = daemon_config(
-        tmp_path,
-        f"""
-[[policies]]
-name = "all"
-target = {{ kind = "sql", statement = "{slow}" }}
-""",
-        extra="[replay]\nbatch_size = 20",
-    )
-    daemon = spawn(daemons, sink_db, config, tmp_path)
+    daemon = spawn(daemons, sink_db, slow_pages_config(tmp_path), tmp_path)
     await daemon.wait_ready()
-    fresh = "SELECT count(*) FROM dlqd_wake WHERE beat > now() - interval '30 seconds'"
 
     async def draining() -> bool:
-        return int(await scalar(sink_db, fresh)) == 0
+        return int(await scalar(sink_db, FRESH_WORKERS)) == 0
 
     async def listening() -> bool:
-        return int(await scalar(sink_db, fresh)) > 0
+        return int(await scalar(sink_db, FRESH_WORKERS)) > 0
 
     async def replayed(original_job_id: str) -> bool:
         query = "SELECT replayed_at IS NOT NULL FROM job_dlq WHERE original_job_id = %s"
@@ -676,7 +666,7 @@ target = {{ kind = "sql", statement = "{slow}" }}
     late = await psycopg.AsyncConnection.connect(sink_db)
     try:
         await late.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        cur = await late.execute(fresh)
+        cur = await late.execute(FRESH_WORKERS)
         assert await cur.fetchone() == (0,)  # the trigger below sees no worker: no NOTIFY
         await late.execute(INSERT_MANY, {"rows": Jsonb([row_json(original_job_id="late")])})
         await wait_until(listening, within=60)  # the backlog is gone
@@ -701,7 +691,6 @@ async def test_rows_looked_at_again_by_every_pass_do_not_keep_the_worker_drainin
     daemon = spawn(daemons, sink_db, config, tmp_path)
     await daemon.wait_ready()
     await insert_rows(sink_db, [row_json(original_job_id=f"d{i}") for i in range(40)])
-    fresh = "SELECT count(*) FROM dlqd_wake WHERE beat > now() - interval '30 seconds'"
 
     async def dry_run_logged() -> bool:
         lines = daemon.http("/metrics")[1].splitlines()
@@ -713,7 +702,7 @@ async def test_rows_looked_at_again_by_every_pass_do_not_keep_the_worker_drainin
         return bool(dry) and float(dry[0].rsplit(" ", 1)[1]) == 40
 
     async def listening() -> bool:
-        return int(await scalar(sink_db, fresh)) > 0
+        return int(await scalar(sink_db, FRESH_WORKERS)) > 0
 
     await wait_until(dry_run_logged, within=30)
     await wait_until(listening, within=10)
@@ -721,4 +710,4 @@ async def test_rows_looked_at_again_by_every_pass_do_not_keep_the_worker_drainin
     await anyio.sleep(1)  # a window to count passes in, not a wait for a condition
     # a draining worker would pass every 5 to 40 ms: 25 or more in that second
     assert daemon.metric("dlqd_replayer_passes_total") - before < 15
-    assert int(await scalar(sink_db, fresh)) > 0  # and still listening
+    assert int(await scalar(sink_db, FRESH_WORKERS)) > 0  # and still listening

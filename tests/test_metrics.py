@@ -26,7 +26,14 @@ from dlqd import __version__
 from dlqd.db.connector import connect
 from dlqd.db.migrations import migrate
 from dlqd.db.queries import sql_dir
-from tests.daemon_helpers import SINK_STATEMENT, DaemonProcess, scalar, wait_until, write_config
+from tests.daemon_helpers import (
+    FRESH_WORKERS,
+    SINK_STATEMENT,
+    DaemonProcess,
+    scalar,
+    wait_until,
+    write_config,
+)
 from tests.factories import INSERT_MANY, row_json
 from tests.pgcluster import Cluster
 from tests.test_poison import insert_rows, start
@@ -126,10 +133,8 @@ async def test_outcomes_histograms_and_the_collected_gauges_match_the_database(
         [row_json(original_job_id=f"o{i}", type="other.x", app_id="app-c") for i in range(5)],
     ]
 
-    fresh = "SELECT count(*) FROM dlqd_wake WHERE beat > now() - interval '30 seconds'"
-
     async def listening() -> bool:
-        return int(await scalar(sink_db, fresh)) > 0
+        return int(await scalar(sink_db, FRESH_WORKERS)) > 0
 
     # one statement each: one notification each while the worker listens (a
     # worker that drained a page looks again by itself for a moment, and
@@ -141,7 +146,7 @@ async def test_outcomes_histograms_and_the_collected_gauges_match_the_database(
             await wait_until(listening, within=30)
             async with conn.transaction():
                 await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-                seen = await (await conn.execute(fresh)).fetchone()
+                seen = await (await conn.execute(FRESH_WORKERS)).fetchone()
                 await conn.execute(INSERT_MANY, {"rows": Jsonb(batch)})
             notifying += bool(seen and seen[0])
 

@@ -232,7 +232,6 @@ class Replayer:
         last_fingerprint = ""
         woken = False
         task_status.started()
-        listening = False
         while not self.stopping.is_set():
             # Clear the wake-up *before* looking for work: a notification that
             # lands while the pass runs then leaves the flag set and the loop
@@ -246,11 +245,10 @@ class Replayer:
             full = fingerprint != last_fingerprint or started - last_full >= poll
             idle = False
             try:
-                if not listening and not self.draining:
+                if not self.presence.listening and not self.draining:
                     # inserters notify from now on; while those in flight
                     # (their NOTIFY perhaps skipped) run, look by itself
                     await self.presence.listen()
-                    listening = True
                     self.draining = bool(self.presence.writers)
                     self.drain_wait, self.quiet_since = DRAIN_INTERVAL, None
                 result = await self.run_once(full=full)
@@ -259,7 +257,8 @@ class Replayer:
                 await self._drain_or_listen(result, flag)
             except TRANSIENT_ERRORS as exc:
                 wait = backoff.next()
-                listening = self.draining = False  # put the row back once it works again
+                # put the row back once it works again
+                self.presence.listening = self.draining = False
                 self._failed(exc)
                 log.warning("replayer pass failed", error=error_line(exc), retry_in=round(wait, 3))
             except Exception as exc:  # one bad pass must not end the daemon
