@@ -711,3 +711,33 @@ async def test_rows_looked_at_again_by_every_pass_do_not_keep_the_worker_drainin
     # a draining worker would pass every 5 to 40 ms: 25 or more in that second
     assert daemon.metric("dlqd_replayer_passes_total") - before < 15
     assert int(await scalar(sink_db, FRESH_WORKERS)) > 0  # and still listening
+
+
+async def test_a_trickle_after_a_burst_is_heard_by_notify_again(
+    sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    """A burst makes the worker drain; a trickle that follows (a row every
+    60 ms, one per look) is no backlog: the worker listens again while it
+    goes on, instead of polling for each row."""
+    daemon = spawn(daemons, sink_db, sink_config(tmp_path), tmp_path)
+    await daemon.wait_ready()
+
+    async def listening() -> bool:
+        return int(await scalar(sink_db, FRESH_WORKERS)) > 0
+
+    async def trickle() -> None:
+        for i in range(200):
+            await insert_rows(sink_db, [row_json(original_job_id=f"t{i}")])
+            await anyio.sleep(0.06)  # the trickle's pace, not a wait for a condition
+
+    await wait_until(listening, within=30)
+    await insert_rows(sink_db, [row_json(original_job_id=f"b{i}") for i in range(50)])
+
+    async def drained_burst() -> bool:
+        return int(await scalar(sink_db, FRESH_WORKERS)) == 0
+
+    await wait_until(drained_burst, within=30)  # the burst: it drains
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(trickle)
+        await wait_until(listening, within=5)  # while the trickle goes on
+        tg.cancel_scope.cancel()
