@@ -18,6 +18,7 @@ from dlqd.metrics import Metrics
 from dlqd.replay.worker import Replayer
 from dlqd.throttle import Throttle
 from dlqd.wake import WakeFlag
+from tests.daemon_helpers import wait_until
 from tests.factories import INSERT_MANY, row_json
 
 pytestmark = pytest.mark.anyio
@@ -240,34 +241,60 @@ async def test_wake_cooldown_makes_wake_ups_share_a_pass(
     db_url: str, pool: AsyncConnectionPool[Any]
 ) -> None:
     """With replay.wake_cooldown, a row woken for right after a pass waits for
-    the cooldown to end: a steady stream costs a pass per cooldown, not per row."""
+    the cooldown to end: a steady stream costs a pass per cooldown, not per row.
+
+    Counted in passes, not read from timestamps: the cooldown spaces the starts
+    of woken passes, and a pass slowed by load would shift a row's replayed_at
+    by as much. Woken passes start at least a cooldown apart, so a stream
+    spanning ``span`` seconds gets at most ``span / cooldown + 2`` of them;
+    without the cooldown each of its rows has a pass of its own."""
+    cooldown, rows = 0.8, 10
     current = load_settings(
-        database_url=db_url, policies=NOTIFY_ALL, replay={"wake_cooldown": "800ms"}
+        database_url=db_url, policies=NOTIFY_ALL, replay={"wake_cooldown": f"{cooldown}s"}
     )
     stopping = anyio.Event()
-    replayer = Replayer(pool, lambda: current, Metrics(), Throttle(), stopping)
+    metrics = Metrics()
+    replayer = Replayer(pool, lambda: current, metrics, Throttle(), stopping)
     flag = WakeFlag()
 
-    async def replayed_at(job: str) -> Any:
-        async with await psycopg.AsyncConnection.connect(db_url) as conn:
-            while True:
-                cur = await conn.execute(
-                    "SELECT replayed_at FROM job_dlq WHERE original_job_id = %s", [job]
-                )
-                row = await cur.fetchone()
-                if row is not None and row[0] is not None:
-                    return row[0]
-                await anyio.sleep(0.01)
+    def passes() -> float:
+        value = metrics.registry.get_sample_value("dlqd_replayer_passes_total")
+        assert value is not None  # exported, not missing
+        return value
 
-    with anyio.fail_after(20):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(replayer.run, flag)
-            await insert(db_url, "first", 1)
-            flag.set()
-            first = await replayed_at("first0")
-            await insert(db_url, "second", 1)
-            flag.set()
-            second = await replayed_at("second0")
-            stopping.set()
-            flag.set()
-    assert (second - first).total_seconds() >= 0.7
+    async def replayed(prefix: str) -> int:
+        cur = await conn.execute(
+            "SELECT count(*) FROM job_dlq WHERE original_job_id LIKE %s"
+            " AND replayed_at IS NOT NULL",
+            [prefix + "%"],
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(replayer.run, flag)
+
+                async def started() -> bool:
+                    return passes() >= 1  # the pass at start is behind us
+
+                await wait_until(started, within=10)
+                before = passes()
+                began = anyio.current_time()
+                for i in range(rows):
+                    row = row_json(original_job_id=f"stream{i}")
+                    await conn.execute(INSERT_MANY, {"rows": Jsonb([row])})
+                    flag.set()
+                    await anyio.sleep(0.06)
+                span = anyio.current_time() - began
+
+                async def all_replayed() -> bool:
+                    return await replayed("stream") == rows
+
+                await wait_until(all_replayed, within=10)
+                woken = passes() - before
+                stopping.set()
+                flag.set()
+    assert 1 <= woken <= span / cooldown + 2, (woken, span)
