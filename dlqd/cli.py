@@ -80,6 +80,12 @@ EXAMPLES = {
         "  dlqd redrive list\n"
         "  dlqd redrive cancel 1b4e28ba-2fa1-11d2-883f-0016d3cca427"
     ),
+    "adapters": (
+        "  dlqd adapters list\n"
+        "  dlqd adapters install procrastinate --app-id 'job.queue_name'\n"
+        "  dlqd adapters install pgqueuer --schema jobs --app-id billing --print\n"
+        "  dlqd adapters uninstall procrastinate"
+    ),
     "console": (
         "  dlqd console token alice --role operator\n"
         "  dlqd console token shop-support --role viewer --app-id shop"
@@ -323,6 +329,48 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("id", help="the redrive's id").completer = _nothing  # type: ignore[attr-defined]
     stop.add_argument("--json", action="store_true", help="one JSON document on stdout")
 
+    adapters = add(
+        "adapters",
+        "capture a job system's dead jobs into job_dlq (and replay into it by preset)",
+        "Capture the jobs of an existing job system that fail for good into job_dlq, by a "
+        "trigger on its job table; replay them into it with a target of kind NAME. "
+        "docs/adapters/ has a page per system.",
+    )
+    adapter_actions = adapters.add_subparsers(dest="action", required=True, metavar="ACTION")
+    adapter_list = adapter_actions.add_parser(
+        "list",
+        parents=[common],
+        help="supported systems, the versions tested, what each captures",
+        formatter_class=_Formatter,
+    )
+    adapter_list.add_argument("--json", action="store_true", help="a JSON array on stdout")
+    for verb, what in (
+        ("install", "install the capture trigger on the system's job table (idempotent)"),
+        ("uninstall", "remove the capture, leaving the system's schema as it was"),
+    ):
+        action = adapter_actions.add_parser(
+            verb,
+            parents=[common],
+            help=what,
+            description=what[0].upper() + what[1:] + "; needs the table owner's rights.",
+            formatter_class=_Formatter,
+        )
+        action.add_argument("name", choices=sorted(_adapter_names()), help="the job system")
+        action.add_argument(
+            "--schema", metavar="S", help="the schema of its tables (default: public)"
+        )
+        if verb == "install":
+            action.add_argument(
+                "--app-id",
+                metavar="EXPR",
+                help="the rows' tenant: a constant (billing), or an SQL expression over the "
+                "job's row named job (job.queue_name, job.args->>'tenant'); default: NAME",
+            )
+        action.add_argument(
+            "--print", action="store_true", help="print the SQL, change nothing (for a DBA)"
+        )
+        action.add_argument("--json", action="store_true", help="one JSON document on stdout")
+
     console = add("console", "make console tokens")
     tokens = console.add_subparsers(dest="action", required=True, metavar="ACTION")
     token = tokens.add_parser(
@@ -345,6 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
     completion = add("completion", "print a shell completion script")
     completion.add_argument("shell", choices=["bash", "zsh", "fish"], help="your shell")
     return parser
+
+
+def _adapter_names() -> list[str]:
+    from dlqd.adapters import ADAPTERS
+
+    return list(ADAPTERS)
 
 
 def _policy_names(prefix: str, parsed_args: argparse.Namespace, **_: Any) -> list[str]:
@@ -438,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "console":
         return _console_token(args)
+    if args.command == "adapters" and args.action == "list":
+        return _adapters_list(args)  # needs no configuration nor database
     if args.command == "sql":
         # needs no configuration: an administrator runs it before dlqd has any
         from dlqd.db.queries import sql_dir
@@ -911,6 +967,58 @@ def _console_token(args: argparse.Namespace) -> int:
     if entry.app_id is not None:
         lines.append(f"app_id = {json.dumps(entry.app_id, ensure_ascii=False)}")
     print("\n".join(lines))
+    return 0
+
+
+def _adapters_list(args: argparse.Namespace) -> int:
+    from dlqd.operator.adapters import catalog
+
+    found = catalog()
+    if args.json:
+        print_json(found)
+        return 0
+    print_table(
+        ["NAME", "TESTED", "TABLE", "OVERRIDES"],
+        [
+            [a["name"], ", ".join(a["versions_tested"]), a["table"],
+             ", ".join(a["target"]["overrides"]) or "-"]
+            for a in found
+        ],
+    )  # fmt: skip
+    for a in found:
+        print(f"\n{a['name']}: captures {a['captures']}.\n  caveat: {a['caveat']}.")
+    return 0
+
+
+@command("adapters")
+async def _adapters(args: argparse.Namespace, settings: Settings) -> int:
+    from dlqd import operator
+    from dlqd.operator import adapters
+
+    async with operator.session(settings, f"dlqd adapters {args.action}") as conn:
+        if args.action == "install":
+            change = await adapters.install(
+                conn, args.name, schema=args.schema, app_id=args.app_id, apply=not args.print
+            )
+        else:
+            change = await adapters.uninstall(
+                conn, args.name, schema=args.schema, apply=not args.print
+            )
+    if args.print:
+        sys.stdout.write(f"BEGIN;\n{change.script.rstrip()};\nCOMMIT;\n")
+        return 0
+    if args.json:
+        print_json(change.as_json())
+        return 0
+    where = f"{change.schema}.{change.table}"
+    if args.action == "install":
+        again = f" (replaced: {change.previous})" if change.previous else ""
+        print(
+            f"{change.adapter}: capture installed on {where}{again}; replay with "
+            f'target = {{ kind = "{change.adapter}" }}'
+        )
+    else:
+        print(f"{change.adapter}: capture removed from {where}")
     return 0
 
 

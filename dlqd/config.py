@@ -282,7 +282,66 @@ class HttpTarget(_Frozen):
         return self
 
 
-Target = Annotated[SqlTarget | NotifyTarget | HttpTarget, Field(discriminator="kind")]
+class JobSystemTarget(_Frozen):
+    kind: Literal["procrastinate", "pgqueuer"]
+    """A job system's preset (docs/adapters/): re-enqueue the row as a new job of that system,
+    in the transaction that marks it replayed (exactly once); set-based, so express pages take it.
+    """
+    db_schema: str = Field(default="public", alias="schema", min_length=1, max_length=63)
+    """The schema of the job system's tables."""
+    queue: str | None = Field(default=None, min_length=1)
+    """The queue the job goes to (Procrastinate); default: the queue it came from."""
+    priority: int | None = None
+    """The job's priority; default: the priority it had."""
+    max_attempts: int | None = Field(default=None, ge=1)
+    """The job's attempts before it fails again, where the system stores them in the job."""
+    run_at_delay: Duration | None = None
+    """Run the job this long after its replay; default: at once."""
+
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", use_attribute_docstrings=True, populate_by_name=True
+    )
+
+    @model_validator(mode="after")
+    def _overrides_it_takes(self) -> JobSystemTarget:
+        from dlqd.adapters import ADAPTERS, OVERRIDES
+
+        adapter = ADAPTERS[self.kind]
+        for name in OVERRIDES:
+            if getattr(self, name) is not None and name not in adapter.overrides:
+                takes = ", ".join(adapter.overrides) or "none"
+                raise ValueError(
+                    f"{name}: {adapter.title} jobs take no {name} (overrides: {takes})"
+                )
+        if self.run_at_delay is not None and self.run_at_delay < timedelta(0):
+            raise ValueError("run_at_delay: must not be negative")
+        return self
+
+    @functools.cached_property
+    def as_sql(self) -> SqlTarget:
+        """The preset as the set-based ``sql`` target every path runs."""
+        from dlqd.adapters import ADAPTERS
+        from dlqd.db.compose import adapter_replay
+
+        statement = adapter_replay(
+            ADAPTERS[self.kind],
+            schema=self.db_schema,
+            queue=self.queue,
+            priority=self.priority,
+            run_at_delay=self.run_at_delay,
+        )
+        return SqlTarget(kind="sql", statement=statement)
+
+
+Target = Annotated[
+    SqlTarget | NotifyTarget | HttpTarget | JobSystemTarget, Field(discriminator="kind")
+]
+#: a target as the replay paths run it (a preset is its sql form)
+RunTarget = SqlTarget | NotifyTarget | HttpTarget
+
+
+def run_target(target: SqlTarget | NotifyTarget | HttpTarget | JobSystemTarget) -> RunTarget:
+    return target.as_sql if isinstance(target, JobSystemTarget) else target
 
 
 class CircuitBreaker(_Frozen):
@@ -682,8 +741,9 @@ class Settings(BaseSettings):
     def dsn(self) -> str:
         return self.database_url.get_secret_value()
 
-    def target_for(self, policy: Policy) -> SqlTarget | NotifyTarget | HttpTarget | None:
-        return policy.target or self.replay.default_target
+    def target_for(self, policy: Policy) -> RunTarget | None:
+        target = policy.target or self.replay.default_target
+        return None if target is None else run_target(target)
 
     @functools.cached_property
     def policies_fingerprint(self) -> str:

@@ -41,6 +41,11 @@ class MigrationError(DlqdError):
     """A migration failed or an applied one was changed afterwards."""
 
 
+class AdapterRefused(DlqdError):
+    """A job system's schema (its version, its configuration) that an adapter
+    cannot capture from correctly: nothing was installed."""
+
+
 class NotFound(DlqdError, LookupError):
     """The requested row does not exist."""
 

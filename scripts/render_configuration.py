@@ -86,6 +86,7 @@ def _rows(model: type[BaseModel], key: str, env: str | None) -> list[str]:
         description = " ".join((field.description or "").split())
         if not description:
             raise SystemExit(f"{model.__name__}.{name} has no docstring")
+        name = field.alias or name  # noqa: PLW2901 - the key as written
         variable = f"`{env}{name.upper()}`" if env is not None else "—"
         rows.append(
             f"| `{key}{name}` | {variable} | {_type(field)} | {_default(name, field)} | "
@@ -147,6 +148,7 @@ def render() -> str:
         ("`sql` target", config.SqlTarget),
         ("`notify` target", config.NotifyTarget),
         ("`http` target", config.HttpTarget),
+        ("Job-system presets (`procrastinate`, `pgqueuer`)", config.JobSystemTarget),
     ):
         parts += [f"### {title}", "", HEAD, *_rows(model, "target.", None), ""]
     parts.append(END)

@@ -959,3 +959,52 @@ SELECT coalesce(array_agg(DISTINCT l.virtualtransaction), '{}') AS vxids
 -- name: writers_running
 SELECT count(*) AS n FROM pg_locks
  WHERE locktype = 'virtualxid' AND virtualxid = ANY (%(vxids)s::text[])
+
+-- name: adapter_columns
+-- An adapter's checks: the columns of a job system's table, their types as
+-- format_type spells them with that schema on the search path.
+SELECT a.attname AS name,
+       regexp_replace(format_type(a.atttypid, a.atttypmod), '^.*\.', '') AS type
+  FROM pg_attribute a
+ WHERE a.attrelid = to_regclass(%(table)s) AND a.attnum > 0 AND NOT a.attisdropped
+
+-- name: adapter_enum_labels
+SELECT coalesce(array_agg(e.enumlabel::text ORDER BY e.enumsortorder), '{}') AS labels
+  FROM pg_enum e
+ WHERE e.enumtypid = to_regtype(%(type)s)
+
+-- name: adapter_function_found
+SELECT to_regprocedure(%(signature)s) IS NOT NULL AS found
+
+-- name: adapter_capture_rights
+-- Whether this role may install a capture: it calls dlqd_capture (only the
+-- owner of dlqd's schema and superusers may), and puts a trigger on the table.
+SELECT current_schema() AS dlqd_schema,
+       has_function_privilege(
+           'dlqd_capture(text, text, text, text, jsonb, text, integer, jsonb, jsonb)',
+           'EXECUTE') AS may_capture,
+       -- NULL when the table does not exist (the function is strict)
+       has_table_privilege(to_regclass(%(table)s)::oid, 'TRIGGER') AS may_trigger
+
+-- name: adapter_installed
+-- The capture trigger on a job system's table, and its function's comment
+-- (which dlqd version installed it).
+SELECT t.tgname AS trigger, obj_description(t.tgfoid, 'pg_proc') AS installed_by
+  FROM pg_trigger t
+ WHERE t.tgrelid = to_regclass(%(table)s) AND t.tgname = 'dlqd_capture'
+
+-- name: adapter_function_rights
+-- Composed into every capture's install, after its function: nobody but its
+-- owner may attach it to a table (CREATE TRIGGER needs EXECUTE); the comment
+-- says which dlqd made it.
+REVOKE ALL ON FUNCTION {function}() FROM PUBLIC;
+COMMENT ON FUNCTION {function}() IS {comment}
+
+-- name: adapter_uninstall
+-- Composed (dlqd/db/compose.py): the capture trigger and its function, and nothing else.
+DROP TRIGGER IF EXISTS dlqd_capture ON {jobs};
+DROP FUNCTION IF EXISTS {function}()
+
+-- name: adapter_app_id_check
+-- Composed: an --app-id expression planned over the job's row before it is installed.
+SELECT ({app_id})::text AS app_id FROM {jobs} AS job LIMIT 0

@@ -137,6 +137,11 @@ BEGIN
         GRANT EXECUTE ON FUNCTION dlqd_fold_counts(), dlqd_reconcile_counts() TO dlqd;
         GRANT SELECT, INSERT, UPDATE, DELETE ON dlqd_wake TO dlqd;
     END IF;
+    -- what the adapters' presets read to replay a captured job (written by
+    -- the capture alone, as the owner)
+    IF to_regclass('dlqd_adapter_jobs') IS NOT NULL THEN
+        GRANT SELECT ON dlqd_adapter_jobs TO dlqd, dlqd_tenant;
+    END IF;
 END
 $$;
 

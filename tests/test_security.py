@@ -217,6 +217,7 @@ def test_every_security_definer_function_pins_its_search_path(owned_db: str) -> 
         "dlqd_count_states()",
         "dlqd_fold_counts()",
         "dlqd_reconcile_counts()",
+        "dlqd_capture(text,text,text,text,jsonb,text,integer,jsonb,jsonb)",
     }
     for name, settings in functions.items():
         assert "search_path=pg_catalog, public, pg_temp" in settings, (name, settings)

@@ -1,11 +1,15 @@
 """The one module that composes SQL at run time, with ``psycopg.sql``.
 
-Two things cannot be named queries: an operator's target statement (it comes
-from the config) and the policies' matches (compiled to SQL for express
-pages). Everything else is text of ``sql/``: the templates used here are
-named queries of ``sql/express.sql``, their fields filled with composables
-(identifiers, placeholders, other templates). Values are always bound
-parameters.
+Three things cannot be named queries: an operator's target statement (it
+comes from the config), the policies' matches (compiled to SQL for express
+pages), and an adapter's capture and replay (the job system's schema and
+table names, and the operator's ``--app-id``, are known only when
+installed). Everything else is text of ``sql/``: the templates used here are
+named queries of ``sql/express.sql``, ``sql/queries.sql`` and
+``sql/adapters/``, their fields filled with composables (identifiers,
+literals, placeholders, other templates). Values are bound parameters,
+except an adapter's, which become part of a function's body or of a target
+statement and are quoted as literals.
 
 The target statement is used as the operator wrote it, minus the comments,
 whitespace and semicolons around it (``dlqd.statements.statement_body``):
@@ -19,12 +23,14 @@ import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from psycopg import sql
 
+from dlqd.adapters import Adapter
 from dlqd.config import Match, Policy
-from dlqd.db.queries import q
+from dlqd.db.queries import adapter_q, q
 from dlqd.statements import statement_body
 
 # Columns a per-row statement binds from the narrow row; every other column is
@@ -225,3 +231,88 @@ def drop_index_concurrently(name: str) -> sql.Composed:
     """``DROP INDEX CONCURRENTLY`` of an index a migration names (an invalid one
     that an interrupted CREATE INDEX CONCURRENTLY left behind)."""
     return sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(name))
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+def _qualified(schema: str, name: str) -> sql.Identifier:
+    return sql.Identifier(schema, name)
+
+
+def adapter_install(
+    adapter: Adapter,
+    *,
+    schema: str,
+    dlqd_schema: str,
+    app_id: str,
+    constant: bool,
+    comment: str,
+) -> sql.Composed:
+    """The script that installs ``adapter``'s capture on ``schema``'s tables:
+    the function in dlqd's schema, the trigger on the job table. ``app_id``
+    is a constant, or an expression over ``job`` (planned first:
+    :func:`adapter_app_id_check`)."""
+    names = _adapter_names(adapter, schema, dlqd_schema)
+    expression = sql.Literal(app_id) if constant else _operator_text(app_id)
+    rights = sql.SQL(q("adapter_function_rights")).format(
+        function=names["function"], comment=sql.Literal(comment)
+    )
+    return sql.SQL(adapter_q(adapter.name, "install")).format(
+        **names,
+        dlqd_schema=sql.Identifier(dlqd_schema),
+        schema_text=sql.Literal(schema),
+        app_id=expression,
+        function_rights=rights,
+    )
+
+
+def adapter_uninstall(adapter: Adapter, *, schema: str, dlqd_schema: str) -> sql.Composed:
+    return sql.SQL(q("adapter_uninstall")).format(**_adapter_names(adapter, schema, dlqd_schema))
+
+
+def adapter_app_id_check(adapter: Adapter, *, schema: str, app_id: str) -> sql.Composed:
+    return sql.SQL(q("adapter_app_id_check")).format(
+        jobs=_qualified(schema, adapter.table), app_id=_operator_text(app_id)
+    )
+
+
+def _adapter_names(adapter: Adapter, schema: str, dlqd_schema: str) -> dict[str, sql.Composable]:
+    names: dict[str, sql.Composable] = {
+        "function": _qualified(dlqd_schema, adapter.function_name(schema)),
+        "jobs": _qualified(schema, adapter.table),
+    }
+    for role, table in adapter.related.items():
+        names[role] = _qualified(schema, table)
+    return names
+
+
+def adapter_replay(
+    adapter: Adapter,
+    *,
+    schema: str,
+    queue: str | None = None,
+    priority: int | None = None,
+    run_at_delay: timedelta | None = None,
+) -> str:
+    """The set-based statement a preset target runs (over ``replayed``):
+    plain text, as an operator's ``sql`` target would be, so that every path
+    (express pages included) and ``dlqd check`` treat it alike."""
+    run_at: sql.Composable = sql.SQL("NULL::timestamptz")
+    if run_at_delay is not None:
+        run_at = sql.SQL("now() + {}::interval").format(
+            sql.Literal(f"{run_at_delay.total_seconds()} seconds")
+        )
+    statement = sql.SQL(adapter_q(adapter.name, "replay")).format(
+        **_adapter_names(adapter, schema, schema),
+        schema=sql.Identifier(schema),
+        status_type=_qualified(schema, adapter.statuses[0]),
+        queue=sql.SQL("NULL::text") if queue is None else sql.Literal(queue),
+        priority=sql.SQL("NULL::integer") if priority is None else sql.Literal(priority),
+        scheduled_at=run_at,
+        run_at=run_at,
+    )
+    lines = statement.as_string().splitlines()
+    while lines and lines[0].lstrip().startswith("--"):
+        lines.pop(0)  # the template's own comment, not the target's
+    return "\n".join(lines)

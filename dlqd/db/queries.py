@@ -1,5 +1,5 @@
 """Named SQL, loaded once from ``sql/queries.sql`` and ``sql/express.sql``;
-migrations from ``sql/NNN_*.sql``.
+migrations from ``sql/NNN_*.sql``; each adapter's from ``sql/adapters/<name>.sql``.
 
 Each query starts with a ``-- name: <name>`` line. A ``-- fragment: <name>``
 block is a piece of text that queries include as ``{{name}}`` (the narrow
@@ -11,6 +11,7 @@ alone, with ``psycopg.sql``.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import LiteralString
@@ -63,3 +64,13 @@ _QUERIES = _load(sql_dir() / "queries.sql", sql_dir() / "express.sql")
 def q(name: str) -> LiteralString:
     """The text of a named query (a constant loaded from our own file)."""
     return _QUERIES[name]
+
+
+@functools.cache
+def _adapter_file(system: str) -> dict[str, str]:
+    return _load(sql_dir() / "adapters" / f"{system}.sql")
+
+
+def adapter_q(system: str, name: str) -> LiteralString:
+    """The text of an adapter's named template (``sql/adapters/<system>.sql``)."""
+    return _adapter_file(system)[name]

@@ -20,7 +20,7 @@ from uuid import UUID
 
 import anyio
 
-from dlqd.config import HttpTarget, NotifyTarget, Policy, Settings, SqlTarget
+from dlqd.config import HttpTarget, NotifyTarget, Policy, Settings, SqlTarget, run_target
 from dlqd.db import claims, entries
 from dlqd.db.connector import Connection, transaction
 from dlqd.db.tenancy import tenant_scope
@@ -95,8 +95,9 @@ def manual_target(
         return via, settings.target_for(via)
     for candidate in settings.policies:
         if candidate.target is not None and matches(candidate.match, row):
-            return candidate, candidate.target
-    return None, settings.replay.default_target
+            return candidate, run_target(candidate.target)
+    default = settings.replay.default_target
+    return None, None if default is None else run_target(default)
 
 
 Key = tuple[str, UUID]  # a keyset position: (dlq_at as text, id)

@@ -16,7 +16,14 @@ from datetime import timedelta
 from typing import Any, Literal
 from uuid import UUID
 
-from dlqd.config import HttpTarget, Settings, SqlTarget, format_duration
+from dlqd.config import (
+    HttpTarget,
+    JobSystemTarget,
+    Settings,
+    SqlTarget,
+    format_duration,
+    run_target,
+)
 from dlqd.db import replays
 from dlqd.db.compose import row_statement, set_statement
 from dlqd.db.connector import Connection
@@ -41,11 +48,23 @@ class _SampleRow:
 
 
 def _targets(settings: Settings) -> list[tuple[str, Any]]:
+    """(where, target as it runs): a preset's statement is named after the
+    preset (``policies[0].target (procrastinate preset)``), an operator's
+    after its key (``policies[0].target.statement``)."""
     found: list[tuple[str, Any]] = [
         (f"policies[{i}].target", p.target) for i, p in enumerate(settings.policies)
     ]
     found.append(("replay.default_target", settings.replay.default_target))
-    return [(where, target) for where, target in found if target is not None]
+    return [
+        (f"{where} ({target.kind} preset)" if isinstance(target, JobSystemTarget) else where,
+         run_target(target))
+        for where, target in found
+        if target is not None
+    ]  # fmt: skip
+
+
+def _statement(where: str) -> str:
+    return where if where.endswith(" preset)") else f"{where}.statement"
 
 
 def _policy_name(settings: Settings, where: str) -> str:
@@ -113,7 +132,7 @@ async def sql_target_problems(conn: Connection, settings: Settings) -> list[tupl
         if isinstance(target, SqlTarget) and (found := await explain_sql(conn, target)):
             message, kind = found
             name = _policy_name(settings, where)
-            problems.append((f"{where}.statement: {message}{name}", kind))
+            problems.append((f"{_statement(where)}: {message}{name}", kind))
     return problems
 
 
@@ -123,7 +142,7 @@ def check_targets(settings: Settings) -> None:
     for where, target in _targets(settings):
         if isinstance(target, SqlTarget) and (problem := target_problem(target.statement)):
             raise ConfigError(
-                f"invalid configuration: {where}.statement: {problem}"
+                f"invalid configuration: {_statement(where)}: {problem}"
                 f"{_policy_name(settings, where)}"
             )
         if isinstance(target, HttpTarget):

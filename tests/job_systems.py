@@ -1,0 +1,182 @@
+"""The job systems the adapters are tested against, run by their own code.
+
+Each system's schema is installed by its own tooling (its CLI, in a
+subprocess), and its jobs run under its own worker. A job "flaky" fails
+while its run count (kept in ``adapter_runs``, written by the job itself) is
+below the number of failures asked for, then succeeds: so a job fails for
+good under the system's worker, and runs again, and succeeds, after dlqd
+replays it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+RUNS_DDL = """
+CREATE TABLE IF NOT EXISTS adapter_runs (
+    job     text PRIMARY KEY,
+    runs    integer NOT NULL,
+    fail_to integer NOT NULL
+)
+"""
+
+
+def prepare_runs(db_url: str, job: str, fail_first: int) -> None:
+    """``job`` fails its first ``fail_first`` runs, then succeeds."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(RUNS_DDL)
+        conn.execute(
+            "INSERT INTO adapter_runs (job, runs, fail_to) VALUES (%s, 0, %s)", [job, fail_first]
+        )
+
+
+def runs(db_url: str, job: str) -> int:
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute("SELECT runs FROM adapter_runs WHERE job = %s", [job]).fetchone()
+    assert row is not None, f"no run count for {job}"
+    return int(row[0])
+
+
+async def run_once(dsn: str, job: str) -> None:
+    """One run of ``job``: counted, and failing while the count is low."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute(
+            "UPDATE adapter_runs SET runs = runs + 1 WHERE job = %s RETURNING runs, fail_to",
+            [job],
+        )
+        row = await cur.fetchone()
+    assert row is not None, f"no run count for {job}"
+    if row[0] <= row[1]:
+        raise ValueError(f"{job}: run {row[0]} fails on purpose")
+
+
+def own_tool(*args: str, env: dict[str, str]) -> None:
+    """Run a job system's own CLI (installed with the test dependencies)."""
+    result = subprocess.run(
+        [str(BIN / args[0]), *args[1:]],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, f"{args}: {result.stdout}\n{result.stderr}"
+
+
+# --------------------------------------------------------------------------- Procrastinate
+
+
+def procrastinate_app(dsn: str) -> Any:
+    """A Procrastinate app with the test's tasks, on ``dsn``."""
+    import procrastinate
+
+    app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=dsn))
+
+    @app.task(name="flaky", queue="billing", retry=1, pass_context=True)
+    async def flaky(context: Any, key: str) -> None:
+        await run_once(dsn, key)
+
+    @app.task(
+        name="slow_retry",
+        queue="billing",
+        retry=procrastinate.RetryStrategy(max_attempts=1, wait=3600),  # one retry, in an hour
+    )
+    async def slow_retry(key: str) -> None:
+        await run_once(dsn, key)
+
+    @app.task(name="doomed", queue="bulk")
+    async def doomed(n: int) -> None:
+        raise RuntimeError(f"doomed {n}")
+
+    return app
+
+
+#: the module-level app `procrastinate --app` loads, for its schema command
+app = None
+if os.environ.get("DLQD_PROCRASTINATE_DSN"):
+    app = procrastinate_app(os.environ["DLQD_PROCRASTINATE_DSN"])
+
+
+def install_procrastinate(db_url: str) -> None:
+    """Procrastinate's schema, applied by its own CLI."""
+    own_tool(
+        "procrastinate",
+        "--app=tests.job_systems.app",
+        "schema",
+        "--apply",
+        env={"DLQD_PROCRASTINATE_DSN": db_url, "PYTHONPATH": str(ROOT)},
+    )
+
+
+async def procrastinate_worker(db_url: str, queues: list[str], concurrency: int = 1) -> None:
+    """Procrastinate's own worker, until no job is left to run now."""
+    app = procrastinate_app(db_url)
+    async with app.open_async():
+        await app.run_worker_async(
+            queues=queues, wait=False, concurrency=concurrency, install_signal_handlers=False
+        )
+
+
+# --------------------------------------------------------------------------- PgQueuer
+
+
+def install_pgqueuer(db_url: str) -> None:
+    """PgQueuer's schema, installed by its own CLI (`pgq install`)."""
+    own_tool("pgq", "install", env={"PGDSN": db_url})
+
+
+async def pgqueuer_enqueue(
+    db_url: str, entrypoint: str, payloads: list[bytes | None], headers: dict[str, str]
+) -> list[int]:
+    from pgqueuer import Queries
+    from pgqueuer.db import PsycopgDriver
+
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        ids = await Queries(PsycopgDriver(conn)).enqueue(
+            [entrypoint] * len(payloads),
+            payloads,
+            [0] * len(payloads),
+            headers=[headers] * len(payloads),
+        )
+    return [int(i) for i in ids]
+
+
+async def pgqueuer_worker(db_url: str, batch_size: int = 10) -> None:
+    """PgQueuer's own QueueManager, in drain mode: until the queue is empty.
+    Entrypoint ``flaky`` counts runs by its payload's key (on_failure="hold");
+    ``doomed`` always fails (hold too)."""
+    import json
+
+    from pgqueuer import PgQueuer
+    from pgqueuer.db import PsycopgDriver
+    from pgqueuer.models import Job
+    from pgqueuer.types import QueueExecutionMode
+
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        pgq = PgQueuer(PsycopgDriver(conn))
+
+        @pgq.entrypoint("flaky", on_failure="hold")
+        async def flaky(job: Job) -> None:
+            assert job.payload is not None
+            await run_once(db_url, json.loads(job.payload)["key"])
+
+        @pgq.entrypoint("doomed", on_failure="hold")
+        async def doomed(job: Job) -> None:
+            raise RuntimeError("doomed")
+
+        await pgq.qm.run(
+            mode=QueueExecutionMode.drain,
+            dequeue_timeout=timedelta(seconds=1),
+            batch_size=batch_size,
+        )

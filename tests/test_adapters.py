@@ -1,0 +1,454 @@
+"""The adapters, against each job system's real schema and its own worker.
+
+End to end: a job fails for good under the system's worker -> one row in
+job_dlq, captured by the adapter's trigger -> `dlqd run` replays it by policy
+through the system's preset -> the system's worker runs it again and it
+succeeds. Also: a retry that is not final captures nothing; many failures in
+one statement capture as many rows; installing is idempotent, refuses a
+schema it cannot capture from, prints what it would do; uninstalling leaves
+the system's schema as it was; no tenant can use the capture.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from tests.conftest import as_role, dlqd_cli
+from tests.daemon_helpers import DaemonProcess, scalar, wait_until, write_config
+from tests.job_systems import (
+    install_pgqueuer,
+    install_procrastinate,
+    pgqueuer_enqueue,
+    pgqueuer_worker,
+    prepare_runs,
+    procrastinate_app,
+    procrastinate_worker,
+    runs,
+)
+
+pytestmark = pytest.mark.anyio
+
+#: what the daemon's role needs to replay into each system (docs/adapters/)
+GRANTS = {
+    "procrastinate": """
+        GRANT SELECT, INSERT ON procrastinate_jobs TO dlqd;
+        GRANT INSERT ON procrastinate_events TO dlqd;
+        GRANT USAGE ON SEQUENCE procrastinate_jobs_id_seq, procrastinate_events_id_seq TO dlqd;
+    """,
+    "pgqueuer": """
+        GRANT SELECT, INSERT ON pgqueuer TO dlqd;
+        GRANT USAGE ON SEQUENCE pgqueuer_id_seq TO dlqd;
+    """,
+}
+
+
+def cli(db_url: str, *args: str) -> Any:
+    return dlqd_cli(*args, env={"DLQD_DATABASE_URL": db_url})
+
+
+def installed(db_url: str, name: str, *extra: str) -> None:
+    result = cli(db_url, "adapters", "install", name, *extra)
+    assert result.returncode == 0, result.stderr
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(GRANTS[name])
+
+
+def captured(db_url: str) -> list[dict[str, Any]]:
+    with psycopg.connect(db_url, row_factory=dict_row) as conn:
+        return conn.execute(
+            """SELECT j.original_job_id, j.app_id, j.type, j.payload, j.error_reason,
+                      j.attempts, j.error_history, j.replayed_at, a.system, a.job
+                 FROM job_dlq j LEFT JOIN dlqd_adapter_jobs a ON a.dlq_id = j.id
+                ORDER BY j.dlq_at, j.id"""
+        ).fetchall()
+
+
+def schema_snapshot(db_url: str) -> list[tuple[Any, ...]]:
+    """What an install could change: every trigger, function, table, column,
+    index and privilege of the public schema, as the catalog spells them."""
+    with psycopg.connect(db_url) as conn:
+        return conn.execute(
+            """SELECT 'trigger', c.relname, pg_get_triggerdef(t.oid)
+                 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+                WHERE c.relnamespace = 'public'::regnamespace AND NOT t.tgisinternal
+               UNION ALL
+               SELECT 'function', p.oid::regprocedure::text, md5(pg_get_functiondef(p.oid))
+                 FROM pg_proc p WHERE p.pronamespace = 'public'::regnamespace AND p.prokind = 'f'
+               UNION ALL
+               SELECT 'relation', c.relname, c.relkind::text || coalesce(c.relacl::text, '')
+                 FROM pg_class c WHERE c.relnamespace = 'public'::regnamespace
+               UNION ALL
+               SELECT 'column', a.attrelid::regclass::text, a.attname || ' '
+                      || format_type(a.atttypid, a.atttypmod)
+                 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+                WHERE c.relnamespace = 'public'::regnamespace AND a.attnum > 0
+                  AND NOT a.attisdropped
+               ORDER BY 1, 2, 3"""
+        ).fetchall()
+
+
+def daemon_for(db_url: str, tmp_path: Path, daemons: list[Any], policy: str) -> DaemonProcess:
+    config = write_config(
+        tmp_path / "dlqd.toml",
+        f"""
+[listen]
+poll_interval = "1s"
+
+{policy}
+""",
+    )
+    daemon = DaemonProcess(as_role(db_url, "dlqd"), config, tmp_path).start()
+    daemons.append(daemon)
+    return daemon
+
+
+async def replayed(db_url: str, count: int) -> None:
+    async def done() -> bool:
+        n = await scalar(db_url, "SELECT count(*) FROM job_dlq WHERE replayed_at IS NOT NULL")
+        return int(n) >= count
+
+    await wait_until(done, within=30)
+
+
+# --------------------------------------------------------------------------- Procrastinate
+
+
+async def test_procrastinate_job_failed_for_good_is_captured_replayed_and_runs_again(
+    db_url: str, tmp_path: Path, daemons: list[Any]
+) -> None:
+    install_procrastinate(db_url)
+    installed(db_url, "procrastinate", "--app-id", "job.queue_name")
+    prepare_runs(db_url, "k1", fail_first=2)
+    app = procrastinate_app(db_url)
+    async with app.open_async():
+        job_id = await app.tasks["flaky"].defer_async(key="k1")
+    # its own worker: two attempts (retry=1), both fail; the job is failed for good
+    await procrastinate_worker(db_url, ["billing"])
+    assert runs(db_url, "k1") == 2
+    [row] = captured(db_url)
+    assert row["original_job_id"] == str(job_id)
+    assert row["app_id"] == "billing"  # --app-id job.queue_name
+    assert row["type"] == "flaky"
+    assert row["payload"] == {"key": "k1"}  # the job's args exactly
+    assert row["error_reason"] == "failed"
+    assert row["attempts"] == 2
+    assert [e["event"] for e in row["error_history"]] == ["deferred_for_retry", "failed"]
+    assert row["system"] == "procrastinate"
+    assert row["job"]["queue"] == "billing"
+    assert row["job"]["priority"] == 0
+
+    daemon = daemon_for(
+        db_url,
+        tmp_path,
+        daemons,
+        """
+[[policies]]
+name = "redrive"
+match = { type = ["flaky"] }
+target = { kind = "procrastinate", priority = 7 }
+""",
+    )
+    await daemon.wait_ready()
+    await replayed(db_url, 1)
+    with psycopg.connect(db_url, row_factory=dict_row) as conn:
+        jobs = conn.execute(
+            "SELECT id, queue_name, task_name, priority, args, status::text AS status"
+            " FROM procrastinate_jobs ORDER BY id"
+        ).fetchall()
+    # a new job of Procrastinate's: same task, queue and args; the override's priority
+    assert [(j["task_name"], j["queue_name"], j["args"], j["status"]) for j in jobs] == [
+        ("flaky", "billing", {"key": "k1"}, "failed"),
+        ("flaky", "billing", {"key": "k1"}, "todo"),
+    ]
+    assert jobs[1]["priority"] == 7
+    # and its own worker runs it: the third run succeeds
+    await procrastinate_worker(db_url, ["billing"])
+    assert runs(db_url, "k1") == 3
+    status = await scalar(
+        db_url, "SELECT status::text FROM procrastinate_jobs WHERE id = %s", [jobs[1]["id"]]
+    )
+    assert status == "succeeded"
+    # replayed once: the success captured nothing more
+    assert len(captured(db_url)) == 1
+
+
+async def test_procrastinate_retry_that_is_not_final_captures_nothing(db_url: str) -> None:
+    install_procrastinate(db_url)
+    installed(db_url, "procrastinate")
+    prepare_runs(db_url, "k2", fail_first=5)
+    app = procrastinate_app(db_url)
+    async with app.open_async():
+        job_id = await app.tasks["slow_retry"].defer_async(key="k2")
+    await procrastinate_worker(db_url, ["billing"])  # one attempt; the retry is in an hour
+    assert runs(db_url, "k2") == 1
+    status = await scalar(
+        db_url, "SELECT status::text FROM procrastinate_jobs WHERE id = %s", [job_id]
+    )
+    assert status == "todo"
+    assert captured(db_url) == []
+    # the last attempt fails: captured then, once
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("UPDATE procrastinate_jobs SET scheduled_at = now() WHERE id = %s", [job_id])
+    await procrastinate_worker(db_url, ["billing"])
+    assert runs(db_url, "k2") == 2
+    [row] = captured(db_url)
+    assert (row["original_job_id"], row["app_id"], row["attempts"]) == (
+        str(job_id),
+        "procrastinate",
+        2,
+    )
+
+
+async def test_procrastinate_many_failures_capture_as_many_rows(db_url: str) -> None:
+    install_procrastinate(db_url)
+    installed(db_url, "procrastinate", "--app-id", "job.args->>'tenant'")
+    app = procrastinate_app(db_url)
+    async with app.open_async():
+        for n in range(200):
+            await app.tasks["doomed"].defer_async(n=n)
+    await procrastinate_worker(db_url, ["bulk"], concurrency=8)
+    rows = captured(db_url)
+    assert len(rows) == 200
+    assert sorted(r["payload"]["n"] for r in rows) == list(range(200))
+    # no args field named tenant: the expression is NULL, the adapter's name stands in
+    assert {r["app_id"] for r in rows} == {"procrastinate"}
+
+
+# --------------------------------------------------------------------------- PgQueuer
+
+
+async def test_pgqueuer_job_failed_for_good_is_captured_replayed_and_runs_again(
+    db_url: str, tmp_path: Path, daemons: list[Any]
+) -> None:
+    install_pgqueuer(db_url)
+    installed(db_url, "pgqueuer", "--app-id", "job.headers->>'tenant'")
+    prepare_runs(db_url, "p1", fail_first=1)
+    payload = b'{"key": "p1",  "to": "a@example.com"}'  # bytes as the producer wrote them
+    [job_id] = await pgqueuer_enqueue(db_url, "flaky", [payload], {"tenant": "shop"})
+    await pgqueuer_worker(db_url)
+    assert runs(db_url, "p1") == 1
+    [row] = captured(db_url)
+    assert row["original_job_id"] == str(job_id)
+    assert row["app_id"] == "shop"
+    assert row["type"] == "flaky"
+    assert row["payload"] == {"key": "p1", "to": "a@example.com"}
+    assert row["error_reason"] == "ValueError"  # the exception's class, from pgqueuer_log
+    assert row["attempts"] == 1
+    assert row["error_history"][-1]["message"] == "p1: run 1 fails on purpose"
+    assert row["job"]["headers"] == {"tenant": "shop"}
+
+    daemon = daemon_for(
+        db_url,
+        tmp_path,
+        daemons,
+        """
+[[policies]]
+name = "redrive"
+match = { type = ["flaky"] }
+target = { kind = "pgqueuer" }
+""",
+    )
+    await daemon.wait_ready()
+    await replayed(db_url, 1)
+    with psycopg.connect(db_url, row_factory=dict_row) as conn:
+        jobs = conn.execute(
+            "SELECT id, entrypoint, payload, headers, status::text AS status"
+            " FROM pgqueuer ORDER BY id"
+        ).fetchall()
+    assert [(j["entrypoint"], j["status"]) for j in jobs] == [
+        ("flaky", "failed"),
+        ("flaky", "queued"),
+    ]
+    assert bytes(jobs[1]["payload"]) == payload  # the exact bytes, not re-serialised JSON
+    assert jobs[1]["headers"] == {"tenant": "shop"}
+    await pgqueuer_worker(db_url)
+    assert runs(db_url, "p1") == 2
+    logged = await scalar(
+        db_url,
+        "SELECT string_agg(status::text, ',' ORDER BY id) FROM pgqueuer_log WHERE job_id = %s",
+        [jobs[1]["id"]],
+    )
+    assert logged.endswith("successful")
+    assert len(captured(db_url)) == 1
+
+
+async def test_pgqueuer_failures_logged_in_one_statement_capture_every_job(
+    db_url: str,
+) -> None:
+    """PgQueuer's worker logs a batch of outcomes in one statement: each of
+    its failed jobs is captured, with its own traceback."""
+    install_pgqueuer(db_url)
+    installed(db_url, "pgqueuer")
+    payloads: list[bytes | None] = [json.dumps({"n": n}).encode() for n in range(300)]
+    payloads.append(None)  # a job without a payload
+    payloads.append(b"\xff\xfe not json")  # nor JSON, nor UTF-8
+    await pgqueuer_enqueue(db_url, "doomed", payloads, {})
+    await pgqueuer_worker(db_url, batch_size=100)
+    rows = captured(db_url)
+    assert len(rows) == len(payloads)
+    assert {r["error_reason"] for r in rows} == {"RuntimeError"}
+    by_payload = {json.dumps(r["payload"]) for r in rows}
+    assert json.dumps({"n": 299}) in by_payload
+    assert "null" in by_payload
+    # not JSON: a base64 string in job_dlq, the bytes kept for the replay
+    odd = [r for r in rows if isinstance(r["payload"], str)]
+    assert len(odd) == 1
+    assert odd[0]["job"]["payload_base64"]
+
+
+# --------------------------------------------------------------------------- install, uninstall
+
+
+async def test_install_is_idempotent_and_uninstall_leaves_the_schema_as_it_was(
+    db_url: str,
+) -> None:
+    install_procrastinate(db_url)
+    before = schema_snapshot(db_url)
+    first = cli(db_url, "adapters", "install", "procrastinate", "--json")
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["previous"] is None
+    again = cli(db_url, "adapters", "install", "procrastinate", "--app-id", "job.queue_name")
+    assert again.returncode == 0, again.stderr
+    assert "replaced: dlqd" in again.stdout  # the function of the first install, replaced
+    during = schema_snapshot(db_url)
+    assert during != before
+    triggers = await scalar(
+        db_url,
+        "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'procrastinate_jobs'::regclass"
+        " AND tgname = 'dlqd_capture'",
+    )
+    assert triggers == 1
+    gone = cli(db_url, "adapters", "uninstall", "procrastinate")
+    assert gone.returncode == 0, gone.stderr
+    assert schema_snapshot(db_url) == before
+    # and a failure then captures nothing
+    app = procrastinate_app(db_url)
+    async with app.open_async():
+        await app.tasks["doomed"].defer_async(n=1)
+    await procrastinate_worker(db_url, ["bulk"])
+    assert captured(db_url) == []
+
+
+async def test_print_changes_nothing_and_what_it_prints_installs(db_url: str) -> None:
+    install_pgqueuer(db_url)
+    before = schema_snapshot(db_url)
+    printed = cli(db_url, "adapters", "install", "pgqueuer", "--app-id", "billing", "--print")
+    assert printed.returncode == 0, printed.stderr
+    assert "CREATE TRIGGER dlqd_capture" in printed.stdout
+    assert schema_snapshot(db_url) == before
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(printed.stdout.encode())  # as a DBA applies it
+    await pgqueuer_enqueue(db_url, "doomed", [b"{}"], {})
+    await pgqueuer_worker(db_url)
+    [row] = captured(db_url)
+    assert row["app_id"] == "billing"
+    removal = cli(db_url, "adapters", "uninstall", "pgqueuer", "--print")
+    assert removal.returncode == 0, removal.stderr
+    assert "DROP TRIGGER IF EXISTS dlqd_capture" in removal.stdout
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(removal.stdout.encode())
+    assert schema_snapshot(db_url) == before
+
+
+async def test_install_refuses_a_schema_it_cannot_capture_from(db_url: str) -> None:
+    missing = cli(db_url, "adapters", "install", "pgqueuer")
+    assert missing.returncode == 1
+    assert missing.stderr.startswith("dlqd: error: pgqueuer: cannot capture from schema")
+    assert "no table public.pgqueuer" in missing.stderr
+    install_procrastinate(db_url)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        # a version whose args are text: the payload could not be kept exactly
+        conn.execute("ALTER TABLE procrastinate_jobs ALTER COLUMN args TYPE text")
+    before = schema_snapshot(db_url)
+    wrong = cli(db_url, "adapters", "install", "procrastinate")
+    assert wrong.returncode == 1
+    assert "procrastinate_jobs.args is text, not jsonb" in wrong.stderr
+    assert len(wrong.stderr.strip().splitlines()) == 1
+    assert schema_snapshot(db_url) == before
+
+
+@pytest.mark.parametrize(
+    ("app_id", "message"),
+    [
+        ("job.no_such_column", "--app-id: column job.no_such_column does not exist"),
+        ("job.queue_name); DROP TABLE job_dlq; --", "--app-id: is one SQL expression"),
+        ("job.queue_name $dlqd_capture$", "--app-id: must not contain"),
+        ("", "--app-id: is empty"),
+    ],
+)
+async def test_a_bad_app_id_is_refused_and_installs_nothing(
+    db_url: str, app_id: str, message: str
+) -> None:
+    install_procrastinate(db_url)
+    before = schema_snapshot(db_url)
+    result = cli(db_url, "adapters", "install", "procrastinate", "--app-id", app_id)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert schema_snapshot(db_url) == before
+    assert await scalar(db_url, "SELECT to_regclass('job_dlq') IS NOT NULL")
+
+
+async def test_adapters_list_needs_no_database() -> None:
+    result = dlqd_cli("adapters", "list", "--json")
+    assert result.returncode == 0, result.stderr
+    found = {a["name"]: a for a in json.loads(result.stdout)}
+    assert set(found) == {"procrastinate", "pgqueuer"}
+    assert found["procrastinate"]["versions_tested"] == ["3.10.0"]
+    assert found["pgqueuer"]["target"]["overrides"] == ["priority", "run_at_delay"]
+    for adapter in found.values():
+        assert (Path(__file__).parent.parent / adapter["docs"]).is_file()
+
+
+async def test_no_tenant_can_use_the_capture(db_url: str) -> None:
+    """dlqd_capture writes any tenant's rows: only its owner may call it, and
+    only the owner may attach a capture function to a table."""
+    install_procrastinate(db_url)
+    installed(db_url, "procrastinate")
+    tenant = as_role(db_url, "dlqd_app")
+    with psycopg.connect(tenant, autocommit=True) as conn:
+        conn.execute("SET app.current_app_id = 'attacker'")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT dlqd_capture('x', 'victim', '1', 't', '{}', 'r', 1, '[]', '{}')")
+        conn.execute("CREATE TEMP TABLE mine (id bigint, status text)")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(
+                "CREATE TRIGGER t AFTER UPDATE ON pg_temp.mine FOR EACH ROW"
+                " EXECUTE FUNCTION dlqd_capture_procrastinate_public()"
+            )
+    assert captured(db_url) == []
+
+
+async def test_a_preset_is_checked_like_any_sql_target(db_url: str, tmp_path: Path) -> None:
+    """`dlqd check` plans a preset's statement: a system not installed is named."""
+    config = write_config(
+        tmp_path / "dlqd.toml",
+        """
+[[policies]]
+name = "redrive"
+target = { kind = "procrastinate" }
+""",
+    )
+    result = dlqd_cli("check", "--config", str(config), env={"DLQD_DATABASE_URL": db_url})
+    assert result.returncode == 78
+    assert "policies[0].target (procrastinate preset):" in result.stderr
+    assert "procrastinate_defer_jobs_v1" in result.stderr or "procrastinate" in result.stderr
+    install_procrastinate(db_url)
+    result = dlqd_cli("check", "--config", str(config), env={"DLQD_DATABASE_URL": db_url})
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_preset_refuses_an_override_its_system_has_not() -> None:
+    from dlqd.config import load_settings
+    from dlqd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="PgQueuer jobs take no queue"):
+        load_settings(
+            database_url="postgresql://localhost/x",
+            policies=[{"name": "p", "target": {"kind": "pgqueuer", "queue": "q"}}],
+        )
