@@ -129,7 +129,48 @@ PGQUEUER = Adapter(
     docs="docs/adapters/pgqueuer.md",
 )
 
-ADAPTERS: dict[str, Adapter] = {a.name: a for a in (PROCRASTINATE, PGQUEUER)}
+RIVER = Adapter(
+    name="river",
+    title="River",
+    # River's migrations need the Go toolchain: tested against a river_job
+    # table made from River's documented columns, not by River itself
+    tested=("river_job as River documents it (River itself not run)",),
+    table="river_job",
+    related={},
+    columns={
+        "river_job": {
+            "id": "bigint",
+            "state": "river_job_state",
+            "attempt": "smallint",
+            "max_attempts": "smallint",
+            "priority": "smallint",
+            "args": "jsonb",
+            "errors": "jsonb[]",
+            "kind": "text",
+            "metadata": "jsonb",
+            "queue": "text",
+            "tags": "character varying(255)[]",
+            "scheduled_at": "timestamp with time zone",
+        },
+    },
+    functions=(),
+    statuses=("river_job_state", ("available", "scheduled", "discarded")),
+    captures=(
+        "river_job rows whose state becomes 'discarded' (attempts used up; not the unique-job "
+        "scheduler's discards); type = kind, payload = args, error_reason = the first line of "
+        "the last error, error_history = errors; queue, priority, max attempts, metadata and "
+        "tags are kept"
+    ),
+    caveat=(
+        "tested against a river_job table made from River's documented columns, not against "
+        "River itself (its migrations need the Go toolchain); a replayed unique job is not "
+        "unique any more"
+    ),
+    overrides=("queue", "priority", "max_attempts", "run_at_delay"),
+    docs="docs/adapters/river.md",
+)
+
+ADAPTERS: dict[str, Adapter] = {a.name: a for a in (PROCRASTINATE, PGQUEUER, RIVER)}
 
 
 _CONSTANT = re.compile(r"[A-Za-z0-9_:@-]+(\.[A-Za-z0-9_:@-]+)*")

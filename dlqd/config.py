@@ -283,18 +283,18 @@ class HttpTarget(_Frozen):
 
 
 class JobSystemTarget(_Frozen):
-    kind: Literal["procrastinate", "pgqueuer"]
+    kind: Literal["procrastinate", "pgqueuer", "river"]
     """A job system's preset (docs/adapters/): re-enqueue the row as a new job of that system,
     in the transaction that marks it replayed (exactly once); set-based, so express pages take it.
     """
     db_schema: str = Field(default="public", alias="schema", min_length=1, max_length=63)
     """The schema of the job system's tables."""
     queue: str | None = Field(default=None, min_length=1)
-    """The queue the job goes to (Procrastinate); default: the queue it came from."""
+    """The queue the job goes to (Procrastinate, River); default: the queue it came from."""
     priority: int | None = None
     """The job's priority; default: the priority it had."""
-    max_attempts: int | None = Field(default=None, ge=1)
-    """The job's attempts before it fails again, where the system stores them in the job."""
+    max_attempts: int | None = Field(default=None, ge=1, le=32767)
+    """The job's attempts before it fails again (River, which keeps them in the job)."""
     run_at_delay: Duration | None = None
     """Run the job this long after its replay; default: at once."""
 
@@ -328,6 +328,7 @@ class JobSystemTarget(_Frozen):
             schema=self.db_schema,
             queue=self.queue,
             priority=self.priority,
+            max_attempts=self.max_attempts,
             run_at_delay=self.run_at_delay,
         )
         return SqlTarget(kind="sql", statement=statement)

@@ -148,7 +148,7 @@ def render() -> str:
         ("`sql` target", config.SqlTarget),
         ("`notify` target", config.NotifyTarget),
         ("`http` target", config.HttpTarget),
-        ("Job-system presets (`procrastinate`, `pgqueuer`)", config.JobSystemTarget),
+        ("Job-system presets (`procrastinate`, `pgqueuer`, `river`)", config.JobSystemTarget),
     ):
         parts += [f"### {title}", "", HEAD, *_rows(model, "target.", None), ""]
     parts.append(END)

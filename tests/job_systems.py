@@ -180,3 +180,71 @@ async def pgqueuer_worker(db_url: str, batch_size: int = 10) -> None:
             dequeue_timeout=timedelta(seconds=1),
             batch_size=batch_size,
         )
+
+
+# --------------------------------------------------------------------------- River
+
+#: River cannot be installed here (its migrations run from its Go CLI): a
+#: river_job table with the columns, types, states and checks River documents
+#: for its job table, written for these tests. What it proves: the capture
+#: fires on River's final failure (state -> discarded, the error appended) and
+#: on nothing else, and the replay inserts a row River's schema accepts. Not:
+#: that a River worker fetches and runs it.
+RIVER_DDL = """
+CREATE TYPE river_job_state AS ENUM
+    ('available', 'cancelled', 'completed', 'discarded', 'pending', 'retryable', 'running',
+     'scheduled');
+CREATE TABLE river_job (
+    id           bigserial PRIMARY KEY,
+    state        river_job_state NOT NULL DEFAULT 'available',
+    attempt      smallint NOT NULL DEFAULT 0,
+    max_attempts smallint NOT NULL CHECK (max_attempts > 0),
+    attempted_at timestamptz,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    finalized_at timestamptz,
+    scheduled_at timestamptz NOT NULL DEFAULT now(),
+    priority     smallint NOT NULL DEFAULT 1 CHECK (priority BETWEEN 1 AND 4),
+    args         jsonb NOT NULL,
+    attempted_by text[],
+    errors       jsonb[],
+    kind         text NOT NULL CHECK (char_length(kind) BETWEEN 1 AND 127),
+    metadata     jsonb NOT NULL DEFAULT '{}',
+    queue        text NOT NULL DEFAULT 'default' CHECK (char_length(queue) BETWEEN 1 AND 127),
+    tags         varchar(255)[] NOT NULL DEFAULT '{}',
+    unique_key   bytea,
+    unique_states bit(8),
+    CHECK ((finalized_at IS NULL) = (state NOT IN ('cancelled', 'completed', 'discarded')))
+);
+"""
+
+#: what River's client runs when a job's attempt fails: the error appended,
+#: and the state it goes to (retryable, or discarded when attempts are used up)
+RIVER_FAIL = """
+UPDATE river_job
+   SET state = %(state)s::river_job_state,
+       finalized_at = CASE WHEN %(state)s = 'discarded' THEN now() END,
+       scheduled_at = CASE WHEN %(state)s = 'retryable' THEN now() + interval '1s'
+                           ELSE scheduled_at END,
+       errors = array_append(errors, jsonb_build_object(
+           'at', now(), 'attempt', attempt, 'error', %(error)s::text, 'trace', 'goroutine 1'))
+ WHERE id = %(id)s
+"""
+
+
+def install_river(db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(RIVER_DDL)
+
+
+def river_attempt(db_url: str, job_id: int, *, error: str, final: bool) -> None:
+    """One failed attempt of a River job, as River's client records it."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE river_job SET state = 'running', attempt = attempt + 1,"
+            " attempted_at = now() WHERE id = %s",
+            [job_id],
+        )
+        conn.execute(
+            RIVER_FAIL,
+            {"id": job_id, "error": error, "state": "discarded" if final else "retryable"},
+        )

@@ -24,11 +24,13 @@ from tests.daemon_helpers import DaemonProcess, scalar, wait_until, write_config
 from tests.job_systems import (
     install_pgqueuer,
     install_procrastinate,
+    install_river,
     pgqueuer_enqueue,
     pgqueuer_worker,
     prepare_runs,
     procrastinate_app,
     procrastinate_worker,
+    river_attempt,
     runs,
 )
 
@@ -44,6 +46,10 @@ GRANTS = {
     "pgqueuer": """
         GRANT SELECT, INSERT ON pgqueuer TO dlqd;
         GRANT USAGE ON SEQUENCE pgqueuer_id_seq TO dlqd;
+    """,
+    "river": """
+        GRANT INSERT ON river_job TO dlqd;
+        GRANT USAGE ON SEQUENCE river_job_id_seq TO dlqd;
     """,
 }
 
@@ -302,6 +308,85 @@ async def test_pgqueuer_failures_logged_in_one_statement_capture_every_job(
     assert odd[0]["job"]["payload_base64"]
 
 
+# --------------------------------------------------------------------------- River
+
+
+async def test_river_discarded_job_is_captured_and_replayed_as_river_documents_an_insert(
+    db_url: str, tmp_path: Path, daemons: list[Any]
+) -> None:
+    """Schema level only (River cannot run here): on a river_job table made
+    from River's documented columns, the updates River's client makes."""
+    install_river(db_url)
+    installed(db_url, "river", "--app-id", "job.args->>'tenant'")
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        row = conn.execute(
+            """INSERT INTO river_job (args, kind, max_attempts, priority, queue, tags, metadata)
+               VALUES ('{"tenant": "shop", "to": "a@example.com"}', 'email', 2, 3, 'mail',
+                       '{urgent}', '{"trace": "t1"}'),
+                      ('{"tenant": "shop"}', 'email', 5, 1, 'mail', '{}', '{}')
+               RETURNING id"""
+        ).fetchall()
+        conn.execute(GRANTS["river"])
+    job_id, unique_id = row[0][0], row[1][0]
+    river_attempt(db_url, job_id, error="smtp: 421 try later", final=False)
+    assert captured(db_url) == []  # a retry
+    # the unique-job scheduler's discard of a duplicate is no failure
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            """UPDATE river_job SET state = 'discarded', finalized_at = now(),
+                      metadata = metadata || '{"unique_key_conflict": "scheduler_discarded"}'
+                WHERE id = %s""",
+            [unique_id],
+        )
+    assert captured(db_url) == []
+    river_attempt(db_url, job_id, error="smtp: 550 mailbox unavailable\nat send()", final=True)
+    [dead] = captured(db_url)
+    assert dead["original_job_id"] == str(job_id)
+    assert dead["app_id"] == "shop"
+    assert dead["type"] == "email"
+    assert dead["payload"] == {"tenant": "shop", "to": "a@example.com"}
+    assert dead["error_reason"] == "smtp: 550 mailbox unavailable"
+    assert dead["attempts"] == 2
+    assert [e["error"] for e in dead["error_history"]] == [
+        "smtp: 421 try later",
+        "smtp: 550 mailbox unavailable\nat send()",
+    ]
+    daemon = daemon_for(
+        db_url,
+        tmp_path,
+        daemons,
+        """
+[[policies]]
+name = "redrive"
+match = { type = ["email"] }
+target = { kind = "river", max_attempts = 4 }
+""",
+    )
+    await daemon.wait_ready()
+    await replayed(db_url, 1)
+    with psycopg.connect(db_url, row_factory=dict_row) as conn:
+        new = conn.execute(
+            """SELECT kind, args, queue, priority, max_attempts, tags, metadata,
+                      state::text AS state, attempt, errors
+                 FROM river_job WHERE id > %s ORDER BY id""",
+            [unique_id],
+        ).fetchall()
+    assert new == [
+        {
+            "kind": "email",
+            "args": {"tenant": "shop", "to": "a@example.com"},
+            "queue": "mail",
+            "priority": 3,
+            "max_attempts": 4,  # the override
+            "tags": ["urgent"],
+            "metadata": {"trace": "t1"},
+            "state": "available",
+            "attempt": 0,
+            "errors": None,
+        }
+    ]
+
+
 # --------------------------------------------------------------------------- install, uninstall
 
 
@@ -398,7 +483,7 @@ async def test_adapters_list_needs_no_database() -> None:
     result = dlqd_cli("adapters", "list", "--json")
     assert result.returncode == 0, result.stderr
     found = {a["name"]: a for a in json.loads(result.stdout)}
-    assert set(found) == {"procrastinate", "pgqueuer"}
+    assert set(found) == {"procrastinate", "pgqueuer", "river"}
     assert found["procrastinate"]["versions_tested"] == ["3.10.0"]
     assert found["pgqueuer"]["target"]["overrides"] == ["priority", "run_at_delay"]
     for adapter in found.values():

@@ -293,6 +293,7 @@ def adapter_replay(
     schema: str,
     queue: str | None = None,
     priority: int | None = None,
+    max_attempts: int | None = None,
     run_at_delay: timedelta | None = None,
 ) -> str:
     """The set-based statement a preset target runs (over ``replayed``):
@@ -309,6 +310,9 @@ def adapter_replay(
         status_type=_qualified(schema, adapter.statuses[0]),
         queue=sql.SQL("NULL::text") if queue is None else sql.Literal(queue),
         priority=sql.SQL("NULL::integer") if priority is None else sql.Literal(priority),
+        max_attempts=(
+            sql.SQL("NULL::integer") if max_attempts is None else sql.Literal(max_attempts)
+        ),
         scheduled_at=run_at,
         run_at=run_at,
     )
