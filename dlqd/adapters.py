@@ -34,7 +34,7 @@ class Adapter:
     columns: dict[str, dict[str, str]]
     #: functions the replay calls, unqualified signatures
     functions: tuple[str, ...]
-    #: (enum type, labels it must have)
+    #: (enum type, labels it must have); ("", ()) for a system without one
     statuses: tuple[str, tuple[str, ...]]
     captures: str
     caveat: str
@@ -170,7 +170,50 @@ RIVER = Adapter(
     docs="docs/adapters/river.md",
 )
 
-ADAPTERS: dict[str, Adapter] = {a.name: a for a in (PROCRASTINATE, PGQUEUER, RIVER)}
+GRAPHILE_WORKER = Adapter(
+    name="graphile_worker",
+    title="Graphile Worker",
+    tested=("0.18.0",),
+    table="_private_jobs",
+    related={"tasks": "_private_tasks", "queues": "_private_job_queues"},
+    columns={
+        "_private_jobs": {
+            "id": "bigint",
+            "job_queue_id": "integer",
+            "task_id": "integer",
+            "payload": "json",
+            "priority": "smallint",
+            "attempts": "smallint",
+            "max_attempts": "smallint",
+            "last_error": "text",
+            "key": "text",
+            "locked_at": "timestamp with time zone",
+            "flags": "jsonb",
+            "updated_at": "timestamp with time zone",
+        },
+        "_private_tasks": {"id": "integer", "identifier": "text"},
+        "_private_job_queues": {"id": "integer", "queue_name": "text"},
+    },
+    functions=("add_jobs(job_spec[], boolean)",),
+    statuses=("", ()),
+    captures=(
+        "_private_jobs rows left unlocked with their attempts used up and a last error "
+        "(or permanently failed); type = the task identifier, payload = the payload (exact "
+        "JSON text kept for the replay), error_reason = the first line of the last error; "
+        "queue, priority, max attempts, job key and flags are kept"
+    ),
+    caveat=(
+        "its tables are private (not a public interface): the install checks each column it "
+        "relies on, and a Graphile Worker upgrade may need `dlqd adapters install` again"
+    ),
+    overrides=("queue", "priority", "max_attempts", "run_at_delay"),
+    default_schema="graphile_worker",
+    docs="docs/adapters/graphile_worker.md",
+)
+
+ADAPTERS: dict[str, Adapter] = {
+    a.name: a for a in (PROCRASTINATE, PGQUEUER, RIVER, GRAPHILE_WORKER)
+}
 
 
 _CONSTANT = re.compile(r"[A-Za-z0-9_:@-]+(\.[A-Za-z0-9_:@-]+)*")

@@ -283,18 +283,20 @@ class HttpTarget(_Frozen):
 
 
 class JobSystemTarget(_Frozen):
-    kind: Literal["procrastinate", "pgqueuer", "river"]
+    kind: Literal["procrastinate", "pgqueuer", "river", "graphile_worker"]
     """A job system's preset (docs/adapters/): re-enqueue the row as a new job of that system,
     in the transaction that marks it replayed (exactly once); set-based, so express pages take it.
     """
-    db_schema: str = Field(default="public", alias="schema", min_length=1, max_length=63)
-    """The schema of the job system's tables."""
+    db_schema: str | None = Field(default=None, alias="schema", min_length=1, max_length=63)
+    """The schema of the job system's tables; default: the system's own (`public`,
+    `graphile_worker` for Graphile Worker)."""
     queue: str | None = Field(default=None, min_length=1)
-    """The queue the job goes to (Procrastinate, River); default: the queue it came from."""
+    """The queue the job goes to (Procrastinate, River, Graphile Worker); default: the queue it
+    came from."""
     priority: int | None = None
     """The job's priority; default: the priority it had."""
     max_attempts: int | None = Field(default=None, ge=1, le=32767)
-    """The job's attempts before it fails again (River, which keeps them in the job)."""
+    """The job's attempts before it fails again (River, Graphile Worker: kept in the job)."""
     run_at_delay: Duration | None = None
     """Run the job this long after its replay; default: at once."""
 
@@ -323,9 +325,10 @@ class JobSystemTarget(_Frozen):
         from dlqd.adapters import ADAPTERS
         from dlqd.db.compose import adapter_replay
 
+        adapter = ADAPTERS[self.kind]
         statement = adapter_replay(
-            ADAPTERS[self.kind],
-            schema=self.db_schema,
+            adapter,
+            schema=self.db_schema or adapter.default_schema,
             queue=self.queue,
             priority=self.priority,
             max_attempts=self.max_attempts,

@@ -148,7 +148,10 @@ def render() -> str:
         ("`sql` target", config.SqlTarget),
         ("`notify` target", config.NotifyTarget),
         ("`http` target", config.HttpTarget),
-        ("Job-system presets (`procrastinate`, `pgqueuer`, `river`)", config.JobSystemTarget),
+        (
+            "Job-system presets (`procrastinate`, `pgqueuer`, `river`, `graphile_worker`)",
+            config.JobSystemTarget,
+        ),
     ):
         parts += [f"### {title}", "", HEAD, *_rows(model, "target.", None), ""]
     parts.append(END)

@@ -248,3 +248,58 @@ def river_attempt(db_url: str, job_id: int, *, error: str, final: bool) -> None:
             RIVER_FAIL,
             {"id": job_id, "error": error, "state": "discarded" if final else "retryable"},
         )
+
+
+# --------------------------------------------------------------------------- Graphile Worker
+
+NODE_DIR = ROOT / "tests" / "node"
+NODE_BIN = NODE_DIR / "node_modules" / ".bin"
+
+
+def node_uri(db_url: str) -> str:
+    """``db_url`` (a URI or key=value conninfo) as the URI node-postgres reads."""
+    from urllib.parse import quote
+
+    from psycopg.conninfo import conninfo_to_dict
+
+    params = conninfo_to_dict(db_url)
+    host = str(params.get("host") or "127.0.0.1")
+    user = quote(str(params.get("user") or "postgres"))
+    port = str(params.get("port") or "5432")
+    dbname = quote(str(params.get("dbname") or "postgres"))
+    if host.startswith("/"):
+        return f"postgresql://{user}@/{dbname}?host={quote(host)}&port={port}"
+    return f"postgresql://{user}@{host}:{port}/{dbname}"
+
+
+def _node_env() -> dict[str, str]:
+    # the Node of tests/node's lock first: its current major needs Node >= 22
+    return {"PATH": f"{NODE_BIN}:{os.environ.get('PATH', '')}"}
+
+
+def install_graphile_worker(db_url: str) -> None:
+    """Graphile Worker's schema, installed by its own CLI (`graphile-worker --schema-only`)."""
+    result = subprocess.run(
+        [str(NODE_BIN / "graphile-worker"), "--connection", node_uri(db_url), "--schema-only"],
+        env={**os.environ, **_node_env()},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, f"graphile-worker: {result.stdout}\n{result.stderr}"
+
+
+def graphile_worker_run_once(db_url: str) -> str:
+    """Graphile Worker's own runOnce: every job due now, then exit; its log."""
+    result = subprocess.run(
+        [str(NODE_BIN / "node"), str(NODE_DIR / "graphile_worker.mjs"), node_uri(db_url)],
+        env={**os.environ, **_node_env()},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=NODE_DIR,
+    )
+    assert result.returncode == 0, f"runOnce: {result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr

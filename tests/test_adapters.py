@@ -22,6 +22,8 @@ from psycopg.rows import dict_row
 from tests.conftest import as_role, dlqd_cli
 from tests.daemon_helpers import DaemonProcess, scalar, wait_until, write_config
 from tests.job_systems import (
+    graphile_worker_run_once,
+    install_graphile_worker,
     install_pgqueuer,
     install_procrastinate,
     install_river,
@@ -50,6 +52,11 @@ GRANTS = {
     "river": """
         GRANT INSERT ON river_job TO dlqd;
         GRANT USAGE ON SEQUENCE river_job_id_seq TO dlqd;
+    """,
+    "graphile_worker": """
+        GRANT USAGE ON SCHEMA graphile_worker TO dlqd;
+        GRANT SELECT, INSERT, UPDATE ON graphile_worker._private_jobs,
+              graphile_worker._private_tasks, graphile_worker._private_job_queues TO dlqd;
     """,
 }
 
@@ -387,6 +394,111 @@ target = { kind = "river", max_attempts = 4 }
     ]
 
 
+# --------------------------------------------------------------------------- Graphile Worker
+
+
+def graphile_add(db_url: str, task: str, payload: dict[str, Any], max_attempts: int) -> int:
+    """A job added through Graphile Worker's own SQL API."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT (graphile_worker.add_job(%s, %s::json, queue_name => 'mail',"
+            " max_attempts => %s, priority => 2)).id",
+            [task, json.dumps(payload), max_attempts],
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def test_graphile_worker_job_failed_for_good_is_captured_replayed_and_runs_again(
+    db_url: str, tmp_path: Path, daemons: list[Any]
+) -> None:
+    install_graphile_worker(db_url)
+    installed(db_url, "graphile_worker", "--app-id", "job.payload->>'tenant'")
+    prepare_runs(db_url, "g1", fail_first=1)
+    job_id = graphile_add(db_url, "flaky", {"key": "g1", "tenant": "shop"}, max_attempts=1)
+    graphile_worker_run_once(db_url)
+    assert runs(db_url, "g1") == 1
+    [row] = captured(db_url)
+    assert row["original_job_id"] == str(job_id)
+    assert row["app_id"] == "shop"
+    assert row["type"] == "flaky"
+    assert row["payload"] == {"key": "g1", "tenant": "shop"}
+    assert row["error_reason"] == "g1: run 1 fails on purpose"
+    assert row["attempts"] == 1
+    assert row["job"]["queue"] == "mail"
+    assert row["job"]["priority"] == 2
+
+    daemon = daemon_for(
+        db_url,
+        tmp_path,
+        daemons,
+        """
+[[policies]]
+name = "redrive"
+match = { type = ["flaky"] }
+target = { kind = "graphile_worker", max_attempts = 3 }
+""",
+    )
+    await daemon.wait_ready()
+    await replayed(db_url, 1)
+    with psycopg.connect(db_url, row_factory=dict_row) as conn:
+        jobs = conn.execute(
+            """SELECT j.id, t.identifier, j.payload, q.queue_name, j.max_attempts, j.priority,
+                      j.attempts
+                 FROM graphile_worker._private_jobs j
+                 JOIN graphile_worker._private_tasks t ON t.id = j.task_id
+                 LEFT JOIN graphile_worker._private_job_queues q ON q.id = j.job_queue_id
+                ORDER BY j.id"""
+        ).fetchall()
+    assert [
+        (j["identifier"], j["payload"], j["queue_name"], j["max_attempts"], j["attempts"])
+        for j in jobs
+    ] == [
+        ("flaky", {"key": "g1", "tenant": "shop"}, "mail", 1, 1),
+        ("flaky", {"key": "g1", "tenant": "shop"}, "mail", 3, 0),
+    ]
+    assert jobs[1]["priority"] == 2
+    graphile_worker_run_once(db_url)  # its own worker runs it: the second run succeeds
+    assert runs(db_url, "g1") == 2
+    left = await scalar(
+        db_url, "SELECT count(*) FROM graphile_worker._private_jobs WHERE id = %s", [jobs[1]["id"]]
+    )
+    assert left == 0  # Graphile Worker deletes a job that succeeded
+    assert len(captured(db_url)) == 1
+
+
+async def test_graphile_worker_retry_that_is_not_final_captures_nothing(db_url: str) -> None:
+    install_graphile_worker(db_url)
+    installed(db_url, "graphile_worker")
+    prepare_runs(db_url, "g2", fail_first=5)
+    job_id = graphile_add(db_url, "flaky", {"key": "g2"}, max_attempts=2)
+    graphile_worker_run_once(db_url)
+    assert runs(db_url, "g2") == 1
+    assert captured(db_url) == []  # an attempt left: its run_at moved on
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE graphile_worker._private_jobs SET run_at = now() WHERE id = %s", [job_id]
+        )
+    graphile_worker_run_once(db_url)
+    assert runs(db_url, "g2") == 2
+    [row] = captured(db_url)
+    assert (row["original_job_id"], row["attempts"]) == (str(job_id), 2)
+    # permanently_fail_jobs, Graphile Worker's admin function, captures too, once
+    other = graphile_add(db_url, "doomed", {"n": 1}, max_attempts=5)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            "SELECT graphile_worker.permanently_fail_jobs(ARRAY[%s]::bigint[], 'given up')",
+            [other],
+        )
+        conn.execute(
+            "UPDATE graphile_worker._private_jobs SET priority = 3 WHERE id = %s", [other]
+        )  # any later update of a failed job is no new failure
+    rows = captured(db_url)
+    assert [(r["original_job_id"], r["error_reason"]) for r in rows[1:]] == [
+        (str(other), "given up")
+    ]
+
+
 # --------------------------------------------------------------------------- install, uninstall
 
 
@@ -483,7 +595,7 @@ async def test_adapters_list_needs_no_database() -> None:
     result = dlqd_cli("adapters", "list", "--json")
     assert result.returncode == 0, result.stderr
     found = {a["name"]: a for a in json.loads(result.stdout)}
-    assert set(found) == {"procrastinate", "pgqueuer", "river"}
+    assert set(found) == {"procrastinate", "pgqueuer", "river", "graphile_worker"}
     assert found["procrastinate"]["versions_tested"] == ["3.10.0"]
     assert found["pgqueuer"]["target"]["overrides"] == ["priority", "run_at_delay"]
     for adapter in found.values():

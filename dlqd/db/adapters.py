@@ -48,17 +48,15 @@ async def inspect(conn: Connection, adapter: Adapter, schema: str) -> Inspection
         rows = await cur.fetchall()
         if rows:
             found.columns[name] = {str(r["name"]): str(r["type"]) for r in rows}
-    cur = await conn.execute(
-        q("adapter_enum_labels"), {"type": _qualified(schema, adapter.statuses[0])}
-    )
-    found.statuses = list(required(await cur.fetchone(), "enum labels")["labels"])
+    if adapter.statuses[0]:
+        cur = await conn.execute(
+            q("adapter_enum_labels"), {"type": _qualified(schema, adapter.statuses[0])}
+        )
+        found.statuses = list(required(await cur.fetchone(), "enum labels")["labels"])
     for signature in adapter.functions:
         name, _, args = signature.partition("(")
         types = [t.strip() for t in args.rstrip(")").split(",") if t.strip()]
-        qualified = ", ".join(
-            _qualified(schema, t[:-2]) + "[]" if t.endswith("[]") else _qualified(schema, t)
-            for t in types
-        )
+        qualified = ", ".join(_argument_type(schema, t) for t in types)
         cur = await conn.execute(
             q("adapter_function_found"), {"signature": f"{_qualified(schema, name)}({qualified})"}
         )
@@ -71,6 +69,17 @@ async def inspect(conn: Connection, adapter: Adapter, schema: str) -> Inspection
             found.installed = True
             found.installed_by = row["installed_by"]
     return found
+
+
+#: argument types of the system's functions that are PostgreSQL's own
+_BUILTIN_TYPES = {"boolean", "integer", "text", "bigint", "jsonb", "json"}
+
+
+def _argument_type(schema: str, name: str) -> str:
+    array = name.endswith("[]")
+    base = name.removesuffix("[]")
+    text = base if base in _BUILTIN_TYPES else _qualified(schema, base)
+    return text + ("[]" if array else "")
 
 
 @translated
