@@ -30,7 +30,7 @@ class Adapter:
     #: tables the capture or the replay reads or writes besides it: role -> name
     related: dict[str, str]
     #: per table, the columns (and their types, as format_type spells them
-    #: unqualified) the capture and the replay rely on
+    #: unqualified; "a | b": either) the capture and the replay rely on
     columns: dict[str, dict[str, str]]
     #: functions the replay calls, unqualified signatures
     functions: tuple[str, ...]
@@ -211,8 +211,47 @@ GRAPHILE_WORKER = Adapter(
     docs="docs/adapters/graphile_worker.md",
 )
 
+OBAN = Adapter(
+    name="oban",
+    title="Oban",
+    tested=("oban 0.7.0 (the Python port)",),
+    table="oban_jobs",
+    related={},
+    columns={
+        "oban_jobs": {
+            "id": "bigint",
+            "state": "oban_job_state",
+            "queue": "text",
+            "worker": "text",
+            "attempt": "smallint",
+            "max_attempts": "smallint",
+            "priority": "smallint",
+            "args": "jsonb",
+            "meta": "jsonb",
+            "tags": "text[] | character varying(255)[]",
+            # jsonb[] in Oban for Elixir, jsonb in its Python port
+            "errors": "jsonb[] | jsonb",
+            "scheduled_at": "timestamp without time zone",
+        },
+    },
+    functions=(),
+    statuses=("oban_job_state", ("available", "scheduled", "discarded")),
+    captures=(
+        "oban_jobs rows whose state becomes 'discarded' (attempts used up, or discarded by "
+        "the worker); type = worker, payload = args, error_reason = the last error's class "
+        "where its text names one, error_history = errors; queue, priority, max attempts, "
+        "meta and tags are kept"
+    ),
+    caveat=(
+        "tested with Oban's Python port (oban 0.7.0); Oban for Elixir's oban_jobs differs in "
+        "errors (jsonb[]), which the capture reads too, but no Elixir ran here"
+    ),
+    overrides=("queue", "priority", "max_attempts", "run_at_delay"),
+    docs="docs/adapters/oban.md",
+)
+
 ADAPTERS: dict[str, Adapter] = {
-    a.name: a for a in (PROCRASTINATE, PGQUEUER, RIVER, GRAPHILE_WORKER)
+    a.name: a for a in (PROCRASTINATE, PGQUEUER, RIVER, GRAPHILE_WORKER, OBAN)
 }
 
 

@@ -283,7 +283,7 @@ class HttpTarget(_Frozen):
 
 
 class JobSystemTarget(_Frozen):
-    kind: Literal["procrastinate", "pgqueuer", "river", "graphile_worker"]
+    kind: Literal["procrastinate", "pgqueuer", "river", "graphile_worker", "oban"]
     """A job system's preset (docs/adapters/): re-enqueue the row as a new job of that system,
     in the transaction that marks it replayed (exactly once); set-based, so express pages take it.
     """
@@ -291,12 +291,12 @@ class JobSystemTarget(_Frozen):
     """The schema of the job system's tables; default: the system's own (`public`,
     `graphile_worker` for Graphile Worker)."""
     queue: str | None = Field(default=None, min_length=1)
-    """The queue the job goes to (Procrastinate, River, Graphile Worker); default: the queue it
-    came from."""
+    """The queue the job goes to (all but PgQueuer); default: the queue it came from."""
     priority: int | None = None
     """The job's priority; default: the priority it had."""
     max_attempts: int | None = Field(default=None, ge=1, le=32767)
-    """The job's attempts before it fails again (River, Graphile Worker: kept in the job)."""
+    """The job's attempts before it fails again (River, Graphile Worker, Oban: kept in the
+    job)."""
     run_at_delay: Duration | None = None
     """Run the job this long after its replay; default: at once."""
 

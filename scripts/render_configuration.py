@@ -149,7 +149,7 @@ def render() -> str:
         ("`notify` target", config.NotifyTarget),
         ("`http` target", config.HttpTarget),
         (
-            "Job-system presets (`procrastinate`, `pgqueuer`, `river`, `graphile_worker`)",
+            "Job-system presets (`procrastinate`, `pgqueuer`, `river`, `graphile_worker`, `oban`)",
             config.JobSystemTarget,
         ),
     ):

@@ -303,3 +303,43 @@ def graphile_worker_run_once(db_url: str) -> str:
     )
     assert result.returncode == 0, f"runOnce: {result.stdout}\n{result.stderr}"
     return result.stdout + result.stderr
+
+
+# --------------------------------------------------------------------------- Oban
+
+OBAN_PYTHON = ROOT / ".venv-oban" / "bin" / "python"
+OBAN_APP = ROOT / "tests" / "oban" / "oban_app.py"
+
+
+def _oban(*args: str) -> str:
+    assert OBAN_PYTHON.exists(), "no .venv-oban: scripts/test makes it (Python 3.12)"
+    result = subprocess.run(
+        [str(OBAN_PYTHON), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))},
+    )
+    assert result.returncode == 0, f"oban {args[:2]}: {result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def install_oban(db_url: str) -> None:
+    """Oban's schema, installed by its own CLI (`oban install`)."""
+    _oban(str(OBAN_PYTHON.parent / "oban"), "install", "--dsn", db_url)
+
+
+def oban_enqueue(db_url: str, key: str, max_attempts: int) -> int:
+    import json
+
+    return int(json.loads(_oban(str(OBAN_APP), "enqueue", db_url, key, str(max_attempts)))["id"])
+
+
+def oban_drain(db_url: str) -> dict[str, int]:
+    """Oban's own executor: every due job of queue mail, then exit; the outcomes."""
+    import json
+
+    out: dict[str, int] = json.loads(_oban(str(OBAN_APP), "drain", db_url).splitlines()[-1])
+    return out

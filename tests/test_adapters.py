@@ -24,9 +24,12 @@ from tests.daemon_helpers import DaemonProcess, scalar, wait_until, write_config
 from tests.job_systems import (
     graphile_worker_run_once,
     install_graphile_worker,
+    install_oban,
     install_pgqueuer,
     install_procrastinate,
     install_river,
+    oban_drain,
+    oban_enqueue,
     pgqueuer_enqueue,
     pgqueuer_worker,
     prepare_runs,
@@ -52,6 +55,9 @@ GRANTS = {
     "river": """
         GRANT INSERT ON river_job TO dlqd;
         GRANT USAGE ON SEQUENCE river_job_id_seq TO dlqd;
+    """,
+    "oban": """
+        GRANT INSERT ON oban_jobs TO dlqd;
     """,
     "graphile_worker": """
         GRANT USAGE ON SCHEMA graphile_worker TO dlqd;
@@ -499,6 +505,109 @@ async def test_graphile_worker_retry_that_is_not_final_captures_nothing(db_url: 
     ]
 
 
+# --------------------------------------------------------------------------- Oban
+
+
+async def test_oban_job_discarded_is_captured_replayed_and_runs_again(
+    db_url: str, tmp_path: Path, daemons: list[Any]
+) -> None:
+    """Oban's Python port (Python 3.12, its own venv): its schema by `oban
+    install`, its jobs run by its own executor."""
+    install_oban(db_url)
+    installed(db_url, "oban", "--app-id", "job.args->>'tenant'")
+    prepare_runs(db_url, "o1", fail_first=2)
+    job_id = oban_enqueue(db_url, "o1", max_attempts=2)
+    first = oban_drain(db_url)  # attempt 1 fails: retryable, not captured
+    assert first["retryable"] == 1
+    assert runs(db_url, "o1") == 1
+    assert captured(db_url) == []
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        # what Oban's stager does when the retry is due
+        conn.execute(
+            "UPDATE oban_jobs SET state = 'available', scheduled_at = timezone('UTC', now())"
+            " WHERE id = %s",
+            [job_id],
+        )
+    assert oban_drain(db_url)["discarded"] == 1
+    assert runs(db_url, "o1") == 2
+    [row] = captured(db_url)
+    assert row["original_job_id"] == str(job_id)
+    assert row["app_id"] == "shop"
+    assert row["type"].endswith("Flaky")
+    assert row["payload"] == {"key": "o1", "tenant": "shop"}
+    assert row["error_reason"] == "ValueError"  # a Python traceback's last line names it
+    assert row["attempts"] == 2
+    assert [e["attempt"] for e in row["error_history"]] == [1, 2]
+    assert row["job"]["queue"] == "mail"
+
+    daemon = daemon_for(
+        db_url,
+        tmp_path,
+        daemons,
+        """
+[[policies]]
+name = "redrive"
+match = { error_reason = ["ValueError"] }
+target = { kind = "oban", max_attempts = 5 }
+""",
+    )
+    await daemon.wait_ready()
+    await replayed(db_url, 1)
+    with psycopg.connect(db_url, row_factory=dict_row) as conn:
+        jobs = conn.execute(
+            "SELECT id, worker, args, queue, priority, max_attempts, attempt,"
+            " state::text AS state FROM oban_jobs ORDER BY id"
+        ).fetchall()
+    assert [(j["state"], j["max_attempts"], j["attempt"]) for j in jobs] == [
+        ("discarded", 2, 2),
+        ("available", 5, 0),
+    ]
+    assert (jobs[1]["worker"], jobs[1]["args"], jobs[1]["queue"], jobs[1]["priority"]) == (
+        jobs[0]["worker"],
+        {"key": "o1", "tenant": "shop"},
+        "mail",
+        2,
+    )
+    done = oban_drain(db_url)  # its own executor runs it: the third run succeeds
+    assert done["completed"] == 1
+    assert runs(db_url, "o1") == 3
+    assert len(captured(db_url)) == 1
+
+
+async def test_oban_schema_of_elixir_with_errors_as_an_array_of_jsonb(db_url: str) -> None:
+    """Oban for Elixir keeps errors as jsonb[] (its Python port: jsonb): the
+    install accepts both, and the capture reads both."""
+    install_oban(db_url)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            """ALTER TABLE oban_jobs DROP COLUMN errors,
+                   ADD COLUMN errors jsonb[] NOT NULL DEFAULT ARRAY[]::jsonb[]"""
+        )
+    installed(db_url, "oban")
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        [job_id] = conn.execute(
+            """INSERT INTO oban_jobs (worker, args, queue, max_attempts, attempt, state)
+               VALUES ('MyApp.Mailer', '{"to": "a@example.com"}', 'mail', 1, 1, 'executing')
+               RETURNING id"""
+        ).fetchone() or [None]
+        # as Oban for Elixir records the last failure
+        conn.execute(
+            """UPDATE oban_jobs SET state = 'discarded', discarded_at = timezone('UTC', now()),
+                      errors = array_append(errors, jsonb_build_object(
+                          'at', now(), 'attempt', 1,
+                          'error', '** (RuntimeError) smtp down' || chr(10) || '  x.ex:1'))
+                WHERE id = %s""",
+            [job_id],
+        )
+    [row] = captured(db_url)
+    assert (row["type"], row["error_reason"], row["app_id"]) == (
+        "MyApp.Mailer",
+        "RuntimeError",
+        "oban",
+    )
+    assert row["error_history"][0]["attempt"] == 1
+
+
 # --------------------------------------------------------------------------- install, uninstall
 
 
@@ -595,7 +704,7 @@ async def test_adapters_list_needs_no_database() -> None:
     result = dlqd_cli("adapters", "list", "--json")
     assert result.returncode == 0, result.stderr
     found = {a["name"]: a for a in json.loads(result.stdout)}
-    assert set(found) == {"procrastinate", "pgqueuer", "river", "graphile_worker"}
+    assert set(found) == {"procrastinate", "pgqueuer", "river", "graphile_worker", "oban"}
     assert found["procrastinate"]["versions_tested"] == ["3.10.0"]
     assert found["pgqueuer"]["target"]["overrides"] == ["priority", "run_at_delay"]
     for adapter in found.values():

@@ -86,8 +86,10 @@ def problems(adapter: Adapter, found: store.Inspection, schema: str) -> list[str
         for column, wanted in columns.items():
             if column not in have:
                 missing.append(f"{table}.{column} is missing")
-            elif have[column] != wanted:
-                missing.append(f"{table}.{column} is {have[column]}, not {wanted}")
+            elif have[column] not in [w.strip() for w in wanted.split("|")]:
+                missing.append(
+                    f"{table}.{column} is {have[column]}, not {wanted.replace('|', 'or')}"
+                )
     type_name, labels = adapter.statuses
     if not type_name:
         pass  # no status type: the capture reads the job's columns alone
