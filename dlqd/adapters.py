@@ -250,8 +250,62 @@ OBAN = Adapter(
     docs="docs/adapters/oban.md",
 )
 
+PGBOSS = Adapter(
+    name="pgboss",
+    title="pg-boss",
+    tested=("12.38.0",),
+    table="job",
+    related={"queues": "queue"},
+    columns={
+        "job": {
+            "id": "uuid",
+            "name": "text",
+            "priority": "integer",
+            "data": "jsonb",
+            "state": "job_state",
+            "retry_limit": "integer",
+            "retry_count": "integer",
+            "output": "jsonb",
+            "singleton_key": "text",
+            "group_id": "text",
+            "group_tier": "text",
+            "start_after": "timestamp with time zone",
+            "completed_on": "timestamp with time zone",
+            "keep_until": "timestamp with time zone",
+        },
+        "queue": {
+            "name": "text",
+            "policy": "text",
+            "retry_limit": "integer",
+            "retry_delay": "integer",
+            "retry_backoff": "boolean",
+            "retry_delay_max": "integer",
+            "expire_seconds": "integer",
+            "retention_seconds": "integer",
+            "deletion_seconds": "integer",
+            "dead_letter": "text",
+            "heartbeat_seconds": "integer",
+        },
+    },
+    functions=("job_now()",),
+    statuses=("job_state", ("created", "retry", "failed")),
+    captures=(
+        "pgboss.job rows inserted (or set) as 'failed', their retries used up, on every "
+        "partition; type = the queue's name, payload = data, error_reason = the error's name "
+        "(its class) from output, error_history = the last error; priority, singleton key "
+        "and group are kept"
+    ),
+    caveat=(
+        "a replay is a raw insert that applies the queue's settings from pgboss.queue as "
+        "pg-boss's send does; pg-boss's own dead-letter copy is not captured"
+    ),
+    overrides=("queue", "priority", "max_attempts", "run_at_delay"),
+    default_schema="pgboss",
+    docs="docs/adapters/pgboss.md",
+)
+
 ADAPTERS: dict[str, Adapter] = {
-    a.name: a for a in (PROCRASTINATE, PGQUEUER, RIVER, GRAPHILE_WORKER, OBAN)
+    a.name: a for a in (PROCRASTINATE, PGQUEUER, PGBOSS, RIVER, GRAPHILE_WORKER, OBAN)
 }
 
 

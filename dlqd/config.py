@@ -283,20 +283,20 @@ class HttpTarget(_Frozen):
 
 
 class JobSystemTarget(_Frozen):
-    kind: Literal["procrastinate", "pgqueuer", "river", "graphile_worker", "oban"]
+    kind: Literal["procrastinate", "pgqueuer", "pgboss", "river", "graphile_worker", "oban"]
     """A job system's preset (docs/adapters/): re-enqueue the row as a new job of that system,
     in the transaction that marks it replayed (exactly once); set-based, so express pages take it.
     """
     db_schema: str | None = Field(default=None, alias="schema", min_length=1, max_length=63)
-    """The schema of the job system's tables; default: the system's own (`public`,
-    `graphile_worker` for Graphile Worker)."""
+    """The schema of the job system's tables; default: the system's own (`pgboss`,
+    `graphile_worker`, else `public`)."""
     queue: str | None = Field(default=None, min_length=1)
     """The queue the job goes to (all but PgQueuer); default: the queue it came from."""
     priority: int | None = None
     """The job's priority; default: the priority it had."""
     max_attempts: int | None = Field(default=None, ge=1, le=32767)
-    """The job's attempts before it fails again (River, Graphile Worker, Oban: kept in the
-    job)."""
+    """The job's attempts before it fails again (pg-boss, River, Graphile Worker, Oban: kept in
+    the job)."""
     run_at_delay: Duration | None = None
     """Run the job this long after its replay; default: at once."""
 

@@ -149,7 +149,8 @@ def render() -> str:
         ("`notify` target", config.NotifyTarget),
         ("`http` target", config.HttpTarget),
         (
-            "Job-system presets (`procrastinate`, `pgqueuer`, `river`, `graphile_worker`, `oban`)",
+            "Job-system presets (`procrastinate`, `pgqueuer`, `pgboss`, `river`, "
+            "`graphile_worker`, `oban`)",
             config.JobSystemTarget,
         ),
     ):

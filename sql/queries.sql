@@ -1001,8 +1001,10 @@ REVOKE ALL ON FUNCTION {function}() FROM PUBLIC;
 COMMENT ON FUNCTION {function}() IS {comment}
 
 -- name: adapter_uninstall
--- Composed (dlqd/db/compose.py): the capture trigger and its function, and nothing else.
+-- Composed (dlqd/db/compose.py): the capture triggers and their function, and
+-- nothing else (dlqd_capture_update: the adapters that capture updates apart).
 DROP TRIGGER IF EXISTS dlqd_capture ON {jobs};
+DROP TRIGGER IF EXISTS dlqd_capture_update ON {jobs};
 DROP FUNCTION IF EXISTS {function}()
 
 -- name: adapter_app_id_check

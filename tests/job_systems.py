@@ -290,6 +290,49 @@ def install_graphile_worker(db_url: str) -> None:
     assert result.returncode == 0, f"graphile-worker: {result.stdout}\n{result.stderr}"
 
 
+def _node(script: str, *args: str) -> str:
+    result = subprocess.run(
+        [str(NODE_BIN / "node"), str(NODE_DIR / script), *args],
+        env={**os.environ, **_node_env()},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=NODE_DIR,
+    )
+    assert result.returncode == 0, f"{script} {args[:1]}: {result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def install_pgboss(db_url: str) -> None:
+    """pg-boss's schema, created by its own CLI (`pg-boss create`)."""
+    result = subprocess.run(
+        [str(NODE_BIN / "pg-boss"), "create", "--connection-string", node_uri(db_url)],
+        env={**os.environ, **_node_env()},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, f"pg-boss create: {result.stdout}\n{result.stderr}"
+
+
+def pgboss_queue(db_url: str, name: str, retry_limit: int, retry_delay: int) -> None:
+    _node("pg_boss.mjs", "queue", node_uri(db_url), name, str(retry_limit), str(retry_delay))
+
+
+def pgboss_send(db_url: str, name: str, data: dict[str, Any]) -> str:
+    import json
+
+    out = _node("pg_boss.mjs", "send", node_uri(db_url), name, json.dumps(data))
+    return str(json.loads(out.splitlines()[0])["id"])
+
+
+def pgboss_work(db_url: str, name: str) -> None:
+    """pg-boss's own worker (boss.work) on queue ``name``, until nothing is due."""
+    _node("pg_boss.mjs", "work", node_uri(db_url), name)
+
+
 def graphile_worker_run_once(db_url: str) -> str:
     """Graphile Worker's own runOnce: every job due now, then exit; its log."""
     result = subprocess.run(

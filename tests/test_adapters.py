@@ -25,11 +25,15 @@ from tests.job_systems import (
     graphile_worker_run_once,
     install_graphile_worker,
     install_oban,
+    install_pgboss,
     install_pgqueuer,
     install_procrastinate,
     install_river,
     oban_drain,
     oban_enqueue,
+    pgboss_queue,
+    pgboss_send,
+    pgboss_work,
     pgqueuer_enqueue,
     pgqueuer_worker,
     prepare_runs,
@@ -55,6 +59,12 @@ GRANTS = {
     "river": """
         GRANT INSERT ON river_job TO dlqd;
         GRANT USAGE ON SEQUENCE river_job_id_seq TO dlqd;
+    """,
+    "pgboss": """
+        GRANT USAGE ON SCHEMA pgboss TO dlqd;
+        GRANT SELECT ON pgboss.queue TO dlqd;
+        GRANT INSERT ON pgboss.job TO dlqd;
+        GRANT EXECUTE ON FUNCTION pgboss.job_now() TO dlqd;
     """,
     "oban": """
         GRANT INSERT ON oban_jobs TO dlqd;
@@ -319,6 +329,78 @@ async def test_pgqueuer_failures_logged_in_one_statement_capture_every_job(
     odd = [r for r in rows if isinstance(r["payload"], str)]
     assert len(odd) == 1
     assert odd[0]["job"]["payload_base64"]
+
+
+# --------------------------------------------------------------------------- pg-boss
+
+
+async def test_pgboss_job_failed_for_good_is_captured_replayed_and_runs_again(
+    db_url: str, tmp_path: Path, daemons: list[Any]
+) -> None:
+    install_pgboss(db_url)
+    installed(db_url, "pgboss", "--app-id", "job.data->>'tenant'")
+    # a queue created after the install: its partition gets the trigger too
+    pgboss_queue(db_url, "mail", retry_limit=1, retry_delay=0)
+    prepare_runs(db_url, "b1", fail_first=2)
+    job_id = pgboss_send(db_url, "mail", {"key": "b1", "tenant": "shop"})
+    pgboss_work(db_url, "mail")  # its own worker: two attempts, both fail
+    assert runs(db_url, "b1") == 2
+    [row] = captured(db_url)
+    assert row["original_job_id"] == job_id
+    assert row["app_id"] == "shop"
+    assert row["type"] == "mail"
+    assert row["payload"] == {"key": "b1", "tenant": "shop"}
+    assert row["error_reason"] == "TypeError"  # the error's name, from output
+    assert row["attempts"] == 2
+    assert row["error_history"][0]["message"] == "b1: run 2 fails on purpose"
+
+    daemon = daemon_for(
+        db_url,
+        tmp_path,
+        daemons,
+        """
+[[policies]]
+name = "redrive"
+match = { type = ["mail"] }
+target = { kind = "pgboss", max_attempts = 3 }
+""",
+    )
+    await daemon.wait_ready()
+    await replayed(db_url, 1)
+    with psycopg.connect(db_url, row_factory=dict_row) as conn:
+        jobs = conn.execute(
+            "SELECT id::text AS id, name, data, state::text AS state, retry_limit,"
+            " retry_count FROM pgboss.job ORDER BY created_on, id"
+        ).fetchall()
+    assert [(j["name"], j["data"], j["state"], j["retry_limit"]) for j in jobs] == [
+        ("mail", {"key": "b1", "tenant": "shop"}, "failed", 1),
+        ("mail", {"key": "b1", "tenant": "shop"}, "created", 2),  # max_attempts 3
+    ]
+    pgboss_work(db_url, "mail")  # its own worker runs it: the third run succeeds
+    assert runs(db_url, "b1") == 3
+    state = await scalar(
+        db_url, "SELECT state::text FROM pgboss.job WHERE id = %s::uuid", [jobs[1]["id"]]
+    )
+    assert state == "completed"
+    assert len(captured(db_url)) == 1
+
+
+async def test_pgboss_retry_that_is_not_final_captures_nothing(db_url: str) -> None:
+    install_pgboss(db_url)
+    pgboss_queue(db_url, "slow", retry_limit=1, retry_delay=3600)
+    installed(db_url, "pgboss")
+    prepare_runs(db_url, "b2", fail_first=5)
+    job_id = pgboss_send(db_url, "slow", {"key": "b2"})
+    pgboss_work(db_url, "slow")  # one attempt: the retry is in an hour
+    assert runs(db_url, "b2") == 1
+    state = await scalar(db_url, "SELECT state::text FROM pgboss.job WHERE id = %s::uuid", [job_id])
+    assert state == "retry"
+    assert captured(db_url) == []
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("UPDATE pgboss.job SET start_after = now() WHERE id = %s::uuid", [job_id])
+    pgboss_work(db_url, "slow")
+    [row] = captured(db_url)
+    assert (row["original_job_id"], row["attempts"], row["app_id"]) == (job_id, 2, "pgboss")
 
 
 # --------------------------------------------------------------------------- River
@@ -704,7 +786,7 @@ async def test_adapters_list_needs_no_database() -> None:
     result = dlqd_cli("adapters", "list", "--json")
     assert result.returncode == 0, result.stderr
     found = {a["name"]: a for a in json.loads(result.stdout)}
-    assert set(found) == {"procrastinate", "pgqueuer", "river", "graphile_worker", "oban"}
+    assert set(found) == {"procrastinate", "pgqueuer", "pgboss", "river", "graphile_worker", "oban"}
     assert found["procrastinate"]["versions_tested"] == ["3.10.0"]
     assert found["pgqueuer"]["target"]["overrides"] == ["priority", "run_at_delay"]
     for adapter in found.values():
