@@ -99,24 +99,31 @@ def captured(db_url: str) -> list[dict[str, Any]]:
 
 
 def schema_snapshot(db_url: str) -> list[tuple[Any, ...]]:
-    """What an install could change: every trigger, function, table, column,
-    index and privilege of the public schema, as the catalog spells them."""
+    """What an install could change: every trigger (the clones on partitions
+    included), function, table, column, index and privilege of every schema
+    but the catalogs, as the catalog spells them."""
     with psycopg.connect(db_url) as conn:
         return conn.execute(
-            """SELECT 'trigger', c.relname, pg_get_triggerdef(t.oid)
+            """WITH spaces AS (
+                   SELECT oid FROM pg_namespace
+                    WHERE nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
+                      AND nspname NOT LIKE 'pg_temp%' AND nspname NOT LIKE 'pg_toast_temp%')
+               SELECT 'trigger', c.oid::regclass::text, pg_get_triggerdef(t.oid)
                  FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
-                WHERE c.relnamespace = 'public'::regnamespace AND NOT t.tgisinternal
+                WHERE c.relnamespace IN (SELECT oid FROM spaces) AND NOT t.tgisinternal
                UNION ALL
                SELECT 'function', p.oid::regprocedure::text, md5(pg_get_functiondef(p.oid))
-                 FROM pg_proc p WHERE p.pronamespace = 'public'::regnamespace AND p.prokind = 'f'
+                 FROM pg_proc p
+                WHERE p.pronamespace IN (SELECT oid FROM spaces) AND p.prokind = 'f'
                UNION ALL
-               SELECT 'relation', c.relname, c.relkind::text || coalesce(c.relacl::text, '')
-                 FROM pg_class c WHERE c.relnamespace = 'public'::regnamespace
+               SELECT 'relation', c.oid::regclass::text,
+                      c.relkind::text || coalesce(c.relacl::text, '')
+                 FROM pg_class c WHERE c.relnamespace IN (SELECT oid FROM spaces)
                UNION ALL
                SELECT 'column', a.attrelid::regclass::text, a.attname || ' '
                       || format_type(a.atttypid, a.atttypmod)
                  FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
-                WHERE c.relnamespace = 'public'::regnamespace AND a.attnum > 0
+                WHERE c.relnamespace IN (SELECT oid FROM spaces) AND a.attnum > 0
                   AND NOT a.attisdropped
                ORDER BY 1, 2, 3"""
         ).fetchall()
@@ -239,12 +246,12 @@ async def test_procrastinate_many_failures_capture_as_many_rows(db_url: str) -> 
     installed(db_url, "procrastinate", "--app-id", "job.args->>'tenant'")
     app = procrastinate_app(db_url)
     async with app.open_async():
-        for n in range(200):
+        for n in range(1000):
             await app.tasks["doomed"].defer_async(n=n)
     await procrastinate_worker(db_url, ["bulk"], concurrency=8)
     rows = captured(db_url)
-    assert len(rows) == 200
-    assert sorted(r["payload"]["n"] for r in rows) == list(range(200))
+    assert len(rows) == 1000
+    assert sorted(r["payload"]["n"] for r in rows) == list(range(1000))
     # no args field named tenant: the expression is NULL, the adapter's name stands in
     assert {r["app_id"] for r in rows} == {"procrastinate"}
 
@@ -314,7 +321,7 @@ async def test_pgqueuer_failures_logged_in_one_statement_capture_every_job(
     its failed jobs is captured, with its own traceback."""
     install_pgqueuer(db_url)
     installed(db_url, "pgqueuer")
-    payloads: list[bytes | None] = [json.dumps({"n": n}).encode() for n in range(300)]
+    payloads: list[bytes | None] = [json.dumps({"n": n}).encode() for n in range(1000)]
     payloads.append(None)  # a job without a payload
     payloads.append(b"\xff\xfe not json")  # nor JSON, nor UTF-8
     await pgqueuer_enqueue(db_url, "doomed", payloads, {})
@@ -323,7 +330,7 @@ async def test_pgqueuer_failures_logged_in_one_statement_capture_every_job(
     assert len(rows) == len(payloads)
     assert {r["error_reason"] for r in rows} == {"RuntimeError"}
     by_payload = {json.dumps(r["payload"]) for r in rows}
-    assert json.dumps({"n": 299}) in by_payload
+    assert json.dumps({"n": 999}) in by_payload
     assert "null" in by_payload
     # not JSON: a base64 string in job_dlq, the bytes kept for the replay
     odd = [r for r in rows if isinstance(r["payload"], str)]
@@ -721,6 +728,34 @@ async def test_install_is_idempotent_and_uninstall_leaves_the_schema_as_it_was(
         await app.tasks["doomed"].defer_async(n=1)
     await procrastinate_worker(db_url, ["bulk"])
     assert captured(db_url) == []
+
+
+INSTALLERS: dict[str, Any] = {
+    "procrastinate": install_procrastinate,
+    "pgqueuer": install_pgqueuer,
+    "pgboss": install_pgboss,
+    "river": install_river,
+    "graphile_worker": install_graphile_worker,
+    "oban": install_oban,
+}
+
+
+@pytest.mark.parametrize("system", sorted(INSTALLERS))
+async def test_uninstall_leaves_each_system_as_it_was(db_url: str, system: str) -> None:
+    INSTALLERS[system](db_url)
+    if system == "pgboss":
+        pgboss_queue(db_url, "before", retry_limit=1, retry_delay=0)
+    before = schema_snapshot(db_url)
+    result = cli(db_url, "adapters", "install", system)
+    assert result.returncode == 0, result.stderr
+    if system == "pgboss":  # a queue created meanwhile: its partition gets a clone
+        pgboss_queue(db_url, "during", retry_limit=1, retry_delay=0)
+        before = [*before, *[r for r in schema_snapshot(db_url) if "dlqd" not in str(r)]]
+        before = sorted(set(before))
+    assert schema_snapshot(db_url) != before
+    result = cli(db_url, "adapters", "uninstall", system)
+    assert result.returncode == 0, result.stderr
+    assert sorted(set(schema_snapshot(db_url))) == sorted(set(before))
 
 
 async def test_print_changes_nothing_and_what_it_prints_installs(db_url: str) -> None:
