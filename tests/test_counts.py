@@ -237,3 +237,68 @@ async def test_what_no_trigger_saw_is_corrected_and_reported(
 async def _status(pool: AsyncConnectionPool[Any]) -> status_module.Status:
     async with pool.connection() as conn:
         return await collect_status(conn)
+
+
+def test_scheduling_reads_each_rows_group_by_its_key_not_the_whole_table(db_url: str) -> None:
+    """The schedule's count trigger looks up each changed row's group by
+    job_dlq's primary key: a page of schedule rows costs index probes, never
+    a scan of every dead letter (012 hashed the whole table for a page of a
+    few thousand rows). A reschedule that changes no row's kind reads job_dlq
+    not at all. Counted by PostgreSQL itself (pg_stat_xact_user_tables)."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            """INSERT INTO job_dlq (original_job_id, app_id, type, payload, error_reason, attempts)
+               SELECT 'j' || g, 'app-' || (g % 5), 't' || (g % 7), '{}', 'timeout', 1
+                 FROM generate_series(1, 60000) g"""
+        )
+        conn.execute("DELETE FROM dlqd_inbox")
+        conn.execute("VACUUM ANALYZE job_dlq")
+        ids = [r[0] for r in conn.execute("SELECT id FROM job_dlq ORDER BY id LIMIT 5000")]
+
+    def scans(conn: psycopg.Connection[Any]) -> tuple[int, int]:
+        row = conn.execute(
+            "SELECT seq_scan, idx_scan FROM pg_stat_xact_user_tables WHERE relname = 'job_dlq'"
+        ).fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1] or 0)
+
+    def scanned(
+        conn: psycopg.Connection[Any], statement: str, params: Any = None
+    ) -> tuple[int, int]:
+        """The scans of job_dlq ``statement`` made, in a transaction of its own
+        (the view's counts may include earlier transactions' not flushed yet:
+        the difference is this statement's)."""
+        with conn.transaction():
+            seq, idx = scans(conn)
+            conn.execute(statement.encode(), params)
+            seq_after, idx_after = scans(conn)
+        return seq_after - seq, idx_after - idx
+
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        seq, idx = scanned(
+            conn,
+            """INSERT INTO dlqd_entry_state (dlq_id, state, due_at, fingerprint)
+               SELECT id, 'waiting', now() + interval '1 hour', 'fp' FROM unnest(%s::uuid[]) id""",
+            [ids],
+        )
+        assert seq == 0
+        assert idx >= len(ids)  # one probe a row (the foreign key's too)
+        # no kind changed: job_dlq not read
+        assert scanned(
+            conn, "UPDATE dlqd_entry_state SET due_at = due_at + interval '1 second'"
+        ) == (
+            0,
+            0,
+        )
+        # the rows whose kind changed, one probe each
+        assert scanned(
+            conn,
+            "UPDATE dlqd_entry_state SET state = 'unmatched', due_at = NULL"
+            " WHERE dlq_id = ANY (%s::uuid[])",
+            [ids[:100]],
+        ) == (0, 100)
+        moved = conn.execute(
+            "SELECT kind, sum(n)::int FROM dlqd_count_deltas WHERE kind <> 'pending'"
+            " GROUP BY 1 ORDER BY 1"
+        ).fetchall()
+        assert moved == [("unmatched", 100), ("waiting", 4900)]
