@@ -23,12 +23,12 @@ WITH candidates AS MATERIALIZED (
     -- with what to do: park, wait (a schedule row) or replay; rows with none
     -- are left to the ordinary path. Never the payload: only its stored size.
     SELECT c.seq, c.dlq_id AS id, e.original_job_id, e.app_id, e.type, e.row_bytes,
-           e.policy, e.action, e.due_at
+           e.policy, e.action, e.due_at, e.replays
       FROM candidates c
      CROSS JOIN LATERAL (
             SELECT j.original_job_id, j.app_id, j.type,
                    pg_column_size(j.payload) + pg_column_size(j.error_history) AS row_bytes,
-                   m.policy, d.action, k.due_at
+                   m.policy, d.action, k.due_at, r.replays
               FROM job_dlq j
              -- OFFSET 0: each computed once per row, not inlined wherever it is used
              CROSS JOIN LATERAL (SELECT {case} AS policy OFFSET 0) m
@@ -43,6 +43,16 @@ WITH candidates AS MATERIALIZED (
                                       * interval '1 microsecond' AS due_at
                     OFFSET 0) k
              CROSS JOIN LATERAL (
+                    -- max_replays: the job's replays within the log's retention
+                    -- (as of this statement: see chosen for what commits meanwhile)
+                    SELECT CASE WHEN (%(max_replays)s::int[])[m.policy + 1] IS NOT NULL THEN (
+                               SELECT count(*) FROM dlqd_replay_log l
+                                WHERE l.app_id = j.app_id
+                                  AND l.original_job_id = j.original_job_id
+                                  AND l.outcome = 'replayed'
+                                  AND l.at > now() - %(retention)s::interval) END AS replays
+                    OFFSET 0) r
+             CROSS JOIN LATERAL (
                     SELECT CASE
                            WHEN k.kind = 'park' THEN 'park'
                            -- exponential: known here for a job never replayed
@@ -52,6 +62,9 @@ WITH candidates AS MATERIALIZED (
                                    AND l.original_job_id = j.original_job_id
                                    AND l.outcome = 'replayed'
                                    AND l.at > now() - %(retention)s::interval) THEN NULL
+                           -- as the ordinary path decides: parked, scheduled or not
+                           WHEN r.replays >= (%(max_replays)s::int[])[m.policy + 1]
+                                THEN 'park_max'
                            WHEN k.due_at > now() THEN 'wait'
                            WHEN m.policy = ANY (%(replayable)s::int[]) THEN 'replay'
                            END AS action
@@ -65,30 +78,79 @@ WITH candidates AS MATERIALIZED (
                AND NOT EXISTS (SELECT FROM dlqd_entry_state s WHERE s.dlq_id = j.id)
                FOR UPDATE OF j SKIP LOCKED
            ) e
-), chosen AS MATERIALIZED (
+), budgeted AS MATERIALIZED (
     -- rows to replay up to the page's byte budget (the first always): the
     -- rest stay in the inbox, for the ordinary path's smaller statements
     SELECT * FROM (
         SELECT p.*, sum(p.row_bytes) FILTER (WHERE p.action = 'replay')
-                        OVER (ORDER BY p.seq) AS running_bytes
+                        OVER (ORDER BY p.seq) AS running_bytes,
+               (%(max_replays)s::int[])[p.policy + 1] AS max_replays,
+               dlqd_slot(json_build_array('job', p.app_id, p.original_job_id)::text) AS slot
           FROM picked p) r
      WHERE r.action <> 'replay' OR r.running_bytes - r.row_bytes < %(max_bytes)s
+), slots AS MATERIALIZED (
+    -- the lock slots of the jobs replayed under max_replays (the ordinary
+    -- path's lock_slots, the same keys): SKIP LOCKED, never waited for
+    SELECT s.slot, s.writer FROM dlqd_lock_slots s
+     WHERE s.slot IN (SELECT b.slot FROM budgeted b
+                       WHERE b.action = 'replay' AND b.max_replays IS NOT NULL)
+     ORDER BY s.slot
+       FOR UPDATE SKIP LOCKED
+), chosen AS MATERIALIZED (
+    -- a job under max_replays replays with its slot held, and only when this
+    -- statement's snapshot sees the slot's last writer (else a replay of it
+    -- committed meanwhile: deferred, the ordinary path recounts); the page's
+    -- returns of one job count one after another. Deferred rows (action NULL)
+    -- stay in the inbox.
+    SELECT * FROM (
+        SELECT b.seq, b.id, b.original_job_id, b.app_id, b.type, b.row_bytes, b.policy,
+               b.due_at, b.max_replays, b.slot,
+               CASE WHEN b.action <> 'replay' OR b.max_replays IS NULL THEN b.action
+                    WHEN NOT EXISTS (
+                         SELECT FROM slots s
+                          WHERE s.slot = b.slot
+                            AND (s.writer IS NULL
+                                 OR pg_visible_in_snapshot(s.writer, pg_current_snapshot())))
+                         THEN NULL
+                    WHEN b.replays + row_number() OVER (
+                             PARTITION BY b.app_id, b.original_job_id,
+                                          b.action = 'replay' AND b.max_replays IS NOT NULL
+                             ORDER BY b.seq) > b.max_replays
+                         THEN 'park_max'
+                    ELSE 'replay' END AS action
+          FROM budgeted b) g
+     WHERE g.action IS NOT NULL
+), stamped AS (
+    UPDATE dlqd_lock_slots s SET writer = pg_current_xact_id()
+     WHERE s.slot IN (SELECT c.slot FROM chosen c
+                       WHERE c.action = 'replay' AND c.max_replays IS NOT NULL)
 ), inbox AS (
     DELETE FROM dlqd_inbox WHERE seq IN (SELECT seq FROM chosen)
 ), states AS (
-    INSERT INTO dlqd_entry_state (dlq_id, state, policy, fingerprint, due_at, failures)
-    SELECT p.id, CASE p.action WHEN 'park' THEN 'parked_policy' ELSE 'waiting' END,
+    INSERT INTO dlqd_entry_state (dlq_id, state, policy, fingerprint, due_at, failures,
+                                  parked_reason, last_error)
+    SELECT p.id,
+           CASE p.action WHEN 'park' THEN 'parked_policy' WHEN 'park_max' THEN 'parked'
+                ELSE 'waiting' END,
            (%(names)s::text[])[p.policy + 1], %(fingerprint)s,
-           CASE WHEN p.action = 'wait' THEN p.due_at END, 0
-      FROM chosen p
+           CASE WHEN p.action = 'wait' THEN p.due_at END, 0,
+           CASE WHEN p.action = 'park_max' THEN 'max_replays' END,
+           CASE WHEN p.action = 'park_max' THEN p.max_error END
+      FROM (SELECT c.*, format('max_replays (%%s) reached for job %%s', c.max_replays,
+                               left(c.original_job_id, 200)) AS max_error
+              FROM chosen c) p
      WHERE p.action <> 'replay'
 ), parked_logged AS (
-    -- a park policy's rows, logged as the ordinary path logs them
+    -- a park policy's rows and those over max_replays, logged as the
+    -- ordinary path logs them
     INSERT INTO dlqd_replay_log (dlq_id, original_job_id, app_id, policy, outcome, error, manual)
     SELECT p.id, p.original_job_id, p.app_id, (%(names)s::text[])[p.policy + 1], 'parked',
-           'parked by policy', false
+           CASE WHEN p.action = 'park' THEN 'parked by policy'
+                ELSE format('max_replays (%%s) reached for job %%s', p.max_replays,
+                            left(p.original_job_id, 200)) END,
+           false
       FROM chosen p
-     WHERE p.action = 'park'
+     WHERE p.action IN ('park', 'park_max')
      ORDER BY p.seq
 ), marked AS (
     -- marked, unscheduled and logged as every path does (migrations 009, 010), in

@@ -301,15 +301,24 @@ SELECT u.app_id, u.original_job_id, count(*) AS replays
 -- replaying returns of a job under max_replays holds the job's slot, so that
 -- another replica replaying a return of the same job defers it. Tenants cannot
 -- lock these rows (advisory locks, by contrast, are anyone's to take).
+-- A job's slot is computed here, from (app_id, original_job_id), as the
+-- express page computes it.
 WITH wanted AS (
-    SELECT k.key, dlqd_slot(k.key) AS slot FROM unnest(%(keys)s::text[]) AS k(key)
+    SELECT k.app_id, k.original_job_id,
+           dlqd_slot(json_build_array('job', k.app_id, k.original_job_id)::text) AS slot
+      FROM unnest(%(app_ids)s::text[], %(job_ids)s::text[]) AS k(app_id, original_job_id)
 ), locked AS MATERIALIZED (
     SELECT s.slot FROM dlqd_lock_slots s
      WHERE s.slot IN (SELECT slot FROM wanted)
      ORDER BY s.slot
        FOR UPDATE SKIP LOCKED
+), stamped AS (
+    -- so that an express page whose statement began before this transaction
+    -- commits defers these jobs instead of counting without it (migration 016)
+    UPDATE dlqd_lock_slots s SET writer = pg_current_xact_id()
+     WHERE s.slot IN (SELECT slot FROM locked)
 )
-SELECT w.key FROM wanted w JOIN locked l ON l.slot = w.slot
+SELECT w.app_id, w.original_job_id FROM wanted w JOIN locked l ON l.slot = w.slot
 
 -- name: relock_rows
 -- Rows taken up again in a new transaction (one half of a batch that failed

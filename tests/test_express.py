@@ -206,20 +206,20 @@ def test_which_policies_go_express(db_url: str) -> None:
     assert express is not None
     # kinds: what an express page may do (park, schedule) for each policy's rows
     assert express.params["kinds"] == [
-        "exp", "fixed", "exp", "fixed", None, "fixed", None, "fixed", "fixed", "park", "fixed",
+        "exp", "fixed", "exp", "fixed", "fixed", "fixed", None, "fixed", "fixed", "park", "fixed",
         "fixed",
     ]  # fmt: skip
-    # due rows replay at once for these; the others' go the ordinary way
+    # due rows replay at once for these (capped: counted in the statement, under
+    # the job's lock slot); the others' go the ordinary way
     assert {p.name for p in express.policies.values()} == {
-        "delayed", "fixed", "jittery", "jitter-now", "fast", "elsewhere",
+        "delayed", "fixed", "jittery", "jitter-now", "capped", "fast", "elsewhere",
     }  # fmt: skip
+    assert express.params["max_replays"][4] == 3
     # two targets, each a CTE over its own policies' rows
     text = express.text.as_string()
     assert '"target_0" AS' in text
     assert '"target_1" AS' in text
     assert "target_2" not in text
-    capped = [{"name": "c", "max_replays": 1, "target": sql}]
-    assert plan(_settings(db_url, capped), AGE_BUCKETS) is None
     dry = _settings(db_url, [{"name": "f", "target": sql}], dry_run=True)
     assert plan(dry, AGE_BUCKETS) is None
 
@@ -771,3 +771,143 @@ async def test_the_jitter_in_sql_is_the_jitter_in_python(db_url: str) -> None:
         for got, d, ppm in zip(in_python, delays, ppms, strict=True)
     )
     assert len({got for got, d in zip(in_python, delays, strict=True) if d == 10**6}) > 100
+
+
+# ---------------------------------------------------------------- max_replays
+
+PENDING_UNPARKED = """SELECT count(*) FROM job_dlq j WHERE j.replayed_at IS NULL
+    AND NOT EXISTS (SELECT FROM dlqd_entry_state s
+                     WHERE s.dlq_id = j.id AND s.state = 'parked')"""
+
+
+async def until_replayed(replayer: Replayer, rows: int) -> None:
+    """Passes until ``rows`` rows have been replayed in all (deferred rows are
+    due again after a moment: no in-process event says when)."""
+    done = 0
+    with anyio.fail_after(20):
+        while done < rows:
+            done += (await replayer.run_once(full=False)).replayed
+            if done < rows:
+                await anyio.sleep(0.05)
+
+
+async def until_settled(db_url: str, replayers: list[Replayer]) -> None:
+    """Passes of every replayer until no row is pending but the parked."""
+    with anyio.fail_after(30):
+        while (await fetch(db_url, PENDING_UNPARKED))[0][0]:
+            for replayer in replayers:
+                await replayer.run_once(full=False)
+            await anyio.sleep(0.05)
+
+
+async def test_express_counts_max_replays_in_the_statement(
+    db_url: str, pool: AsyncConnectionPool[Any], sink: None
+) -> None:
+    """Three returns of one job in one page, max_replays 2: two replay and the
+    third is parked max_replays, by the express page alone; a fourth return,
+    later, is parked as it arrives (the job is at its limit). Another
+    tenant's job of the same id counts apart."""
+    capped = [{"name": "capped", "max_replays": 2, "target": {"kind": "sql", "statement": SINK}}]
+    current = _settings(db_url, capped)
+    replayer = replayer_for(pool, current)
+    rows = [row_json(original_job_id="j1", app_id="a") for _ in range(3)]
+    rows += [row_json(original_job_id="j1", app_id="b")]
+    await insert(db_url, rows)
+    with capture_logs() as logs:
+        result = await replayer.run_once(full=False)
+    assert (result.replayed, result.parked) == (3, 1)
+    assert sum(e["replayed"] for e in express_batches(logs)) == 3  # all of it express
+    assert await fetch(
+        db_url,
+        """SELECT j.app_id, s.state, s.parked_reason, s.last_error FROM dlqd_entry_state s
+             JOIN job_dlq j ON j.id = s.dlq_id""",
+    ) == [("a", "parked", "max_replays", "max_replays (2) reached for job j1")]
+    assert sorted(await fetch(db_url, "SELECT app_id, outcome, error FROM dlqd_replay_log")) == [
+        ("a", "parked", "max_replays (2) reached for job j1"),
+        ("a", "replayed", None),
+        ("a", "replayed", None),
+        ("b", "replayed", None),
+    ]
+    await insert(db_url, [row_json(original_job_id="j1", app_id="a")])
+    with capture_logs() as logs:
+        result = await replayer.run_once(full=False)
+    assert (result.replayed, result.parked) == (0, 1)
+    assert sum(e["parked"] for e in express_batches(logs)) == 1
+    assert await fetch(
+        db_url,
+        "SELECT count(*) FROM dlqd_entry_state WHERE parked_reason = 'max_replays'",
+    ) == [(2,)]
+
+
+async def test_express_defers_a_job_whose_slot_it_cannot_trust(
+    db_url: str, pool: AsyncConnectionPool[Any], sink: None
+) -> None:
+    """A slot another transaction holds, or stamped by a transaction this
+    statement's snapshot cannot see (a replay of the job committed after the
+    statement began): the express page leaves the job to the ordinary path,
+    which recounts it under the lock."""
+    capped = [{"name": "capped", "max_replays": 1, "target": {"kind": "sql", "statement": SINK}}]
+    replayer = replayer_for(pool, _settings(db_url, capped))
+    slot_of = "SELECT dlqd_slot(json_build_array('job', 'a', %s::text)::text)"
+    async with await psycopg.AsyncConnection.connect(db_url) as holder:
+        # held: neither path takes it (SKIP LOCKED), the row waits
+        cur = await holder.execute(
+            f"SELECT slot FROM dlqd_lock_slots WHERE slot = ({slot_of}) FOR UPDATE", ["held"]
+        )
+        assert await cur.fetchone() is not None
+        await insert(db_url, [row_json(original_job_id="held", app_id="a")])
+        result = await replayer.run_once(full=False)
+        assert result.replayed == 0
+        await holder.rollback()
+    # the ordinary path deferred it a moment (due again shortly): then it replays
+    await until_replayed(replayer, 1)
+    # stamped by a transaction no snapshot of now can see: express defers, the
+    # ordinary path (a statement of its own, under the lock) replays it
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        await conn.execute(
+            f"""UPDATE dlqd_lock_slots
+                   SET writer = (pg_current_xact_id()::text::bigint + 1000000)::text::xid8
+                 WHERE slot = ({slot_of})""",
+            ["late"],
+        )
+    await insert(db_url, [row_json(original_job_id="late", app_id="a")])
+    with capture_logs() as logs:
+        result = await replayer.run_once(full=False)
+    assert result.replayed == 1
+    assert sum(e["replayed"] for e in express_batches(logs)) == 0
+    assert [e for e in logs if e["event"] == "batch" and not e.get("express")]
+
+
+async def test_replicas_replaying_returns_of_one_job_at_once_stay_within_max_replays(
+    db_url: str, pool: AsyncConnectionPool[Any], sink: None
+) -> None:
+    """Three replayers on one inbox of many returns of a few jobs, round after
+    round: no job is replayed more than max_replays times, whichever path,
+    replica or moment took its returns."""
+    capped = [{"name": "capped", "max_replays": 3, "target": {"kind": "sql", "statement": SINK}}]
+    current = _settings(db_url, capped, replay={"batch_size": 7})
+    replayers = [replayer_for(pool, current) for _ in range(3)]
+    for round_ in range(4):
+        await insert(
+            db_url,
+            [row_json(original_job_id=f"j{i % 5}", app_id="a") for i in range(40)],
+        )
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for replayer in replayers:
+                    tg.start_soon(replayer.run_once)
+        # whatever a replica deferred (due again shortly), later passes finish
+        await until_settled(db_url, replayers)
+        counts = dict(
+            await fetch(
+                db_url,
+                "SELECT original_job_id, count(*) FROM dlqd_replay_log"
+                " WHERE outcome = 'replayed' GROUP BY 1",
+            )
+        )
+        assert counts == {f"j{i}": 3 for i in range(5)}, (round_, counts)
+    parked = await fetch(
+        db_url,
+        "SELECT count(*) FROM dlqd_entry_state WHERE parked_reason = 'max_replays'",
+    )
+    assert parked == [(4 * 40 - 5 * 3,)]  # every other return parked max_replays

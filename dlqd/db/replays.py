@@ -185,10 +185,14 @@ async def replay_counts(
 
 
 @translated
-async def lock_slots(conn: Connection, keys: Sequence[str]) -> set[str]:
-    """Of ``keys``, those whose lock slot this transaction now holds (never waits)."""
-    cur = await conn.execute(q("lock_slots"), {"keys": list(keys)})
-    return {row["key"] for row in await cur.fetchall()}
+async def lock_slots(conn: Connection, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Of ``keys`` ((app_id, original_job_id) of jobs under max_replays), those
+    whose lock slot this transaction now holds (never waits), stamped with it."""
+    cur = await conn.execute(
+        q("lock_slots"),
+        {"app_ids": [k[0] for k in keys], "job_ids": [k[1] for k in keys]},
+    )
+    return {(row["app_id"], row["original_job_id"]) for row in await cur.fetchall()}
 
 
 @translated

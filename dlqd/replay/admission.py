@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from datetime import timedelta
 
 from dlqd.db import replays
 from dlqd.db.connector import Connection
 from dlqd.replay.batch import Batch, Item
-from dlqd.replay.evaluate import JobKey, _park_max_replays, job_key
-
-
-def _slot_key(key: JobKey) -> str:
-    return json.dumps(["job", *key], separators=(",", ":"))
+from dlqd.replay.evaluate import _park_max_replays, job_key
 
 
 async def enforce_max_replays(
@@ -26,8 +21,8 @@ async def enforce_max_replays(
     if not limited:
         return items, []
     keys = sorted({job_key(i.row) for i in limited})
-    held = await replays.lock_slots(conn, [_slot_key(k) for k in keys])
-    locked = [k for k in keys if _slot_key(k) in held]
+    held = await replays.lock_slots(conn, keys)
+    locked = [k for k in keys if k in held]
     counts = await replays.replay_counts(conn, locked, retention)
     keep: list[Item] = []
     deferred: list[Item] = []
@@ -37,7 +32,7 @@ async def enforce_max_replays(
             keep.append(item)
             continue
         key = job_key(item.row)
-        if _slot_key(key) not in held:
+        if key not in held:
             deferred.append(item)
             continue
         if counts.get(key, 0) >= policy.max_replays:

@@ -4,13 +4,18 @@ A new row (an inbox entry with no schedule row, valid) goes express when the
 first policy that matches it can be applied without Python:
 
 - a park policy: the row gets its ``parked_policy`` schedule row;
-- a replay policy without ``max_replays`` or dry run, whose delay is known in
-  SQL (none, fixed, or exponential for a job never replayed; its jitter by
+- a replay policy that is not a dry run, whose delay is known in SQL (none,
+  fixed, or exponential for a job never replayed; its jitter by
   ``dlqd_jittered_us``, the integers ``policy.jittered_micros`` computes): a
   row not due yet gets its ``waiting`` schedule row at ``dlq_at + delay``; a
   due row is replayed at once when the policy has no rate limit, its circuit
   is closed, and its target runs over a set (a ``sql`` statement over
-  ``replayed``, or a ``notify`` channel).
+  ``replayed``, or a ``notify`` channel). With ``max_replays``, the job's
+  replays within the log's retention are counted in the statement: a job at
+  its limit is parked (``max_replays``), one below it replays under its lock
+  slot, and one whose slot another replica holds, or whose slot a
+  transaction the statement cannot see has written (a replay committed
+  meanwhile), is left to the ordinary path, which recounts it under the lock.
 
 The policies' matches are compiled to SQL (``LIKE`` for globs without a
 character class). One statement claims the page ``FOR UPDATE SKIP LOCKED``,
@@ -77,12 +82,13 @@ def express_kind(policy: Policy, settings: Settings) -> Kind | None:
     known without Python (``fixed``; ``exp``: exponential, known for a job never
     replayed, the only case it is taken), replaying the due ones at once when
     the policy is also :func:`express_target`. None: the ordinary path decides
-    (dry runs; ``max_replays``, which counts)."""
+    (dry runs). ``max_replays`` is counted in the statement, under the job's
+    lock slot (migration 016)."""
     if policy.dry_run or settings.dry_run:
         return None
     if policy.action == "park":
         return "park"
-    if policy.max_replays is not None or settings.target_for(policy) is None:
+    if settings.target_for(policy) is None:
         return None
     if policy.delay.total_seconds() == 0:
         return "fixed"  # no delay: neither the backoff nor the jitter matters
@@ -153,6 +159,7 @@ def plan(settings: Settings, age_buckets: Sequence[float]) -> ExpressPlan | None
         "kinds": kinds,
         "delays": delays,
         "jitters": [round(p.jitter * JITTER_SCALE) for p in settings.policies],
+        "max_replays": [p.max_replays for p in settings.policies],
         "fingerprint": settings.policies_fingerprint,
         "retention": settings.purge.log_retention,
         # width_bucket counts the bounds <= its operand: over the negated bounds,
@@ -192,7 +199,7 @@ def parse_page(row: dict[str, Any], after_seq: int, names: Sequence[str]) -> Exp
             rows, buckets, total = page.replayed.get(name, (0, {}, 0.0))
             buckets[int(bucket)] = buckets.get(int(bucket), 0) + int(n)
             page.replayed[name] = (rows + int(n), buckets, total + float(lag_sum))
-        elif action == "park":
+        elif action in ("park", "park_max"):
             page.parked[name] = page.parked.get(name, 0) + int(n)
         else:
             page.scheduled += int(n)
