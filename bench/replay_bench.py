@@ -312,7 +312,15 @@ def seeded(admin: str, stack: ExitStack, backlog: int, types: int = 1) -> str:
     return url
 
 
-def drain(admin: str, backlog: int, workdir: Path, stack: ExitStack, forms: list[str]) -> None:
+def drain(
+    admin: str,
+    backlog: int,
+    workdir: Path,
+    stack: ExitStack,
+    forms: list[str],
+    *,
+    max_replays: int | None = None,
+) -> None:
 
     # plain-SQL limits: everything in one statement; then batches of BATCH rows
     # claimed with SKIP LOCKED, marked and sunk, one statement per batch, on 1
@@ -359,12 +367,13 @@ def drain(admin: str, backlog: int, workdir: Path, stack: ExitStack, forms: list
         ("set-based", SINK_SET_STATEMENT, 1, 4),
     ]
     for form, statement, concurrency, daemons in (r for r in runs if r[0] in forms):
+        capped = "" if max_replays is None else f"max_replays = {max_replays}\n"
         config = f"""
 [listen]
 poll_interval = "1h"
 [[policies]]
 name = "all"
-target = {{ kind = "sql", statement = "{statement}" }}
+{capped}target = {{ kind = "sql", statement = "{statement}" }}
 [replay]
 batch_size = {BATCH}
 """
@@ -520,6 +529,9 @@ def main() -> None:
     parser.add_argument(
         "--forms", default="per-row,set-based", help="drain target forms to run (comma-separated)"
     )
+    parser.add_argument(
+        "--max-replays", type=int, help="the drain's policy counts replays (max_replays = N)"
+    )
     args = parser.parse_args()
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         admin = server_url(stack, system=args.system_server)
@@ -530,7 +542,8 @@ def main() -> None:
                 admin, args.latency_rows, args.waiting, Path(tmp), stack, jitter=args.jitter
             )
         if not args.latency_only:
-            drain(admin, args.backlog, Path(tmp), stack, args.forms.split(","))
+            forms = args.forms.split(",")
+            drain(admin, args.backlog, Path(tmp), stack, forms, max_replays=args.max_replays)
             if args.mix:
                 policy_mix(admin, args.backlog, Path(tmp), stack)
 

@@ -13,10 +13,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import anyio
 import psycopg
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,10 +154,14 @@ async def pgqueuer_enqueue(
     return [int(i) for i in ids]
 
 
-async def pgqueuer_worker(db_url: str, batch_size: int = 10) -> None:
+async def pgqueuer_worker(
+    db_url: str, batch_size: int = 10, until: Callable[[], Awaitable[bool]] | None = None
+) -> None:
     """PgQueuer's own QueueManager, in drain mode: until the queue is empty.
     Entrypoint ``flaky`` counts runs by its payload's key (on_failure="hold");
-    ``doomed`` always fails (hold too)."""
+    ``doomed`` always fails (hold too); ``retrying`` asks for a retry (in an
+    hour) on its first failed run, and fails for good on a later one. With
+    ``until``: in continuous mode, until that condition holds."""
     import json
 
     from pgqueuer import PgQueuer
@@ -175,11 +181,38 @@ async def pgqueuer_worker(db_url: str, batch_size: int = 10) -> None:
         async def doomed(job: Job) -> None:
             raise RuntimeError("doomed")
 
-        await pgq.qm.run(
-            mode=QueueExecutionMode.drain,
-            dequeue_timeout=timedelta(seconds=1),
-            batch_size=batch_size,
-        )
+        @pgq.entrypoint("retrying", on_failure="hold")
+        async def retrying(job: Job) -> None:
+            from pgqueuer import RetryRequested
+
+            assert job.payload is not None
+            key = json.loads(job.payload)["key"]
+            try:
+                await run_once(db_url, key)
+            except ValueError:
+                if runs(db_url, key) == 1:  # the first run asks for a retry, in an hour
+                    raise RetryRequested(delay=timedelta(hours=1), reason="later") from None
+                raise
+
+        if until is None:
+            await pgq.qm.run(
+                mode=QueueExecutionMode.drain,
+                dequeue_timeout=timedelta(seconds=1),
+                batch_size=batch_size,
+            )
+            return
+
+        async def watch() -> None:
+            # a job retried later keeps the queue from draining: stop the
+            # worker as its own shutdown does, once the state asked for is reached
+            while not await until():  # noqa: ASYNC110 - the state lives in the database
+                await anyio.sleep(0.05)
+            pgq.qm.shutdown.set()
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watch)
+                await pgq.qm.run(dequeue_timeout=timedelta(seconds=0.2), batch_size=batch_size)
 
 
 # --------------------------------------------------------------------------- River

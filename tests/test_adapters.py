@@ -314,6 +314,37 @@ target = { kind = "pgqueuer" }
     assert len(captured(db_url)) == 1
 
 
+async def test_pgqueuer_retry_that_is_not_final_captures_nothing(db_url: str) -> None:
+    install_pgqueuer(db_url)
+    installed(db_url, "pgqueuer")
+    prepare_runs(db_url, "p2", fail_first=5)
+    [job_id] = await pgqueuer_enqueue(db_url, "retrying", [b'{"key": "p2"}'], {})
+
+    async def retried() -> bool:
+        found = await scalar(
+            db_url, "SELECT status::text || attempts FROM pgqueuer WHERE id = %s", [job_id]
+        )
+        return bool(found == "queued1")
+
+    await pgqueuer_worker(db_url, until=retried)  # RetryRequested: queued again, in an hour
+    assert runs(db_url, "p2") == 1
+    status = await scalar(db_url, "SELECT status::text FROM pgqueuer WHERE id = %s", [job_id])
+    assert status == "queued"
+    assert captured(db_url) == []
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("UPDATE pgqueuer SET execute_after = now() WHERE id = %s", [job_id])
+    await pgqueuer_worker(db_url)  # the second run fails for good (hold)
+    assert runs(db_url, "p2") == 2
+    [row] = captured(db_url)
+    assert (row["original_job_id"], row["attempts"], row["error_reason"]) == (
+        str(job_id),
+        2,
+        "ValueError",
+    )
+    # the retry's record and the failure's, oldest first
+    assert [e["status"] for e in row["error_history"]] == ["queued", "failed"]
+
+
 async def test_pgqueuer_failures_logged_in_one_statement_capture_every_job(
     db_url: str,
 ) -> None:
@@ -833,6 +864,13 @@ async def test_no_tenant_can_use_the_capture(db_url: str) -> None:
     only the owner may attach a capture function to a table."""
     install_procrastinate(db_url)
     installed(db_url, "procrastinate")
+    with psycopg.connect(db_url) as conn:
+        [config] = conn.execute(
+            "SELECT proconfig FROM pg_proc WHERE prosecdef"
+            " AND proname = 'dlqd_capture_procrastinate_public'"
+        ).fetchone() or [None]
+    # the capture runs with the owner's rights: no name a caller defines reaches it
+    assert config == ["search_path=pg_catalog, public, pg_temp"]
     tenant = as_role(db_url, "dlqd_app")
     with psycopg.connect(tenant, autocommit=True) as conn:
         conn.execute("SET app.current_app_id = 'attacker'")
