@@ -96,30 +96,74 @@ WITH candidates AS MATERIALIZED (
                        WHERE b.action = 'replay' AND b.max_replays IS NOT NULL)
      ORDER BY s.slot
        FOR UPDATE SKIP LOCKED
-), chosen AS MATERIALIZED (
+), gated AS MATERIALIZED (
     -- a job under max_replays replays with its slot held, and only when this
     -- statement's snapshot sees the slot's last writer (else a replay of it
     -- committed meanwhile: deferred, the ordinary path recounts); the page's
     -- returns of one job count one after another. Deferred rows (action NULL)
     -- stay in the inbox.
+    SELECT b.seq, b.id, b.original_job_id, b.app_id, b.type, b.row_bytes, b.policy,
+           b.due_at, b.max_replays, b.slot,
+           (%(rates)s::float8[])[b.policy + 1] AS rate,
+           CASE WHEN (%(rate_per_app)s::bool[])[b.policy + 1] THEN b.app_id ELSE '' END
+               AS scope,
+           CASE WHEN b.action <> 'replay' OR b.max_replays IS NULL THEN b.action
+                WHEN NOT EXISTS (
+                     SELECT FROM slots s
+                      WHERE s.slot = b.slot
+                        AND (s.writer IS NULL
+                             OR pg_visible_in_snapshot(s.writer, pg_current_snapshot())))
+                     THEN NULL
+                WHEN b.replays + row_number() OVER (
+                         PARTITION BY b.app_id, b.original_job_id,
+                                      b.action = 'replay' AND b.max_replays IS NOT NULL
+                         ORDER BY b.seq) > b.max_replays
+                     THEN 'park_max'
+                ELSE 'replay' END AS action
+      FROM budgeted b
+), buckets AS MATERIALIZED (
+    -- the token buckets of the page's rate-limited rows (the ordinary path's
+    -- buckets_take, the same rows): refilled for the time since they were
+    -- touched, locked SKIP LOCKED (a bucket another replica holds, or one not
+    -- made yet: no tokens now, its rows take the ordinary path)
+    SELECT b.policy AS name, b.scope, w.policy,
+           least(w.burst, b.tokens + greatest(0, extract(epoch FROM clock_timestamp()
+                                                                   - b.updated_at))
+                                     * w.rate) AS available
+      FROM dlqd_rate_buckets b
+      JOIN (SELECT DISTINCT g.policy, (%(names)s::text[])[g.policy + 1] AS name, g.scope,
+                   g.rate, (%(bursts)s::float8[])[g.policy + 1] AS burst
+              FROM gated g
+             WHERE g.action = 'replay' AND g.rate IS NOT NULL) w
+        ON b.policy = w.name AND b.scope = w.scope
+     ORDER BY b.policy, b.scope
+       FOR UPDATE OF b SKIP LOCKED
+), chosen AS MATERIALIZED (
+    -- a rate-limited policy's rows replay as far as its bucket's whole tokens
+    -- go, in inbox order; the rest stay in the inbox (the ordinary path
+    -- schedules them for the next token)
     SELECT * FROM (
-        SELECT b.seq, b.id, b.original_job_id, b.app_id, b.type, b.row_bytes, b.policy,
-               b.due_at, b.max_replays, b.slot,
-               CASE WHEN b.action <> 'replay' OR b.max_replays IS NULL THEN b.action
-                    WHEN NOT EXISTS (
-                         SELECT FROM slots s
-                          WHERE s.slot = b.slot
-                            AND (s.writer IS NULL
-                                 OR pg_visible_in_snapshot(s.writer, pg_current_snapshot())))
-                         THEN NULL
-                    WHEN b.replays + row_number() OVER (
-                             PARTITION BY b.app_id, b.original_job_id,
-                                          b.action = 'replay' AND b.max_replays IS NOT NULL
-                             ORDER BY b.seq) > b.max_replays
-                         THEN 'park_max'
-                    ELSE 'replay' END AS action
-          FROM budgeted b) g
-     WHERE g.action IS NOT NULL
+        SELECT g.seq, g.id, g.original_job_id, g.app_id, g.type, g.row_bytes, g.policy,
+               g.due_at, g.max_replays, g.slot, g.rate, g.scope,
+               CASE WHEN g.action IS NULL THEN NULL
+                    WHEN g.action <> 'replay' OR g.rate IS NULL THEN g.action
+                    WHEN row_number() OVER (
+                             PARTITION BY g.policy, g.scope,
+                                          g.action = 'replay' AND g.rate IS NOT NULL
+                             ORDER BY g.seq) <= coalesce(floor(k.available), 0)
+                         THEN 'replay'
+                    END AS action
+          FROM gated g
+          LEFT JOIN buckets k ON k.policy = g.policy AND k.scope = g.scope) r
+     WHERE r.action IS NOT NULL
+), taken AS (
+    UPDATE dlqd_rate_buckets b
+       SET tokens = k.available - t.n, updated_at = clock_timestamp()
+      FROM buckets k
+      JOIN (SELECT c.policy, c.scope, count(*) AS n FROM chosen c
+             WHERE c.action = 'replay' AND c.rate IS NOT NULL
+             GROUP BY 1, 2) t ON t.policy = k.policy AND t.scope = k.scope
+     WHERE b.policy = k.name AND b.scope = k.scope
 ), stamped AS (
     UPDATE dlqd_lock_slots s SET writer = pg_current_xact_id()
      WHERE s.slot IN (SELECT c.slot FROM chosen c

@@ -210,10 +210,12 @@ def test_which_policies_go_express(db_url: str) -> None:
         "fixed",
     ]  # fmt: skip
     # due rows replay at once for these (capped: counted in the statement, under
-    # the job's lock slot); the others' go the ordinary way
+    # the job's lock slot; limited: tokens taken in the statement); the others'
+    # go the ordinary way
     assert {p.name for p in express.policies.values()} == {
-        "delayed", "fixed", "jittery", "jitter-now", "capped", "fast", "elsewhere",
+        "delayed", "fixed", "jittery", "jitter-now", "capped", "limited", "fast", "elsewhere",
     }  # fmt: skip
+    assert express.params["rates"][5] == 5.0
     assert express.params["max_replays"][4] == 3
     # two targets, each a CTE over its own policies' rows
     text = express.text.as_string()
@@ -911,3 +913,60 @@ async def test_replicas_replaying_returns_of_one_job_at_once_stay_within_max_rep
         "SELECT count(*) FROM dlqd_entry_state WHERE parked_reason = 'max_replays'",
     )
     assert parked == [(4 * 40 - 5 * 3,)]  # every other return parked max_replays
+
+
+# ---------------------------------------------------------------- rate limits
+
+
+async def test_express_takes_a_rate_limits_tokens_in_the_statement(
+    db_url: str, pool: AsyncConnectionPool[Any], sink: None
+) -> None:
+    """A policy limited to 5/s (a bucket of 5), per tenant: an express page
+    replays as many rows of each tenant as its bucket has whole tokens, in
+    inbox order, and takes them; the rest go the ordinary way, which finds
+    the buckets empty and schedules them for the next token."""
+    limited = [
+        {"name": "limited", "rate_limit": "5/s", "rate_limit_per": "app_id",
+         "target": {"kind": "sql", "statement": SINK}},
+    ]  # fmt: skip
+    replayer = replayer_for(pool, _settings(db_url, limited))
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        # the buckets exist (the ordinary path makes them): full, and one
+        # another replica holds (no tokens to be had from it now)
+        await conn.execute(
+            """INSERT INTO dlqd_rate_buckets (policy, scope, tokens, updated_at)
+               VALUES ('limited', 'a', 5, now()), ('limited', 'b', 3, now()),
+                      ('limited', 'held', 5, now())"""
+        )
+    rows = [row_json(original_job_id=f"a{i}", app_id="a") for i in range(8)]
+    rows += [row_json(original_job_id=f"b{i}", app_id="b") for i in range(8)]
+    rows += [row_json(original_job_id=f"h{i}", app_id="held") for i in range(2)]
+    await insert(db_url, rows)
+    async with await psycopg.AsyncConnection.connect(db_url) as holder:
+        await holder.execute("SELECT FROM dlqd_rate_buckets WHERE scope = 'held' FOR UPDATE")
+        with capture_logs() as logs:
+            await replayer.run_once(full=False)
+        await holder.rollback()
+    express_replayed = sum(e["replayed"] for e in express_batches(logs))
+    assert express_replayed == 8  # 5 of a, 3 of b, none of held
+    by_app = dict(
+        await fetch(
+            db_url,
+            "SELECT app_id, count(*) FROM job_dlq WHERE replayed_at IS NOT NULL GROUP BY 1",
+        )
+    )
+    # the ordinary path may have had a token refilled meanwhile, no more
+    assert 5 <= by_app.get("a", 0) <= 6
+    assert 3 <= by_app.get("b", 0) <= 4
+    assert by_app.get("held", 0) <= 1
+    # in inbox order (the insert trigger's: dlq_at, id): each tenant's first rows went
+    order = await fetch(
+        db_url,
+        "SELECT app_id, replayed_at IS NOT NULL FROM job_dlq ORDER BY app_id, dlq_at, id",
+    )
+    for app in ("a", "b"):
+        done = [replayed for tenant, replayed in order if tenant == app]
+        assert done == sorted(done, reverse=True), (app, done)  # a prefix, then none
+    tokens = dict(await fetch(db_url, "SELECT scope, tokens FROM dlqd_rate_buckets"))
+    assert tokens["a"] < 1.5
+    assert tokens["b"] < 1.5

@@ -8,8 +8,10 @@ first policy that matches it can be applied without Python:
   fixed, or exponential for a job never replayed; its jitter by
   ``dlqd_jittered_us``, the integers ``policy.jittered_micros`` computes): a
   row not due yet gets its ``waiting`` schedule row at ``dlq_at + delay``; a
-  due row is replayed at once when the policy has no rate limit, its circuit
-  is closed, and its target runs over a set (a ``sql`` statement over
+  due row is replayed at once when its circuit is closed, a token of its
+  rate limit is left in the bucket (taken in the statement; rows beyond the
+  bucket's tokens are left to the ordinary path, which schedules them for
+  the next token), and its target runs over a set (a ``sql`` statement over
   ``replayed``, or a ``notify`` channel). With ``max_replays``, the job's
   replays within the log's retention are counted in the statement: a job at
   its limit is parked (``max_replays``), one below it replays under its lock
@@ -98,9 +100,10 @@ def express_kind(policy: Policy, settings: Settings) -> Kind | None:
 
 def express_target(policy: Policy, settings: Settings) -> ExpressTarget | None:
     """The target an express page replays ``policy``'s due rows into, or None
-    when they take the ordinary path (rate limits are taken there; an http
-    target cannot share the transaction; a per-row statement runs per row)."""
-    if express_kind(policy, settings) not in ("fixed", "exp") or policy.rate_limit is not None:
+    when they take the ordinary path (an http target cannot share the
+    transaction; a per-row statement runs per row). A rate limit's tokens are
+    taken in the statement, from the deployment-wide bucket."""
+    if express_kind(policy, settings) not in ("fixed", "exp"):
         return None
     target = settings.target_for(policy)
     if isinstance(target, NotifyTarget):
@@ -160,6 +163,10 @@ def plan(settings: Settings, age_buckets: Sequence[float]) -> ExpressPlan | None
         "delays": delays,
         "jitters": [round(p.jitter * JITTER_SCALE) for p in settings.policies],
         "max_replays": [p.max_replays for p in settings.policies],
+        # rate limits: the deployment-wide buckets, taken in the statement
+        "rates": [p.rate_limit.per_second if p.rate_limit else None for p in settings.policies],
+        "bursts": [p.rate_limit.burst if p.rate_limit else None for p in settings.policies],
+        "rate_per_app": [p.rate_limit_per == "app_id" for p in settings.policies],
         "fingerprint": settings.policies_fingerprint,
         "retention": settings.purge.log_retention,
         # width_bucket counts the bounds <= its operand: over the negated bounds,
