@@ -85,6 +85,21 @@ def _admin_execute(url: str, statement: sql.Composable) -> None:
         conn.execute(statement)
 
 
+#: roles are cluster-wide: suites running side by side (xdist workers, two
+#: checkouts) would update the same catalog rows at once ("tuple concurrently
+#: updated"). This lock, taken in the server's own postgres database, serialises
+#: every run of sql/roles.sql on the shared server.
+ROLES_LOCK = "SELECT pg_advisory_lock(hashtextextended('dlqd:roles', 0))"
+
+
+def apply_roles(url: str, admin_url: str) -> None:
+    """sql/roles.sql on ``url``, one run at a time on the server."""
+    with psycopg.connect(admin_url, autocommit=True) as guard:
+        guard.execute(ROLES_LOCK)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute((sql_dir() / "roles.sql").read_text().encode())
+
+
 @pytest.fixture(scope="session")
 def template_db(admin_url: str) -> Iterator[str]:
     """A database with every migration and sql/roles.sql applied; cloned per test."""
@@ -94,13 +109,10 @@ def template_db(admin_url: str) -> Iterator[str]:
 
     async def prepare() -> None:
         conn = await connect(url, autocommit=True)
-        # Roles are cluster-wide: suites running side by side (xdist workers,
-        # two checkouts) would update the same catalog rows at once. A lock
-        # in the server's own postgres database serialises them.
-        guard = await connect(admin_url, autocommit=True)
+        guard = await connect(admin_url, autocommit=True)  # see ROLES_LOCK
         try:
             await migrate(conn)
-            await guard.execute("SELECT pg_advisory_lock(hashtextextended('dlqd:roles', 0))")
+            await guard.execute(ROLES_LOCK)
             roles = (sql_dir() / "roles.sql").read_text()
             await conn.execute(roles.encode())
         finally:

@@ -27,7 +27,7 @@ from psycopg.types.json import Jsonb
 
 from dlqd.db.connector import connect
 from dlqd.db.migrations import migrate
-from tests.conftest import as_role, dlqd_cli, with_dbname
+from tests.conftest import apply_roles, as_role, dlqd_cli, with_dbname
 from tests.daemon_helpers import (
     SINK_STATEMENT,
     DaemonProcess,
@@ -78,10 +78,7 @@ def owned_db(request: pytest.FixtureRequest, admin_url: str, template_db: str) -
                 await owner_conn.close()
 
         anyio.run(as_owner)
-        from dlqd.db.queries import sql_dir
-
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute((sql_dir() / "roles.sql").read_text().encode())
+        apply_roles(url, admin_url)  # one run at a time: roles are cluster-wide
     try:
         yield url
     finally:
