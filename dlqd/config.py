@@ -300,9 +300,7 @@ class JobSystemTarget(_Frozen):
     run_at_delay: Duration | None = None
     """Run the job this long after its replay; default: at once."""
 
-    model_config = ConfigDict(
-        frozen=True, extra="forbid", use_attribute_docstrings=True, populate_by_name=True
-    )
+    model_config = ConfigDict(populate_by_name=True)  # merged with _Frozen's
 
     @model_validator(mode="after")
     def _overrides_it_takes(self) -> JobSystemTarget:

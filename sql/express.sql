@@ -85,7 +85,10 @@ WITH candidates AS MATERIALIZED (
         SELECT p.*, sum(p.row_bytes) FILTER (WHERE p.action = 'replay')
                         OVER (ORDER BY p.seq) AS running_bytes,
                (%(max_replays)s::int[])[p.policy + 1] AS max_replays,
-               dlqd_slot(json_build_array('job', p.app_id, p.original_job_id)::text) AS slot
+               -- the job's lock slot: only what max_replays counts needs one
+               CASE WHEN (%(max_replays)s::int[])[p.policy + 1] IS NOT NULL
+                    THEN dlqd_slot(json_build_array('job', p.app_id, p.original_job_id)::text)
+                    END AS slot
           FROM picked p) r
      WHERE r.action <> 'replay' OR r.running_bytes - r.row_bytes < %(max_bytes)s
 ), slots AS MATERIALIZED (
@@ -152,7 +155,11 @@ WITH candidates AS MATERIALIZED (
                                           g.action = 'replay' AND g.rate IS NOT NULL
                              ORDER BY g.seq) <= coalesce(floor(k.available), 0)
                          THEN 'replay'
-                    END AS action
+                    END AS action,
+               -- what a row over max_replays is parked and logged with
+               CASE WHEN g.action = 'park_max'
+                    THEN format('max_replays (%%s) reached for job %%s', g.max_replays,
+                                left(g.original_job_id, 200)) END AS max_error
           FROM gated g
           LEFT JOIN buckets k ON k.policy = g.policy AND k.scope = g.scope) r
      WHERE r.action IS NOT NULL
@@ -180,18 +187,14 @@ WITH candidates AS MATERIALIZED (
            CASE WHEN p.action = 'wait' THEN p.due_at END, 0,
            CASE WHEN p.action = 'park_max' THEN 'max_replays' END,
            CASE WHEN p.action = 'park_max' THEN p.max_error END
-      FROM (SELECT c.*, format('max_replays (%%s) reached for job %%s', c.max_replays,
-                               left(c.original_job_id, 200)) AS max_error
-              FROM chosen c) p
+      FROM chosen p
      WHERE p.action <> 'replay'
 ), parked_logged AS (
     -- a park policy's rows and those over max_replays, logged as the
     -- ordinary path logs them
     INSERT INTO dlqd_replay_log (dlq_id, original_job_id, app_id, policy, outcome, error, manual)
     SELECT p.id, p.original_job_id, p.app_id, (%(names)s::text[])[p.policy + 1], 'parked',
-           CASE WHEN p.action = 'park' THEN 'parked by policy'
-                ELSE format('max_replays (%%s) reached for job %%s', p.max_replays,
-                            left(p.original_job_id, 200)) END,
+           CASE WHEN p.action = 'park' THEN 'parked by policy' ELSE p.max_error END,
            false
       FROM chosen p
      WHERE p.action IN ('park', 'park_max')

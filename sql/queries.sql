@@ -1002,12 +1002,40 @@ SELECT t.tgname AS trigger, obj_description(t.tgfoid, 'pg_proc') AS installed_by
   FROM pg_trigger t
  WHERE t.tgrelid = to_regclass(%(table)s) AND t.tgname = 'dlqd_capture'
 
--- name: adapter_function_rights
--- Composed into every capture's install, after its function: nobody but its
--- owner may attach it to a table (CREATE TRIGGER needs EXECUTE); the comment
--- says which dlqd made it.
+-- name: adapter_capture
+-- Composed (dlqd/db/compose.py): an adapter's capture, installed in one
+-- transaction. The function runs as its owner (it calls dlqd_capture, which
+-- only the owner may), with a pinned search path; nobody but its owner may
+-- attach it to a table (CREATE TRIGGER needs EXECUTE); its comment says which
+-- dlqd made it. The adapter's file gives the pieces declare (its variables,
+-- v_extra among them: what dlqd_adapter_jobs keeps), capture (its call of
+-- dlqd_capture) and triggers; app_id is a constant or the operator's
+-- expression over the row job (planned first).
+CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, {dlqd_schema}, pg_temp
+AS $dlqd_capture$
+DECLARE
+    job     {jobs}%ROWTYPE := NEW;
+    v_app   text;
+    {declare}
+BEGIN
+    BEGIN
+        v_app := ({app_id})::text;
+    EXCEPTION WHEN OTHERS THEN
+        -- the job is captured all the same, under the adapter's name, and says why
+        v_extra := v_extra || jsonb_build_object('app_id_error', SQLERRM);
+    END;
+    {capture}
+    RETURN NULL;
+END
+$dlqd_capture$;
 REVOKE ALL ON FUNCTION {function}() FROM PUBLIC;
-COMMENT ON FUNCTION {function}() IS {comment}
+COMMENT ON FUNCTION {function}() IS {comment};
+DROP TRIGGER IF EXISTS dlqd_capture ON {jobs};
+DROP TRIGGER IF EXISTS dlqd_capture_update ON {jobs};
+{triggers}
 
 -- name: adapter_uninstall
 -- Composed (dlqd/db/compose.py): the capture triggers and their function, and

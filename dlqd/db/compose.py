@@ -254,16 +254,18 @@ def adapter_install(
     is a constant, or an expression over ``job`` (planned first:
     :func:`adapter_app_id_check`)."""
     names = _adapter_names(adapter, schema, dlqd_schema)
-    expression = sql.Literal(app_id) if constant else _operator_text(app_id)
-    rights = sql.SQL(q("adapter_function_rights")).format(
-        function=names["function"], comment=sql.Literal(comment)
-    )
-    return sql.SQL(adapter_q(adapter.name, "install")).format(
+    pieces = {
+        piece: sql.SQL(adapter_q(adapter.name, piece)).format(
+            **names, schema_text=sql.Literal(schema)
+        )
+        for piece in ("declare", "capture", "triggers")
+    }
+    return sql.SQL(q("adapter_capture")).format(
         **names,
+        **pieces,
         dlqd_schema=sql.Identifier(dlqd_schema),
-        schema_text=sql.Literal(schema),
-        app_id=expression,
-        function_rights=rights,
+        app_id=sql.Literal(app_id) if constant else _operator_text(app_id),
+        comment=sql.Literal(comment),
     )
 
 

@@ -1,7 +1,8 @@
 -- The Graphile Worker adapter (`dlqd adapters install graphile_worker`).
--- Composed with psycopg.sql (dlqd/db/compose.py): {names} are identifiers and
--- literals dlqd quotes, {app_id} the operator's expression (planned first);
--- a literal brace is written twice.
+-- Its pieces (declare, capture, triggers) fill the capture function of
+-- sql/queries.sql (adapter_capture); replay is its preset's statement. Composed
+-- with psycopg.sql (dlqd/db/compose.py): {names} are identifiers and literals
+-- dlqd quotes; a literal brace is written twice.
 --
 -- A job fails for good when a failed attempt leaves it unlocked with its
 -- attempts used up (attempts >= max_attempts, last_error set), or when
@@ -9,28 +10,15 @@
 -- attempts left (its run_at moved on) is not captured. The tables are
 -- Graphile Worker's private ones: checked column by column before install.
 
--- name: install
-CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, {dlqd_schema}, pg_temp
-AS $dlqd_capture$
-DECLARE
-    job     {jobs}%ROWTYPE := NEW;
-    v_app   text;
+-- name: declare
     v_task  text := (SELECT t.identifier FROM {tasks} t WHERE t.id = job.task_id);
     v_queue text := (SELECT q.queue_name FROM {queues} q WHERE q.id = job.job_queue_id);
     v_extra jsonb := jsonb_build_object(
         'schema', {schema_text}, 'queue', v_queue, 'priority', job.priority,
         'max_attempts', job.max_attempts, 'job_key', job.key, 'flags', job.flags,
         'payload_json', job.payload::text);
-BEGIN
-    BEGIN
-        v_app := ({app_id})::text;
-    EXCEPTION WHEN OTHERS THEN
-        -- the job is captured all the same, under the adapter's name, and says why
-        v_extra := v_extra || jsonb_build_object('app_id_error', SQLERRM);
-    END;
+
+-- name: capture
     PERFORM dlqd_capture(
         'graphile_worker',
         coalesce(v_app, 'graphile_worker'),
@@ -43,11 +31,8 @@ BEGIN
         jsonb_build_array(jsonb_build_object('at', job.updated_at, 'attempt', job.attempts,
                                              'error', job.last_error)),
         v_extra);
-    RETURN NULL;
-END
-$dlqd_capture$;
-{function_rights};
-DROP TRIGGER IF EXISTS dlqd_capture ON {jobs};
+
+-- name: triggers
 CREATE TRIGGER dlqd_capture AFTER UPDATE ON {jobs}
     FOR EACH ROW
     WHEN (NEW.attempts >= NEW.max_attempts AND NEW.locked_at IS NULL

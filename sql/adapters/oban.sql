@@ -1,35 +1,23 @@
 -- The Oban adapter (`dlqd adapters install oban`): Oban for Elixir, and its
 -- Python port, whose oban_jobs differ in one column (errors: jsonb[] in
 -- Elixir, jsonb in Python; to_jsonb reads both as a JSON array).
--- Composed with psycopg.sql (dlqd/db/compose.py): {names} are identifiers and
--- literals dlqd quotes, {app_id} the operator's expression (planned first);
--- a literal brace is written twice.
+-- Its pieces (declare, capture, triggers) fill the capture function of
+-- sql/queries.sql (adapter_capture); replay is its preset's statement. Composed
+-- with psycopg.sql (dlqd/db/compose.py): {names} are identifiers and literals
+-- dlqd quotes; a literal brace is written twice.
 --
 -- A job fails for good when Oban sets its state to 'discarded' (its attempts
 -- used up, or discarded by its worker), the error appended in the same
 -- UPDATE. A retry ('retryable'), a snooze and a cancel are not captured.
 
--- name: install
-CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, {dlqd_schema}, pg_temp
-AS $dlqd_capture$
-DECLARE
-    job       {jobs}%ROWTYPE := NEW;
-    v_app     text;
+-- name: declare
     v_history jsonb := coalesce(to_jsonb(job.errors), '[]'::jsonb);
     v_text    text := v_history -> -1 ->> 'error';
     v_extra   jsonb := jsonb_build_object(
         'schema', {schema_text}, 'queue', job.queue, 'priority', job.priority,
         'max_attempts', job.max_attempts, 'meta', job.meta, 'tags', to_jsonb(job.tags));
-BEGIN
-    BEGIN
-        v_app := ({app_id})::text;
-    EXCEPTION WHEN OTHERS THEN
-        -- the job is captured all the same, under the adapter's name, and says why
-        v_extra := v_extra || jsonb_build_object('app_id_error', SQLERRM);
-    END;
+
+-- name: capture
     PERFORM dlqd_capture(
         'oban',
         coalesce(v_app, 'oban'),
@@ -46,11 +34,8 @@ BEGIN
         job.attempt,
         CASE WHEN jsonb_typeof(v_history) = 'array' THEN v_history ELSE '[]'::jsonb END,
         v_extra);
-    RETURN NULL;
-END
-$dlqd_capture$;
-{function_rights};
-DROP TRIGGER IF EXISTS dlqd_capture ON {jobs};
+
+-- name: triggers
 CREATE TRIGGER dlqd_capture AFTER UPDATE OF state ON {jobs}
     FOR EACH ROW
     WHEN (NEW.state::text = 'discarded' AND OLD.state IS DISTINCT FROM NEW.state)

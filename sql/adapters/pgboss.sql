@@ -1,7 +1,8 @@
 -- The pg-boss adapter (`dlqd adapters install pgboss`), for pg-boss 10 and later.
--- Composed with psycopg.sql (dlqd/db/compose.py): {names} are identifiers and
--- literals dlqd quotes, {app_id} the operator's expression (planned first);
--- a literal brace is written twice.
+-- Its pieces (declare, capture, triggers) fill the capture function of
+-- sql/queries.sql (adapter_capture); replay is its preset's statement. Composed
+-- with psycopg.sql (dlqd/db/compose.py): {names} are identifiers and literals
+-- dlqd quotes; a literal brace is written twice.
 --
 -- pg-boss fails a job by deleting it and inserting it again, in one statement:
 -- state 'retry' while retries are left, 'failed' when they are used up. So
@@ -11,26 +12,13 @@
 -- retry, and the copy pg-boss files in a queue's own dead letter queue
 -- (state 'created'), are not captured.
 
--- name: install
-CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, {dlqd_schema}, pg_temp
-AS $dlqd_capture$
-DECLARE
-    job     {jobs}%ROWTYPE := NEW;
-    v_app   text;
+-- name: declare
     v_extra jsonb := jsonb_build_object(
         'schema', {schema_text}, 'queue', job.name, 'priority', job.priority,
         'singleton_key', job.singleton_key, 'group_id', job.group_id,
         'group_tier', job.group_tier, 'retry_limit', job.retry_limit);
-BEGIN
-    BEGIN
-        v_app := ({app_id})::text;
-    EXCEPTION WHEN OTHERS THEN
-        -- the job is captured all the same, under the adapter's name, and says why
-        v_extra := v_extra || jsonb_build_object('app_id_error', SQLERRM);
-    END;
+
+-- name: capture
     PERFORM dlqd_capture(
         'pgboss',
         coalesce(v_app, 'pgboss'),
@@ -47,12 +35,8 @@ BEGIN
             'at', coalesce(job.completed_on, now()), 'attempt', job.retry_count + 1,
             'error', job.output ->> 'name', 'message', job.output ->> 'message')),
         v_extra);
-    RETURN NULL;
-END
-$dlqd_capture$;
-{function_rights};
-DROP TRIGGER IF EXISTS dlqd_capture ON {jobs};
-DROP TRIGGER IF EXISTS dlqd_capture_update ON {jobs};
+
+-- name: triggers
 CREATE TRIGGER dlqd_capture AFTER INSERT ON {jobs}
     FOR EACH ROW
     WHEN (NEW.state::text = 'failed')

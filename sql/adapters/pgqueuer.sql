@@ -1,7 +1,8 @@
 -- The PgQueuer adapter (`dlqd adapters install pgqueuer`).
--- Composed with psycopg.sql (dlqd/db/compose.py): {names} are identifiers and
--- literals dlqd quotes, {app_id} the operator's expression (planned first);
--- a literal brace is written twice.
+-- Its pieces (declare, capture, triggers) fill the capture function of
+-- sql/queries.sql (adapter_capture); replay is its preset's statement. Composed
+-- with psycopg.sql (dlqd/db/compose.py): {names} are identifiers and literals
+-- dlqd quotes; a literal brace is written twice.
 --
 -- Only an entrypoint with on_failure="hold" keeps a job that failed for good:
 -- its worker sets the job's status to 'failed' and, in the same statement,
@@ -11,28 +12,15 @@
 -- The payload is bytea: job_dlq holds it as JSON when it is JSON text (as a
 -- base64 string otherwise), and the exact bytes are kept for the replay.
 
--- name: install
-CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, {dlqd_schema}, pg_temp
-AS $dlqd_capture$
-DECLARE
-    job       {jobs}%ROWTYPE := NEW;
-    v_app     text;
+-- name: declare
     v_payload jsonb;
     v_last    jsonb;
     v_history jsonb;
     v_extra   jsonb := jsonb_build_object(
         'schema', {schema_text}, 'priority', job.priority, 'dedupe_key', job.dedupe_key,
         'headers', job.headers, 'payload_base64', encode(job.payload, 'base64'));
-BEGIN
-    BEGIN
-        v_app := ({app_id})::text;
-    EXCEPTION WHEN OTHERS THEN
-        -- the job is captured all the same, under the adapter's name, and says why
-        v_extra := v_extra || jsonb_build_object('app_id_error', SQLERRM);
-    END;
+
+-- name: capture
     BEGIN
         v_payload := coalesce(convert_from(job.payload, 'UTF8')::jsonb, 'null'::jsonb);
     EXCEPTION WHEN OTHERS THEN
@@ -64,11 +52,8 @@ BEGIN
         job.attempts + 1,
         coalesce(v_history, '[]'::jsonb),
         v_extra);
-    RETURN NULL;
-END
-$dlqd_capture$;
-{function_rights};
-DROP TRIGGER IF EXISTS dlqd_capture ON {jobs};
+
+-- name: triggers
 CREATE TRIGGER dlqd_capture AFTER UPDATE OF status ON {jobs}
     FOR EACH ROW
     WHEN (NEW.status::text = 'failed' AND OLD.status IS DISTINCT FROM NEW.status)

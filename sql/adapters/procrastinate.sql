@@ -1,7 +1,8 @@
 -- The Procrastinate adapter (`dlqd adapters install procrastinate`).
--- Composed with psycopg.sql (dlqd/db/compose.py): {names} are identifiers and
--- literals dlqd quotes, {app_id} the operator's expression (planned first);
--- a literal brace is written twice.
+-- Its pieces (declare, capture, triggers) fill the capture function of
+-- sql/queries.sql (adapter_capture); replay is its preset's statement. Composed
+-- with psycopg.sql (dlqd/db/compose.py): {names} are identifiers and literals
+-- dlqd quotes; a literal brace is written twice.
 --
 -- A job fails for good when procrastinate_finish_job_v1 (or a retry of an
 -- aborting job) sets its status to 'failed' by an UPDATE; a retry sets it
@@ -9,25 +10,12 @@
 -- error_reason is 'failed', and error_history lists the job's failed
 -- attempts from procrastinate_events (retries, then this failure).
 
--- name: install
-CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, {dlqd_schema}, pg_temp
-AS $dlqd_capture$
-DECLARE
-    job     {jobs}%ROWTYPE := NEW;
-    v_app   text;
+-- name: declare
     v_extra jsonb := jsonb_build_object(
         'schema', {schema_text}, 'queue', job.queue_name, 'priority', job.priority,
         'lock', job.lock, 'queueing_lock', job.queueing_lock);
-BEGIN
-    BEGIN
-        v_app := ({app_id})::text;
-    EXCEPTION WHEN OTHERS THEN
-        -- the job is captured all the same, under the adapter's name, and says why
-        v_extra := v_extra || jsonb_build_object('app_id_error', SQLERRM);
-    END;
+
+-- name: capture
     PERFORM dlqd_capture(
         'procrastinate',
         coalesce(v_app, 'procrastinate'),
@@ -45,11 +33,8 @@ BEGIN
             || jsonb_build_array(jsonb_build_object('at', now(), 'error', 'failed',
                                                     'event', 'failed')),
         v_extra);
-    RETURN NULL;
-END
-$dlqd_capture$;
-{function_rights};
-DROP TRIGGER IF EXISTS dlqd_capture ON {jobs};
+
+-- name: triggers
 CREATE TRIGGER dlqd_capture AFTER UPDATE OF status ON {jobs}
     FOR EACH ROW
     WHEN (NEW.status::text = 'failed' AND OLD.status IS DISTINCT FROM NEW.status)

@@ -1,33 +1,22 @@
 -- The River adapter (`dlqd adapters install river`).
--- Composed with psycopg.sql (dlqd/db/compose.py): {names} are identifiers and
--- literals dlqd quotes, {app_id} the operator's expression (planned first).
+-- Its pieces (declare, capture, triggers) fill the capture function of
+-- sql/queries.sql (adapter_capture); replay is its preset's statement. Composed
+-- with psycopg.sql (dlqd/db/compose.py): {names} are identifiers and literals
+-- dlqd quotes; a literal brace is written twice.
 --
 -- A job fails for good when River's client sets its state to 'discarded'
 -- (its attempts used up, the error appended to `errors` in the same UPDATE).
 -- A retry sets it to 'retryable' and is not captured; nor is a job the
 -- unique-job scheduler discards as a duplicate (marked in its metadata).
 
--- name: install
-CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, {dlqd_schema}, pg_temp
-AS $dlqd_capture$
-DECLARE
-    job     {jobs}%ROWTYPE := NEW;
-    v_app   text;
+-- name: declare
     v_last  jsonb := job.errors[array_upper(job.errors, 1)];
     v_extra jsonb := jsonb_build_object(
         'schema', {schema_text}, 'queue', job.queue, 'priority', job.priority,
         'max_attempts', job.max_attempts, 'metadata', job.metadata,
         'tags', to_jsonb(job.tags));
-BEGIN
-    BEGIN
-        v_app := ({app_id})::text;
-    EXCEPTION WHEN OTHERS THEN
-        -- the job is captured all the same, under the adapter's name, and says why
-        v_extra := v_extra || jsonb_build_object('app_id_error', SQLERRM);
-    END;
+
+-- name: capture
     PERFORM dlqd_capture(
         'river',
         coalesce(v_app, 'river'),
@@ -39,11 +28,8 @@ BEGIN
         job.attempt,
         coalesce(to_jsonb(job.errors), '[]'::jsonb),
         v_extra);
-    RETURN NULL;
-END
-$dlqd_capture$;
-{function_rights};
-DROP TRIGGER IF EXISTS dlqd_capture ON {jobs};
+
+-- name: triggers
 CREATE TRIGGER dlqd_capture AFTER UPDATE OF state ON {jobs}
     FOR EACH ROW
     WHEN (NEW.state::text = 'discarded' AND OLD.state IS DISTINCT FROM NEW.state
