@@ -62,18 +62,26 @@ async def run_once(dsn: str, job: str) -> None:
         raise ValueError(f"{job}: run {row[0]} fails on purpose")
 
 
-def own_tool(*args: str, env: dict[str, str]) -> None:
-    """Run a job system's own CLI (installed with the test dependencies)."""
+def run_tool(*argv: str | Path, env: dict[str, str] | None = None, cwd: Path = ROOT) -> str:
+    """Run a job system's own program (its CLI, its worker); its stdout. Any
+    exit but 0 fails the test, with what the program said."""
+    command = [str(a) for a in argv]
     result = subprocess.run(
-        [str(BIN / args[0]), *args[1:]],
-        env={**os.environ, **env},
+        command,
+        env=dict(os.environ) if env is None else env,
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
-        cwd=ROOT,
+        cwd=cwd,
     )
-    assert result.returncode == 0, f"{args}: {result.stdout}\n{result.stderr}"
+    assert result.returncode == 0, f"{command[:3]}: {result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def own_tool(*args: str, env: dict[str, str]) -> None:
+    """Run a job system's own CLI (installed with the test dependencies)."""
+    run_tool(BIN / args[0], *args[1:], env={**os.environ, **env})
 
 
 # --------------------------------------------------------------------------- Procrastinate
@@ -306,48 +314,24 @@ def node_uri(db_url: str) -> str:
 
 
 def _node_env() -> dict[str, str]:
-    # the Node of tests/node's lock first: its current major needs Node >= 22
-    return {"PATH": f"{NODE_BIN}:{os.environ.get('PATH', '')}"}
+    # the Node of tests/node's lock first: its current majors need Node >= 22
+    return {**os.environ, "PATH": f"{NODE_BIN}:{os.environ.get('PATH', '')}"}
+
+
+def _node(script: str, *args: str) -> str:
+    return run_tool(NODE_BIN / "node", NODE_DIR / script, *args, env=_node_env(), cwd=NODE_DIR)
 
 
 def install_graphile_worker(db_url: str) -> None:
     """Graphile Worker's schema, installed by its own CLI (`graphile-worker --schema-only`)."""
-    result = subprocess.run(
-        [str(NODE_BIN / "graphile-worker"), "--connection", node_uri(db_url), "--schema-only"],
-        env={**os.environ, **_node_env()},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, f"graphile-worker: {result.stdout}\n{result.stderr}"
-
-
-def _node(script: str, *args: str) -> str:
-    result = subprocess.run(
-        [str(NODE_BIN / "node"), str(NODE_DIR / script), *args],
-        env={**os.environ, **_node_env()},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        cwd=NODE_DIR,
-    )
-    assert result.returncode == 0, f"{script} {args[:1]}: {result.stdout}\n{result.stderr}"
-    return result.stdout + result.stderr
+    uri = node_uri(db_url)
+    run_tool(NODE_BIN / "graphile-worker", "--connection", uri, "--schema-only", env=_node_env())
 
 
 def install_pgboss(db_url: str) -> None:
     """pg-boss's schema, created by its own CLI (`pg-boss create`)."""
-    result = subprocess.run(
-        [str(NODE_BIN / "pg-boss"), "create", "--connection-string", node_uri(db_url)],
-        env={**os.environ, **_node_env()},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, f"pg-boss create: {result.stdout}\n{result.stderr}"
+    uri = node_uri(db_url)
+    run_tool(NODE_BIN / "pg-boss", "create", "--connection-string", uri, env=_node_env())
 
 
 def pgboss_queue(db_url: str, name: str, retry_limit: int, retry_delay: int) -> None:
@@ -366,19 +350,9 @@ def pgboss_work(db_url: str, name: str) -> None:
     _node("pg_boss.mjs", "work", node_uri(db_url), name)
 
 
-def graphile_worker_run_once(db_url: str) -> str:
-    """Graphile Worker's own runOnce: every job due now, then exit; its log."""
-    result = subprocess.run(
-        [str(NODE_BIN / "node"), str(NODE_DIR / "graphile_worker.mjs"), node_uri(db_url)],
-        env={**os.environ, **_node_env()},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        cwd=NODE_DIR,
-    )
-    assert result.returncode == 0, f"runOnce: {result.stdout}\n{result.stderr}"
-    return result.stdout + result.stderr
+def graphile_worker_run_once(db_url: str) -> None:
+    """Graphile Worker's own runOnce: every job due now, then exit."""
+    _node("graphile_worker.mjs", node_uri(db_url))
 
 
 # --------------------------------------------------------------------------- Oban
@@ -389,17 +363,9 @@ OBAN_APP = ROOT / "tests" / "oban" / "oban_app.py"
 
 def _oban(*args: str) -> str:
     assert OBAN_PYTHON.exists(), "no .venv-oban: scripts/test makes it (Python 3.12)"
-    result = subprocess.run(
-        [str(OBAN_PYTHON), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        cwd=ROOT,
-        env={k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))},
-    )
-    assert result.returncode == 0, f"oban {args[:2]}: {result.stdout}\n{result.stderr}"
-    return result.stdout
+    # dlqd's own venv must not leak into Oban's interpreter
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    return run_tool(OBAN_PYTHON, *args, env=env)
 
 
 def install_oban(db_url: str) -> None:

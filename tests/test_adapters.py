@@ -129,25 +129,30 @@ def schema_snapshot(db_url: str) -> list[tuple[Any, ...]]:
         ).fetchall()
 
 
-def daemon_for(db_url: str, tmp_path: Path, daemons: list[Any], policy: str) -> DaemonProcess:
+async def replayed_by_daemon(
+    db_url: str, tmp_path: Path, daemons: list[Any], *, match: str, target: str
+) -> None:
+    """`dlqd run`, as the least-privileged dlqd role, with one policy (the
+    given match and target): until it has replayed a row."""
     config = write_config(
         tmp_path / "dlqd.toml",
         f"""
 [listen]
 poll_interval = "1s"
 
-{policy}
+[[policies]]
+name = "redrive"
+match = {match}
+target = {target}
 """,
     )
     daemon = DaemonProcess(as_role(db_url, "dlqd"), config, tmp_path).start()
     daemons.append(daemon)
-    return daemon
+    await daemon.wait_ready()
 
-
-async def replayed(db_url: str, count: int) -> None:
     async def done() -> bool:
         n = await scalar(db_url, "SELECT count(*) FROM job_dlq WHERE replayed_at IS NOT NULL")
-        return int(n) >= count
+        return int(n) >= 1
 
     await wait_until(done, within=30)
 
@@ -179,19 +184,13 @@ async def test_procrastinate_job_failed_for_good_is_captured_replayed_and_runs_a
     assert row["job"]["queue"] == "billing"
     assert row["job"]["priority"] == 0
 
-    daemon = daemon_for(
+    await replayed_by_daemon(
         db_url,
         tmp_path,
         daemons,
-        """
-[[policies]]
-name = "redrive"
-match = { type = ["flaky"] }
-target = { kind = "procrastinate", priority = 7 }
-""",
+        match='{ type = ["flaky"] }',
+        target='{ kind = "procrastinate", priority = 7 }',
     )
-    await daemon.wait_ready()
-    await replayed(db_url, 1)
     with psycopg.connect(db_url, row_factory=dict_row) as conn:
         jobs = conn.execute(
             "SELECT id, queue_name, task_name, priority, args, status::text AS status"
@@ -279,19 +278,9 @@ async def test_pgqueuer_job_failed_for_good_is_captured_replayed_and_runs_again(
     assert row["error_history"][-1]["message"] == "p1: run 1 fails on purpose"
     assert row["job"]["headers"] == {"tenant": "shop"}
 
-    daemon = daemon_for(
-        db_url,
-        tmp_path,
-        daemons,
-        """
-[[policies]]
-name = "redrive"
-match = { type = ["flaky"] }
-target = { kind = "pgqueuer" }
-""",
+    await replayed_by_daemon(
+        db_url, tmp_path, daemons, match='{ type = ["flaky"] }', target='{ kind = "pgqueuer" }'
     )
-    await daemon.wait_ready()
-    await replayed(db_url, 1)
     with psycopg.connect(db_url, row_factory=dict_row) as conn:
         jobs = conn.execute(
             "SELECT id, entrypoint, payload, headers, status::text AS status"
@@ -392,19 +381,13 @@ async def test_pgboss_job_failed_for_good_is_captured_replayed_and_runs_again(
     assert row["attempts"] == 2
     assert row["error_history"][0]["message"] == "b1: run 2 fails on purpose"
 
-    daemon = daemon_for(
+    await replayed_by_daemon(
         db_url,
         tmp_path,
         daemons,
-        """
-[[policies]]
-name = "redrive"
-match = { type = ["mail"] }
-target = { kind = "pgboss", max_attempts = 3 }
-""",
+        match='{ type = ["mail"] }',
+        target='{ kind = "pgboss", max_attempts = 3 }',
     )
-    await daemon.wait_ready()
-    await replayed(db_url, 1)
     with psycopg.connect(db_url, row_factory=dict_row) as conn:
         jobs = conn.execute(
             "SELECT id::text AS id, name, data, state::text AS state, retry_limit,"
@@ -484,19 +467,13 @@ async def test_river_discarded_job_is_captured_and_replayed_as_river_documents_a
         "smtp: 421 try later",
         "smtp: 550 mailbox unavailable\nat send()",
     ]
-    daemon = daemon_for(
+    await replayed_by_daemon(
         db_url,
         tmp_path,
         daemons,
-        """
-[[policies]]
-name = "redrive"
-match = { type = ["email"] }
-target = { kind = "river", max_attempts = 4 }
-""",
+        match='{ type = ["email"] }',
+        target='{ kind = "river", max_attempts = 4 }',
     )
-    await daemon.wait_ready()
-    await replayed(db_url, 1)
     with psycopg.connect(db_url, row_factory=dict_row) as conn:
         new = conn.execute(
             """SELECT kind, args, queue, priority, max_attempts, tags, metadata,
@@ -554,19 +531,13 @@ async def test_graphile_worker_job_failed_for_good_is_captured_replayed_and_runs
     assert row["job"]["queue"] == "mail"
     assert row["job"]["priority"] == 2
 
-    daemon = daemon_for(
+    await replayed_by_daemon(
         db_url,
         tmp_path,
         daemons,
-        """
-[[policies]]
-name = "redrive"
-match = { type = ["flaky"] }
-target = { kind = "graphile_worker", max_attempts = 3 }
-""",
+        match='{ type = ["flaky"] }',
+        target='{ kind = "graphile_worker", max_attempts = 3 }',
     )
-    await daemon.wait_ready()
-    await replayed(db_url, 1)
     with psycopg.connect(db_url, row_factory=dict_row) as conn:
         jobs = conn.execute(
             """SELECT j.id, t.identifier, j.payload, q.queue_name, j.max_attempts, j.priority,
@@ -660,19 +631,13 @@ async def test_oban_job_discarded_is_captured_replayed_and_runs_again(
     assert [e["attempt"] for e in row["error_history"]] == [1, 2]
     assert row["job"]["queue"] == "mail"
 
-    daemon = daemon_for(
+    await replayed_by_daemon(
         db_url,
         tmp_path,
         daemons,
-        """
-[[policies]]
-name = "redrive"
-match = { error_reason = ["ValueError"] }
-target = { kind = "oban", max_attempts = 5 }
-""",
+        match='{ error_reason = ["ValueError"] }',
+        target='{ kind = "oban", max_attempts = 5 }',
     )
-    await daemon.wait_ready()
-    await replayed(db_url, 1)
     with psycopg.connect(db_url, row_factory=dict_row) as conn:
         jobs = conn.execute(
             "SELECT id, worker, args, queue, priority, max_attempts, attempt,"
