@@ -123,15 +123,6 @@ def jittered_micros(entry_id: UUID, micros: int, jitter: float) -> int:
     return micros + (quotient if spread >= 0 else -quotient)
 
 
-def jitter_factor(entry_id: UUID, jitter: float) -> float:
-    """The factor in ``[1 - jitter, 1 + jitter]`` that :func:`jittered_micros`
-    applies (to within a microsecond), from the row id alone."""
-    if jitter <= 0:
-        return 1.0
-    unit = _hash_unit(entry_id) / _TWO_64  # uniform in [0, 1)
-    return 1.0 + jitter * (2.0 * unit - 1.0)
-
-
 def _capped(base: timedelta, factor: float, exponent: int, cap: timedelta) -> timedelta:
     seconds = base.total_seconds()
     cap_seconds = cap.total_seconds()

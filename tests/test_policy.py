@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from dlqd.policy import (
     Unmatched,
     decide,
     first_match,
-    jitter_factor,
+    jittered_micros,
     matches,
     replay_delay,
     retry_delay,
@@ -115,7 +116,7 @@ def test_exponential_schedule(
     row_id = uuid.uuid4()
     base = min(float(max_delay), delay * factor**n) if delay else 0.0
     got = replay_delay(p, n, row_id).total_seconds()
-    j = jitter_factor(row_id, jitter)
+    j = _jitter_factor(row_id, jitter)
     assert 1 - jitter <= j <= 1 + jitter
     assert abs(got - base * j) <= 1e-6 * max(1.0, base)
     # the schedule never shrinks as the same job keeps coming back
@@ -128,30 +129,39 @@ def test_fixed_schedule_ignores_the_replay_count(delay: int, n: int) -> None:
     assert replay_delay(p, n, uuid.uuid4()) == timedelta(seconds=delay)
 
 
+def _jitter_factor(row_id: uuid.UUID, jitter: float) -> float:
+    """The reference model of the jitter, in floats: the id's first 8 bytes of
+    sha256 as a fraction u of 2**64, and ``1 + jitter * (2u - 1)``."""
+    unit = int.from_bytes(hashlib.sha256(row_id.bytes).digest()[:8], "big") / 2**64
+    return 1.0 + jitter * (2.0 * unit - 1.0)
+
+
 def test_jitter_is_the_same_on_every_replica() -> None:
     row_id = uuid.UUID("12345678-1234-5678-1234-567812345678")
     # pinned values: every replica, version and process computes exactly these
-    # (sha256 of the id's bytes; no per-process hash seed is involved)
-    assert jitter_factor(uuid.UUID("0f8fad5b-d9cb-469f-a165-70867728950e"), 0.1) == (
-        1.060708885534992
-    )
-    assert jitter_factor(uuid.UUID(int=1), 0.5) == 0.9853027501917451
+    # (sha256 of the id's bytes; no per-process hash seed is involved), in
+    # integers, as Postgres does (dlqd_jittered_us)
+    big = 10**15
+    pinned = uuid.UUID("0f8fad5b-d9cb-469f-a165-70867728950e")
+    assert jittered_micros(pinned, big, 0.1) == 1060708885534991
+    assert jittered_micros(uuid.UUID(int=1), big, 0.5) == 985302750191746
+    assert abs(jittered_micros(pinned, big, 0.1) - big * _jitter_factor(pinned, 0.1)) <= 1
     other = subprocess.run(
         [
             sys.executable,
             "-c",
-            f"from dlqd.policy import jitter_factor; import uuid; "
-            f"print(repr(jitter_factor(uuid.UUID('{row_id}'), 0.1)))",
+            f"from dlqd.policy import jittered_micros; import uuid; "
+            f"print(jittered_micros(uuid.UUID('{row_id}'), {big}, 0.1))",
         ],
         env={**os.environ, "PYTHONHASHSEED": "12345"},
         capture_output=True,
         text=True,
         check=True,
     )
-    assert float(other.stdout) == jitter_factor(row_id, 0.1)  # another process agrees
-    spread = {round(jitter_factor(uuid.uuid4(), 0.5), 3) for _ in range(200)}
+    assert int(other.stdout) == jittered_micros(row_id, big, 0.1)  # another process agrees
+    spread = {jittered_micros(uuid.uuid4(), 1000, 0.5) for _ in range(200)}
     assert len(spread) > 100  # ids really spread the due times
-    assert jitter_factor(row_id, 0.0) == 1.0
+    assert jittered_micros(row_id, big, 0.0) == big
 
 
 @given(retry=st.integers(1, 60), factor=st.floats(1.0, 4.0), k=st.integers(1, 100))

@@ -250,7 +250,7 @@ class Replayer:
                     # (their NOTIFY perhaps skipped) run, look by itself
                     await self.presence.listen()
                     self.draining = bool(self.presence.writers)
-                    self.drain_wait, self.quiet_since = DRAIN_INTERVAL, None
+                    self._drain_from_start()
                 result = await self.run_once(full=full)
                 if full:
                     last_full, last_fingerprint = started, fingerprint
@@ -310,13 +310,13 @@ class Replayer:
             if busy:
                 await self.presence.drain()
                 self.draining = self.presence.enabled
-                self.drain_wait, self.quiet_since = DRAIN_INTERVAL, None
+                self._drain_from_start()
             else:
                 await self.presence.beat()
             return
         if busy:
             await self.presence.drain()  # its row away again, if it was back
-            self.drain_wait, self.quiet_since = DRAIN_INTERVAL, None
+            self._drain_from_start()
             return
         # a pass with fewer rows: the drain slows down, and ends after LINGER of
         # them (a trickle, one row a look, is the NOTIFY's business again)
@@ -331,6 +331,10 @@ class Replayer:
         if await self.presence.writers_done():
             self.draining = False
             flag.set()  # their rows are visible now: look once more
+
+    def _drain_from_start(self) -> None:
+        """The drain looks again at its shortest interval, and no quiet pass has been seen."""
+        self.drain_wait, self.quiet_since = DRAIN_INTERVAL, None
 
     def _failed(self, exc: BaseException) -> None:
         self.failures_in_a_row += 1
