@@ -117,13 +117,17 @@ async def _checked(conn: Connection, adapter: Adapter, schema: str) -> store.Ins
     return found
 
 
-def _rights(adapter: Adapter, found: store.Inspection, schema: str) -> None:
-    if not found.may_capture:
+def _rights(
+    adapter: Adapter, found: store.Inspection, schema: str, *, capture: bool = True
+) -> None:
+    """Refuse what this role may not do: call dlqd_capture (an install's
+    function does), put a trigger on the job table (both)."""
+    if capture and not found.may_capture:
         raise AdapterRefused(
             f"{adapter.name}: this role may not call dlqd_capture: install as the owner of "
             f"dlqd's schema ({found.dlqd_schema}) or a superuser"
         )
-    if not found.may_trigger:
+    if found.may_trigger is False:
         raise AdapterRefused(
             f"{adapter.name}: this role may not put a trigger on {schema}.{adapter.table}: "
             "install as its owner (or with TRIGGER on it)"
@@ -180,8 +184,7 @@ async def uninstall(
     found = await store.inspect(conn, adapter, schema)
     script = adapter_uninstall(adapter, schema=schema, dlqd_schema=found.dlqd_schema)
     if apply:
-        if adapter.table in found.columns and not found.may_trigger:
-            _rights(adapter, found, schema)
+        _rights(adapter, found, schema, capture=False)  # nothing to drop without the table
         await store.apply(conn, script)
     return Change(
         adapter.name, schema, script.as_string(), apply, found.installed_by, adapter.table
