@@ -279,13 +279,16 @@ def adapter_app_id_check(adapter: Adapter, *, schema: str, app_id: str) -> sql.C
     )
 
 
-def _adapter_names(adapter: Adapter, schema: str, dlqd_schema: str) -> dict[str, sql.Composable]:
-    names: dict[str, sql.Composable] = {
-        "function": _qualified(dlqd_schema, adapter.function_name(schema)),
-        "jobs": _qualified(schema, adapter.table),
-    }
+def _adapter_names(
+    adapter: Adapter, schema: str, dlqd_schema: str | None = None
+) -> dict[str, sql.Composable]:
+    """The job system's tables (``jobs`` and the adapter's others), qualified;
+    with ``dlqd_schema``, the capture function's name too."""
+    names: dict[str, sql.Composable] = {"jobs": _qualified(schema, adapter.table)}
     for role, table in adapter.related.items():
         names[role] = _qualified(schema, table)
+    if dlqd_schema is not None:
+        names["function"] = _qualified(dlqd_schema, adapter.function_name(schema))
     return names
 
 
@@ -307,7 +310,7 @@ def adapter_replay(
             sql.Literal(f"{run_at_delay.total_seconds()} seconds")
         )
     statement = sql.SQL(adapter_q(adapter.name, "replay")).format(
-        **_adapter_names(adapter, schema, schema),
+        **_adapter_names(adapter, schema),
         schema=sql.Identifier(schema),
         status_type=_qualified(schema, adapter.statuses[0]),
         queue=sql.SQL("NULL::text") if queue is None else sql.Literal(queue),
@@ -315,7 +318,6 @@ def adapter_replay(
         max_attempts=(
             sql.SQL("NULL::integer") if max_attempts is None else sql.Literal(max_attempts)
         ),
-        scheduled_at=run_at,
         run_at=run_at,
     )
     lines = statement.as_string().splitlines()

@@ -51,7 +51,7 @@ SELECT {schema}.procrastinate_defer_jobs_v1(ARRAY(
                a.job ->> 'lock',
                a.job ->> 'queueing_lock',
                r.payload,
-               {scheduled_at})::{schema}.procrastinate_job_to_defer_v1
+               {run_at})::{schema}.procrastinate_job_to_defer_v1
       FROM replayed r
       LEFT JOIN dlqd_adapter_jobs a ON a.dlq_id = r.id AND a.system = 'procrastinate'
      ORDER BY r.dlq_at, r.id))
