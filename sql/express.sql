@@ -2,7 +2,9 @@
 -- policy needs no Python, decided, scheduled, replayed, marked and logged by
 -- one statement per page. Composed by dlqd/db/compose.py: {case} is the first
 -- matching policy (the policies' matches compiled to SQL), {targets} one CTE
--- per target (express_target), {sink_rows} reads the SELECT targets (a SELECT
+-- per target (express_target), {gates} the lock slots and token buckets
+-- (express_gates, or express_no_gates when no policy needs them), {sink_rows}
+-- reads the SELECT targets (a SELECT
 -- in a WITH runs only when read). Each target's `replayed` holds its
 -- policies' rows as claimed (replayed_at still NULL), as in the ordinary
 -- path, where the target runs before the rows are marked.
@@ -91,6 +93,83 @@ WITH candidates AS MATERIALIZED (
                     END AS slot
           FROM picked p) r
      WHERE r.action <> 'replay' OR r.running_bytes - r.row_bytes < %(max_bytes)s
+{gates}
+), inbox AS (
+    DELETE FROM dlqd_inbox WHERE seq IN (SELECT seq FROM chosen)
+), states AS (
+    INSERT INTO dlqd_entry_state (dlq_id, state, policy, fingerprint, due_at, failures,
+                                  parked_reason, last_error)
+    SELECT p.id,
+           CASE p.action WHEN 'park' THEN 'parked_policy' WHEN 'park_max' THEN 'parked'
+                ELSE 'waiting' END,
+           (%(names)s::text[])[p.policy + 1], %(fingerprint)s,
+           CASE WHEN p.action = 'wait' THEN p.due_at END, 0,
+           CASE WHEN p.action = 'park_max' THEN 'max_replays' END,
+           CASE WHEN p.action = 'park_max' THEN p.max_error END
+      FROM chosen p
+     WHERE p.action <> 'replay'
+), parked_logged AS (
+    -- a park policy's rows and those over max_replays, logged as the
+    -- ordinary path logs them
+    INSERT INTO dlqd_replay_log (dlq_id, original_job_id, app_id, policy, outcome, error, manual)
+    SELECT p.id, p.original_job_id, p.app_id, (%(names)s::text[])[p.policy + 1], 'parked',
+           CASE WHEN p.action = 'park' THEN 'parked by policy' ELSE p.max_error END,
+           false
+      FROM chosen p
+     WHERE p.action IN ('park', 'park_max')
+     ORDER BY p.seq
+), marked AS (
+    -- marked, unscheduled and logged as every path does (migrations 009, 010), in
+    -- inbox order; by primary key, whatever the planner thinks of chosen
+    SELECT f.id, f.lag_seconds AS lag
+      FROM dlqd_finish_replayed(
+               ARRAY(SELECT id FROM chosen WHERE action = 'replay' ORDER BY seq),
+               ARRAY(SELECT (%(names)s::text[])[policy + 1] FROM chosen
+                      WHERE action = 'replay' ORDER BY seq),
+               false, NULL, NULL, NULL) f
+)
+{targets}
+SELECT (SELECT count(*) FROM candidates) AS scanned,
+       (SELECT max(seq) FROM candidates) AS last_seq,
+       (SELECT count(*) FROM chosen) AS claimed,
+       {sink_rows} AS sink_rows,  -- read: a SELECT target runs only when read
+       (SELECT coalesce(json_agg(json_build_array(g.policy, g.action, g.bucket, g.n, g.lag_sum)),
+                        '[]')
+          FROM (SELECT p.policy, p.action,
+                       -- bounds below the age: its bucket (lowest first, +Inf last)
+                       coalesce(%(bucket_count)s
+                                - width_bucket(-m.lag, %(negated_bounds)s::float8[]), 0)
+                           AS bucket,
+                       count(*) AS n, coalesce(sum(m.lag), 0) AS lag_sum
+                  FROM chosen p
+                  LEFT JOIN marked m ON m.id = p.id
+                 GROUP BY 1, 2, 3) g) AS outcomes
+
+-- name: express_target
+-- One target of an express page, over the rows of its policies.
+, {name} AS (
+WITH replayed AS (SELECT j.* FROM job_dlq j
+    WHERE j.id = ANY (ARRAY(SELECT p.id FROM chosen p
+                             WHERE p.action = 'replay' AND p.policy = ANY ({policies}::int[]))))
+{sink}
+)
+
+-- name: express_notify_sink
+-- The notify target's messages, in inbox order (as notify_rows sends them).
+SELECT count(pg_notify({channel}, m.message))
+  FROM (SELECT dlqd_notify_message(r.id, r.original_job_id, r.app_id, r.type, {only_id})
+                   AS message,
+               p.seq
+          FROM replayed r JOIN chosen p ON p.id = r.id
+         ORDER BY p.seq) AS m
+
+-- name: express_sink_rows
+(SELECT count(*) FROM {name})
+
+
+-- name: express_gates
+-- Composed into express_page when some express policy has max_replays or a
+-- rate limit: the slots and buckets its rows replay under (see chosen).
 ), slots AS MATERIALIZED (
     -- the lock slots of the jobs replayed under max_replays (the ordinary
     -- path's lock_slots, the same keys): SKIP LOCKED, never waited for
@@ -175,74 +254,12 @@ WITH candidates AS MATERIALIZED (
     UPDATE dlqd_lock_slots s SET writer = pg_current_xact_id()
      WHERE s.slot IN (SELECT c.slot FROM chosen c
                        WHERE c.action = 'replay' AND c.max_replays IS NOT NULL)
-), inbox AS (
-    DELETE FROM dlqd_inbox WHERE seq IN (SELECT seq FROM chosen)
-), states AS (
-    INSERT INTO dlqd_entry_state (dlq_id, state, policy, fingerprint, due_at, failures,
-                                  parked_reason, last_error)
-    SELECT p.id,
-           CASE p.action WHEN 'park' THEN 'parked_policy' WHEN 'park_max' THEN 'parked'
-                ELSE 'waiting' END,
-           (%(names)s::text[])[p.policy + 1], %(fingerprint)s,
-           CASE WHEN p.action = 'wait' THEN p.due_at END, 0,
-           CASE WHEN p.action = 'park_max' THEN 'max_replays' END,
-           CASE WHEN p.action = 'park_max' THEN p.max_error END
-      FROM chosen p
-     WHERE p.action <> 'replay'
-), parked_logged AS (
-    -- a park policy's rows and those over max_replays, logged as the
-    -- ordinary path logs them
-    INSERT INTO dlqd_replay_log (dlq_id, original_job_id, app_id, policy, outcome, error, manual)
-    SELECT p.id, p.original_job_id, p.app_id, (%(names)s::text[])[p.policy + 1], 'parked',
-           CASE WHEN p.action = 'park' THEN 'parked by policy' ELSE p.max_error END,
-           false
-      FROM chosen p
-     WHERE p.action IN ('park', 'park_max')
-     ORDER BY p.seq
-), marked AS (
-    -- marked, unscheduled and logged as every path does (migrations 009, 010), in
-    -- inbox order; by primary key, whatever the planner thinks of chosen
-    SELECT f.id, f.lag_seconds AS lag
-      FROM dlqd_finish_replayed(
-               ARRAY(SELECT id FROM chosen WHERE action = 'replay' ORDER BY seq),
-               ARRAY(SELECT (%(names)s::text[])[policy + 1] FROM chosen
-                      WHERE action = 'replay' ORDER BY seq),
-               false, NULL, NULL, NULL) f
-)
-{targets}
-SELECT (SELECT count(*) FROM candidates) AS scanned,
-       (SELECT max(seq) FROM candidates) AS last_seq,
-       (SELECT count(*) FROM chosen) AS claimed,
-       {sink_rows} AS sink_rows,  -- read: a SELECT target runs only when read
-       (SELECT coalesce(json_agg(json_build_array(g.policy, g.action, g.bucket, g.n, g.lag_sum)),
-                        '[]')
-          FROM (SELECT p.policy, p.action,
-                       -- bounds below the age: its bucket (lowest first, +Inf last)
-                       coalesce(%(bucket_count)s
-                                - width_bucket(-m.lag, %(negated_bounds)s::float8[]), 0)
-                           AS bucket,
-                       count(*) AS n, coalesce(sum(m.lag), 0) AS lag_sum
-                  FROM chosen p
-                  LEFT JOIN marked m ON m.id = p.id
-                 GROUP BY 1, 2, 3) g) AS outcomes
 
--- name: express_target
--- One target of an express page, over the rows of its policies.
-, {name} AS (
-WITH replayed AS (SELECT j.* FROM job_dlq j
-    WHERE j.id = ANY (ARRAY(SELECT p.id FROM chosen p
-                             WHERE p.action = 'replay' AND p.policy = ANY ({policies}::int[]))))
-{sink}
-)
-
--- name: express_notify_sink
--- The notify target's messages, in inbox order (as notify_rows sends them).
-SELECT count(pg_notify({channel}, m.message))
-  FROM (SELECT dlqd_notify_message(r.id, r.original_job_id, r.app_id, r.type, {only_id})
-                   AS message,
-               p.seq
-          FROM replayed r JOIN chosen p ON p.id = r.id
-         ORDER BY p.seq) AS m
-
--- name: express_sink_rows
-(SELECT count(*) FROM {name})
+-- name: express_no_gates
+-- Composed into express_page otherwise: nothing to lock, count or take.
+), chosen AS MATERIALIZED (
+    -- no policy counts replays or takes tokens: the budgeted rows as they are
+    SELECT b.seq, b.id, b.original_job_id, b.app_id, b.type, b.row_bytes, b.policy,
+           b.due_at, b.max_replays, b.slot, NULL::float8 AS rate, ''::text AS scope, b.action,
+           NULL::text AS max_error
+      FROM budgeted b

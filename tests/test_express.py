@@ -222,6 +222,14 @@ def test_which_policies_go_express(db_url: str) -> None:
     assert '"target_0" AS' in text
     assert '"target_1" AS' in text
     assert "target_2" not in text
+    # capped and limited: the page reads the lock slots and the buckets; a plan
+    # without such a policy reads neither (the hot path stays as it was)
+    assert "dlqd_lock_slots" in text
+    assert "dlqd_rate_buckets" in text
+    plain = plan(_settings(db_url, [{"name": "f", "target": sql}]), AGE_BUCKETS)
+    assert plain is not None
+    assert "dlqd_lock_slots" not in plain.text.as_string()
+    assert "dlqd_rate_buckets" not in plain.text.as_string()
     dry = _settings(db_url, [{"name": "f", "target": sql}], dry_run=True)
     assert plan(dry, AGE_BUCKETS) is None
 

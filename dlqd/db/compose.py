@@ -189,10 +189,17 @@ class ExpressSink:
 
 
 def express_page(
-    policies: Sequence[Policy], upto: int, sinks: Sequence[ExpressSink], params: dict[str, Any]
+    policies: Sequence[Policy],
+    upto: int,
+    sinks: Sequence[ExpressSink],
+    params: dict[str, Any],
+    *,
+    gated: bool,
 ) -> sql.Composed:
     """The express page statement (sql/express.sql) for ``policies`` (matches up
-    to ``upto``) feeding ``sinks``; its parameters go to ``params``."""
+    to ``upto``) feeding ``sinks``; its parameters go to ``params``. ``gated``:
+    some policy counts replays or takes tokens (the lock slots and buckets
+    are read in the statement only then)."""
     targets: list[sql.Composable] = []
     read: list[sql.Composable] = []
     for number, sink in enumerate(sinks):
@@ -217,6 +224,7 @@ def express_page(
             read.append(sql.SQL(q("express_sink_rows")).format(name=name))
     return sql.SQL(q("express_page")).format(
         case=first_policy(policies, upto, params),
+        gates=sql.SQL(q("express_gates" if gated else "express_no_gates")),
         targets=sql.SQL("\n").join(targets),
         sink_rows=sql.SQL(" + ").join(read) if read else sql.SQL("NULL::bigint"),
     )

@@ -185,7 +185,11 @@ def plan(settings: Settings, age_buckets: Sequence[float]) -> ExpressPlan | None
         )
         for target, indexes in targets.values()
     ]
-    text = express_page(settings.policies, last, sinks, params)
+    gated = any(
+        kind is not None and (p.max_replays is not None or p.rate_limit is not None)
+        for p, kind in zip(settings.policies, kinds, strict=True)
+    )
+    text = express_page(settings.policies, last, sinks, params, gated=gated)
     return ExpressPlan(text, params, replaying)
 
 
