@@ -163,6 +163,13 @@ SELECT count(pg_notify({channel}, m.message))
           FROM replayed r JOIN chosen p ON p.id = r.id
          ORDER BY p.seq) AS m
 
+-- name: express_row_sink
+-- A per-row target in its in-server form (migration 017): once per row, in
+-- inbox order, each row as claimed.
+SELECT dlqd_replay_rows({statement},
+                        ARRAY(SELECT r::job_dlq FROM replayed r JOIN chosen p ON p.id = r.id
+                               ORDER BY p.seq))
+
 -- name: express_sink_rows
 (SELECT count(*) FROM {name})
 

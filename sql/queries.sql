@@ -411,6 +411,20 @@ SELECT count(pg_notify(%(channel)s, m))
           JOIN job_dlq j ON j.id = u.id
          ORDER BY u.n) AS messages
 
+-- name: replay_rows
+-- A per-row target in its in-server form (migration 017): run once per row,
+-- in batch order, by one call; each row as claimed.
+SELECT dlqd_replay_rows(%(statement)s,
+                        ARRAY(SELECT j FROM unnest(%(ids)s::uuid[]) WITH ORDINALITY AS u(id, n)
+                                JOIN job_dlq j ON j.id = u.id
+                               ORDER BY u.n))
+
+-- name: replay_rows_allowed
+-- Whether this role may run per-row targets in their in-server form.
+SELECT CASE WHEN f.fn IS NULL THEN false ELSE has_function_privilege(f.fn, 'EXECUTE') END
+           AS allowed
+  FROM (SELECT to_regprocedure('dlqd_replay_rows(text, job_dlq[])') AS fn) f
+
 -- name: status_groups
 -- Index-only over job_dlq_pending_group_idx. Keys as labels (dlqd_label: a
 -- tenant's over-long value is cut, and its groups merge).

@@ -654,7 +654,7 @@ async def test_express_and_the_ordinary_path_leave_the_same_state(
     from tests.conftest import _admin_execute, with_dbname
 
     sink_ddl = """CREATE TABLE sink (dlq_id uuid PRIMARY KEY, type text NOT NULL
-                      CHECK (type <> 'bad.one'), payload jsonb NOT NULL)"""
+                      CHECK (type NOT IN ('bad.one', 'row.bad')), payload jsonb NOT NULL)"""
     per_row = "INSERT INTO sink (dlq_id, type, payload) VALUES (%(id)s, %(type)s, %(payload)s)"
     policies = [
         {"name": "hold", "match": {"type": ["hold.*"]}, "action": "park"},
@@ -673,8 +673,9 @@ async def test_express_and_the_ordinary_path_leave_the_same_state(
     rows: list[dict[str, Any]] = []
     kinds = ["hold.x", "later.x", "soon.x", "row.x", "note.x", "email.x", "nomatch"]
     for n in range(40):
-        # one row the sink refuses: its express page fails and falls back
-        kind = "bad.one" if n == 33 else kinds[n % len(kinds)]
+        # rows the sink refuses: their express pages fail and fall back (the
+        # per-row one's group is bisected by calling the in-server form again)
+        kind = {33: "bad.one", 24: "row.bad"}.get(n, kinds[n % len(kinds)])
         rows.append(
             row_json(
                 original_job_id=f"j{n}",
@@ -732,7 +733,8 @@ async def test_express_and_the_ordinary_path_leave_the_same_state(
     # and the mix did what it says: every kind of outcome is there
     outcomes = {(policy, outcome) for _, policy, outcome, _, _ in with_express["log"]}
     assert {("now", "replayed"), ("now", "failed"), ("now", "parked"), ("note", "replayed"),
-            ("rowwise", "replayed"), ("soon", "replayed")} <= outcomes  # fmt: skip
+            ("rowwise", "replayed"), ("rowwise", "parked"),
+            ("soon", "replayed")} <= outcomes  # fmt: skip
 
 
 async def _full_state(url: str, metrics: Metrics) -> dict[str, Any]:
@@ -978,3 +980,135 @@ async def test_express_takes_a_rate_limits_tokens_in_the_statement(
     tokens = dict(await fetch(db_url, "SELECT scope, tokens FROM dlqd_rate_buckets"))
     assert tokens["a"] < 1.5
     assert tokens["b"] < 1.5
+
+
+# ---------------------------------------------------------------- per-row statements in the server
+
+PER_ROW = "INSERT INTO ordered (dlq_id, type, payload) VALUES (%(id)s, %(type)s, %(payload)s)"
+
+
+def test_the_in_server_form_reads_every_placeholder_from_the_row() -> None:
+    from dlqd.db.compose import PLANNED_ROW, server_row_statement
+
+    text = server_row_statement(
+        "INSERT INTO t (a, b, c) VALUES (%(id)s, %(payload)s, '100%%'); -- done"
+    )
+    assert text == """INSERT INTO t (a, b, c) VALUES (($1)."id", ($1)."payload", '100%')"""
+    planned = server_row_statement("SELECT %(error_history)s", PLANNED_ROW)
+    assert planned == 'SELECT ((NULL::job_dlq))."error_history"'
+
+
+async def test_a_per_row_target_runs_in_the_server_on_express_pages(
+    db_url: str, pool: AsyncConnectionPool[Any]
+) -> None:
+    """A per-row statement whose in-server form plans goes express: each page's
+    rows run through it by one dlqd_replay_rows call, once each, in inbox
+    order, with the row's own values (the payload never leaves Postgres)."""
+    from dlqd.replay.targets import runs_in_server
+
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        await conn.execute(
+            """CREATE TABLE ordered (n bigserial PRIMARY KEY, dlq_id uuid UNIQUE NOT NULL,
+                                     type text NOT NULL, payload jsonb NOT NULL)"""
+        )
+    policy = {"name": "rows", "target": {"kind": "sql", "statement": PER_ROW}}
+    current = _settings(db_url, [policy], replay={"batch_size": 8})
+    replayer = replayer_for(pool, current)
+    await insert(
+        db_url,
+        [row_json(original_job_id=f"o{i}", type=f"t.{i}", payload={"i": i}) for i in range(20)],
+    )
+    with capture_logs() as logs:
+        result = await replayer.run_once(full=False)
+    assert result.replayed == 20
+    async with pool.connection() as conn:
+        assert runs_in_server(conn, PER_ROW)
+    pages = [e["policies"] for e in express_batches(logs)]
+    assert pages == [{"rows": {"replayed": n}} for n in (8, 8, 4)]
+    # in the order the rows came in, each with its own values, each once
+    assert (
+        await fetch(
+            db_url,
+            """SELECT o.type = j.type AND o.payload = j.payload AND j.replayed_at IS NOT NULL
+             FROM ordered o JOIN dlqd_replay_log l ON l.dlq_id = o.dlq_id
+             JOIN job_dlq j ON j.id = o.dlq_id
+            ORDER BY o.n""",
+        )
+        == [(True,)] * 20
+    )
+    # the statement ran row after row in inbox order, as the log records them
+    assert await fetch(db_url, "SELECT dlq_id FROM ordered ORDER BY n") == await fetch(
+        db_url, "SELECT dlq_id FROM dlqd_replay_log ORDER BY id"
+    )
+
+
+async def test_a_per_row_statement_that_needs_the_clients_binding_runs_from_the_daemon(
+    db_url: str, pool: AsyncConnectionPool[Any]
+) -> None:
+    """A text placeholder into an enum column plans only with the client's
+    untyped binding: that statement keeps the ordinary path, row by row from
+    the daemon, and still replays every row (the in-server form is never
+    tried on a row)."""
+    from dlqd.replay.targets import runs_in_server
+
+    statement = "INSERT INTO kinds (dlq_id, kind) VALUES (%(id)s, %(type)s)"
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        await conn.execute("CREATE TYPE job_kind AS ENUM ('email.send', 'sms.send')")
+        await conn.execute("CREATE TABLE kinds (dlq_id uuid PRIMARY KEY, kind job_kind NOT NULL)")
+    policy = {"name": "kinds", "target": {"kind": "sql", "statement": statement}}
+    replayer = replayer_for(pool, _settings(db_url, [policy]))
+    await insert(
+        db_url,
+        [
+            row_json(original_job_id=f"k{i}", type=("email.send", "sms.send")[i % 2])
+            for i in range(6)
+        ],
+    )
+    with capture_logs() as logs:
+        result = await replayer.run_once(full=False)
+    assert result.replayed == 6
+    async with pool.connection() as conn:
+        assert not runs_in_server(conn, statement)
+    assert express_batches(logs) == []
+    (note,) = [e for e in logs if e["event"].startswith("per-row target runs row by row")]
+    assert "job_kind" in note["error"]
+    assert await fetch(db_url, "SELECT kind::text, count(*) FROM kinds GROUP BY 1 ORDER BY 1") == [
+        ("email.send", 3),
+        ("sms.send", 3),
+    ]
+
+
+async def test_a_role_without_the_function_keeps_the_client_form(db_url: str) -> None:
+    from dlqd.db import replays
+
+    async with await psycopg.AsyncConnection.connect(db_url, row_factory=dict_row) as conn:
+        assert await replays.replay_rows_allowed(conn)
+        await conn.execute("SET ROLE dlqd_tenant")  # EXECUTE revoked from PUBLIC
+        assert not await replays.replay_rows_allowed(conn)
+
+
+async def test_a_locked_table_puts_off_learning_the_form_without_deciding_it(
+    db_url: str, pool: AsyncConnectionPool[Any]
+) -> None:
+    """Learning plans the in-server form at the start of a pass: a table locked
+    by someone else costs it a short lock wait, and the form is learned on a
+    later try, not given up for good."""
+    from dlqd.replay import targets
+
+    statement = "INSERT INTO locked (dlq_id) VALUES (%(id)s)"
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        await conn.execute("CREATE TABLE locked (dlq_id uuid PRIMARY KEY)")
+    async with await psycopg.AsyncConnection.connect(db_url) as locker, pool.connection() as conn:
+        await locker.execute("LOCK TABLE locked IN ACCESS EXCLUSIVE MODE")
+        with anyio.fail_after(5):
+            await targets.learn_server_forms(conn, [statement])
+        assert not targets.runs_in_server(conn, statement)
+        key = targets._form_key(conn, statement)
+        assert key not in targets._SERVER_FORMS
+        assert targets._LEARN_AFTER[key] > anyio.current_time()
+        await locker.rollback()
+        await targets.learn_server_forms(conn, [statement])  # not before its time
+        assert key not in targets._SERVER_FORMS
+        targets._LEARN_AFTER[key] = 0.0  # the retry's time has come
+        await targets.learn_server_forms(conn, [statement])
+        assert targets.runs_in_server(conn, statement)

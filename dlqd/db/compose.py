@@ -98,6 +98,38 @@ def row_statement(
     return sql.Composed(parts), tuple(sorted(names))
 
 
+#: the row a per-row statement's in-server form reads: dlqd_replay_rows's
+#: parameter as run; a row of the same type (no value) when it is planned
+SERVER_ROW = "$1"
+PLANNED_ROW = "(NULL::job_dlq)"
+
+
+@functools.lru_cache(maxsize=256)
+def server_row_statement(statement: str, row: str = SERVER_ROW) -> str:
+    """A per-row target's in-server form (migration 017): every placeholder read
+    from ``row``, the row as claimed (``%(payload)s`` as ``($1)."payload"``,
+    typed as job_dlq's column), a literal ``%%`` as ``%``. Text, not a
+    statement: dlqd_replay_rows runs it, with ``EXECUTE ... USING``."""
+    body = statement_body(statement)
+    parts: list[sql.Composable] = []
+    at = 0
+    for match in PLACEHOLDER.finditer(body):
+        parts.append(_operator_text(body[at : match.start()]))
+        at = match.end()
+        name = match.group(1)
+        if name is None:
+            parts.append(sql.SQL("%"))
+        else:
+            parts.append(sql.SQL("({}).{}").format(sql.SQL(row), sql.Identifier(name)))
+    parts.append(_operator_text(body[at:]))
+    return sql.Composed(parts).as_string(None)
+
+
+def planned_server_statement(statement: str) -> sql.Composed:
+    """The in-server form as ``dlqd check`` plans it: for a row of job_dlq's type."""
+    return sql.Composed([_operator_text(server_row_statement(statement, PLANNED_ROW))])
+
+
 def explained(statement: sql.Composable) -> sql.Composed:
     """``EXPLAIN (COSTS OFF)`` of ``statement``: options in parentheses, so that a
     statement written ``ANALYZE SELECT ...`` is a syntax error, never an
@@ -183,6 +215,7 @@ class ExpressSink:
 
     indexes: tuple[int, ...]
     statement: str | None = None  # sql
+    per_row: bool = False  # the statement's in-server form, once per row (017)
     channel: str | None = None  # notify
     only_id: bool = False
     reads: bool = True
@@ -211,6 +244,12 @@ def express_page(
             body: sql.Composable = sql.SQL(q("express_notify_sink")).format(
                 channel=sql.Placeholder(f"channel_{number}"),
                 only_id=sql.Placeholder(f"only_id_{number}"),
+            )
+        elif sink.per_row:
+            assert sink.statement is not None  # noqa: S101 - a sink is one or the other
+            params[f"statement_{number}"] = server_row_statement(sink.statement)
+            body = sql.SQL(q("express_row_sink")).format(
+                statement=sql.Placeholder(f"statement_{number}")
             )
         else:
             assert sink.statement is not None  # noqa: S101 - a sink is one or the other

@@ -54,6 +54,20 @@ async def run_statement_per_row(
 
 
 @translated
+async def run_rows_in_server(conn: Connection, statement: str, ids: Sequence[UUID]) -> None:
+    """A per-row target's in-server form for many rows: one call (migration 017)."""
+    await conn.execute(q("replay_rows"), {"statement": statement, "ids": list(ids)})
+
+
+@translated
+async def replay_rows_allowed(conn: Connection) -> bool:
+    """Whether this role may run dlqd_replay_rows (migration 017 applied)."""
+    cur = await conn.execute(q("replay_rows_allowed"))
+    row = await cur.fetchone()
+    return row is not None and bool(row["allowed"])
+
+
+@translated
 async def notify_rows(conn: Connection, channel: str, ids: Sequence[UUID], only_id: bool) -> None:
     await conn.execute(q("notify_rows"), {"channel": channel, "ids": list(ids), "only_id": only_id})
 

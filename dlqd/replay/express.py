@@ -12,7 +12,8 @@ first policy that matches it can be applied without Python:
   rate limit is left in the bucket (taken in the statement; rows beyond the
   bucket's tokens are left to the ordinary path, which schedules them for
   the next token), and its target runs over a set (a ``sql`` statement over
-  ``replayed``, or a ``notify`` channel). With ``max_replays``, the job's
+  ``replayed``, a per-row ``sql`` statement whose in-server form plans, run
+  once per row by ``dlqd_replay_rows``, or a ``notify`` channel). With ``max_replays``, the job's
   replays within the log's retention are counted in the statement: a job at
   its limit is parked (``max_replays``), one below it replays under its lock
   slot, and one whose slot another replica holds, or whose slot a
@@ -35,7 +36,7 @@ rows, replay the same rows through the same target, and log the same replays.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
@@ -52,7 +53,11 @@ from dlqd.metrics import AGE_BUCKETS
 from dlqd.policy import JITTER_SCALE, base_delay
 from dlqd.replay.report import Reporter, report_express
 from dlqd.replay.result import ExpressPage, PassResult
-from dlqd.replay.targets import is_set_based
+from dlqd.replay.targets import (
+    is_set_based,
+    per_row_statements,
+    runs_in_server,
+)
 from dlqd.statements import first_keyword, target_problem
 
 ExpressTarget = SqlTarget | NotifyTarget
@@ -98,17 +103,22 @@ def express_kind(policy: Policy, settings: Settings) -> Kind | None:
     return "fixed" if policy.backoff == "fixed" else "exp"
 
 
-def express_target(policy: Policy, settings: Settings) -> ExpressTarget | None:
+def express_target(
+    policy: Policy, settings: Settings, in_server: Collection[str] = ()
+) -> ExpressTarget | None:
     """The target an express page replays ``policy``'s due rows into, or None
     when they take the ordinary path (an http target cannot share the
-    transaction; a per-row statement runs per row). A rate limit's tokens are
+    transaction; a per-row statement not in ``in_server``, those whose
+    in-server form plans, runs from the daemon). A rate limit's tokens are
     taken in the statement, from the deployment-wide bucket."""
     if express_kind(policy, settings) not in ("fixed", "exp"):
         return None
     target = settings.target_for(policy)
     if isinstance(target, NotifyTarget):
         return target
-    if isinstance(target, SqlTarget) and sink_kind(target.statement) is not None:
+    if isinstance(target, SqlTarget) and (
+        sink_kind(target.statement) is not None or target.statement in in_server
+    ):
         return target
     return None
 
@@ -134,8 +144,11 @@ class ExpressPlan:
         }
 
 
-def plan(settings: Settings, age_buckets: Sequence[float]) -> ExpressPlan | None:
-    """The express plan for ``settings``, or None when no policy qualifies.
+def plan(
+    settings: Settings, age_buckets: Sequence[float], in_server: Collection[str] = ()
+) -> ExpressPlan | None:
+    """The express plan for ``settings``, or None when no policy qualifies;
+    ``in_server``: the per-row statements whose in-server form plans.
 
     Each target that due rows go to runs once per page, over its own policies'
     rows (a ``replayed`` of its own).
@@ -148,7 +161,7 @@ def plan(settings: Settings, age_buckets: Sequence[float]) -> ExpressPlan | None
     targets: dict[str, tuple[ExpressTarget, list[int]]] = {}
     replaying: dict[int, Policy] = {}
     for index, policy in enumerate(settings.policies):
-        target = express_target(policy, settings)
+        target = express_target(policy, settings, in_server)
         if target is not None:
             targets.setdefault(target.model_dump_json(), (target, []))[1].append(index)
             replaying[index] = policy
@@ -178,6 +191,8 @@ def plan(settings: Settings, age_buckets: Sequence[float]) -> ExpressPlan | None
     sinks = [
         ExpressSink(tuple(indexes), channel=target.channel, only_id=target.message == "id")
         if isinstance(target, NotifyTarget)
+        else ExpressSink(tuple(indexes), statement=target.statement, per_row=True)
+        if not is_set_based(target.statement)
         else ExpressSink(
             tuple(indexes),
             statement=target.statement,
@@ -229,21 +244,24 @@ class ExpressPages:
     def __init__(self, reporter: Reporter) -> None:
         self.reporter = reporter
         self.throttle = reporter.throttle
-        # the express plan of the settings object it was made for
-        self._plan: tuple[Settings, ExpressPlan | None] | None = None
+        # the express plan of the settings object (and the per-row statements
+        # known to run in the server) it was made for
+        self._plan: tuple[Settings, frozenset[str], ExpressPlan | None] | None = None
         # the last page was full: a backlog, the next one will be too
         self._backlog = False
 
-    def plan_for(self, settings: Settings) -> ExpressPlan | None:
-        """The express plan for ``settings``, made once per settings object."""
-        if self._plan is None or self._plan[0] is not settings:
-            self._plan = (settings, plan(settings, AGE_BUCKETS))
-        return self._plan[1]
+    def plan_for(self, conn: Connection, settings: Settings) -> ExpressPlan | None:
+        """The express plan for ``settings``, made once per settings object
+        (and again when a per-row statement's in-server form is learned)."""
+        in_server = frozenset(s for s in per_row_statements(settings) if runs_in_server(conn, s))
+        if self._plan is None or self._plan[0] is not settings or self._plan[1] != in_server:
+            self._plan = (settings, in_server, plan(settings, AGE_BUCKETS, in_server))
+        return self._plan[2]
 
     async def run(
         self, conn: Connection, settings: Settings, result: PassResult, stopping: anyio.Event
     ) -> bool:
-        express = self.plan_for(settings)
+        express = self.plan_for(conn, settings)
         if express is None:
             return True
         by_name = {p.name: p for p in express.policies.values()}

@@ -17,6 +17,16 @@ Column values the daemon does not hold (``payload``, ``error_history``,
 timestamps, ...) are read by the statement itself, inside Postgres: a
 ``%(payload)s`` placeholder runs as ``(SELECT payload FROM job_dlq WHERE id =
 %(id)s)``. No payload ever crosses into the process.
+
+A per-row statement runs for a group of rows *inside Postgres* when its
+in-server form plans (``dlqd_replay_rows``, migration 017: every placeholder
+read from the row as claimed, typed as job_dlq's column, the statement run
+once per row by ``EXECUTE ... USING``): one call per group instead of a
+statement per row, and the bisection on failure calls it again on each half.
+Whether it plans is learned once per statement (:func:`learn_server_forms`);
+a statement whose placeholders need the client's untyped binding (a text
+value into an enum column, say), or a role that may not run the function,
+keeps the pipelined statements. A lone row runs as the statement itself.
 """
 
 from __future__ import annotations
@@ -24,16 +34,28 @@ from __future__ import annotations
 import functools
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Protocol
 from uuid import UUID
 
-from dlqd.config import NotifyTarget, SqlTarget
+import anyio
+
+from dlqd.config import NotifyTarget, Settings, SqlTarget, run_target
 from dlqd.db import replays
-from dlqd.db.compose import PLACEHOLDER, row_statement, set_statement
+from dlqd.db.compose import (
+    PLACEHOLDER,
+    planned_server_statement,
+    row_statement,
+    server_row_statement,
+    set_statement,
+)
 from dlqd.db.connector import Connection, savepoint
 from dlqd.errors import DatabaseError, LockTimeout, StatementTimeout
+from dlqd.logs import get_logger
 from dlqd.policy import MatchLike
-from dlqd.statements import StatementError, tokens
+from dlqd.statements import StatementError, target_problem, tokens
+
+log = get_logger("dlqd.replayer")
 
 
 @functools.lru_cache(maxsize=256)
@@ -82,6 +104,11 @@ async def _run_sql(
             conn, set_statement(target.statement), {"ids": [r.id for r in rows]}
         )
         return
+    if len(rows) > 1 and runs_in_server(conn, target.statement):
+        await replays.run_rows_in_server(
+            conn, server_row_statement(target.statement), [r.id for r in rows]
+        )
+        return
     text, names = row_statement(target.statement, all_in_db=all_in_db)
     if len(rows) == 1:  # no pipeline to open and sync for one statement
         await replays.run_statement(conn, text, sql_params(rows[0], names))
@@ -93,6 +120,97 @@ async def _run_notify(
     target: NotifyTarget, conn: Connection, rows: Sequence[RowValues], all_in_db: bool
 ) -> None:
     await replays.notify_rows(conn, target.channel, [r.id for r in rows], target.message == "id")
+
+
+#: per-row statements, by database, role and text: whether their in-server
+#: form runs (it plans, and the role may run dlqd_replay_rows). Learned once.
+_SERVER_FORMS: dict[tuple[str, str, str, str], bool] = {}
+#: how long learning a statement's form waits for a lock, and plans (it runs
+#: at the start of a pass: a table locked by someone else costs the pass at
+#: most this, once per _LEARN_RETRY seconds)
+_LEARN_LOCK_TIMEOUT = timedelta(milliseconds=100)
+_LEARN_STATEMENT_TIMEOUT = timedelta(seconds=2)
+_LEARN_RETRY = 30.0
+#: statements not learned yet because a table was locked: when to try again
+_LEARN_AFTER: dict[tuple[str, str, str, str], float] = {}
+
+
+def _form_key(conn: Connection, statement: str) -> tuple[str, str, str, str]:
+    info = conn.info
+    return (f"{info.host}:{info.port}", info.dbname, info.user, statement)
+
+
+def runs_in_server(conn: Connection, statement: str) -> bool:
+    """Whether a per-row statement's groups run inside Postgres on ``conn``'s
+    database (as learned; not yet learned: no)."""
+    return _SERVER_FORMS.get(_form_key(conn, statement), False)
+
+
+def per_row_statements(settings: Settings) -> list[str]:
+    """The per-row sql statements ``settings`` may replay rows through (found
+    once per settings object: a pass asks every time)."""
+    cached = _PER_ROW.get("last")
+    if cached is None or cached[0] is not settings:
+        found = [p.target for p in settings.policies] + [settings.replay.default_target]
+        cached = (
+            settings,
+            [
+                t.statement
+                for t in (run_target(target) for target in found if target is not None)
+                if isinstance(t, SqlTarget)
+                and not is_set_based(t.statement)
+                and target_problem(t.statement) is None
+            ],
+        )
+        _PER_ROW["last"] = cached
+    return cached[1]
+
+
+#: the settings object per_row_statements last answered for, and its answer
+_PER_ROW: dict[str, tuple[Settings, list[str]]] = {}
+
+
+async def learn_server_forms(conn: Connection, statements: Sequence[str]) -> None:
+    """Plan each statement's in-server form not planned yet (``conn`` idle, in
+    autocommit). A statement whose tables are locked runs from the daemon
+    meanwhile, and is tried again after _LEARN_RETRY seconds."""
+    now = anyio.current_time()
+    unknown = [
+        s
+        for s in dict.fromkeys(statements)
+        if (key := _form_key(conn, s)) not in _SERVER_FORMS and _LEARN_AFTER.get(key, 0) <= now
+    ]
+    if not unknown:
+        return
+    allowed = await replays.replay_rows_allowed(conn)
+    for statement in unknown:
+        key = _form_key(conn, statement)
+        if not allowed:
+            _SERVER_FORMS[key] = False
+            continue
+        try:
+            await replays.plan(
+                conn,
+                planned_server_statement(statement),
+                {},
+                lock_timeout=_LEARN_LOCK_TIMEOUT,
+                statement_timeout=_LEARN_STATEMENT_TIMEOUT,
+            )
+        except StatementTimeout as exc:  # a lock timeout too: a table it uses is locked
+            if exc.broken:
+                raise
+            _LEARN_AFTER[key] = now + _LEARN_RETRY
+            continue
+        except DatabaseError as exc:
+            if exc.broken:
+                raise
+            _SERVER_FORMS[key] = False
+            log.info(
+                "per-row target runs row by row from the daemon: its in-server form does not plan",
+                error=str(exc),
+            )
+            continue
+        _SERVER_FORMS[key] = True
 
 
 def runner_for(target: SqlTarget | NotifyTarget) -> Callable[..., Awaitable[None]]:

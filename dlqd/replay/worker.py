@@ -53,6 +53,7 @@ from dlqd.replay.presence import (
 )
 from dlqd.replay.report import Reporter
 from dlqd.replay.result import PassResult
+from dlqd.replay.targets import learn_server_forms, per_row_statements
 from dlqd.throttle import Throttle
 from dlqd.wake import WakeFlag
 
@@ -140,6 +141,8 @@ class Replayer:
         result.deadline = anyio.current_time() + PASS_BUDGET
         # one connection for the whole pass: each page is its own transaction
         async with pooled(self.pool) as conn:
+            # per-row statements not seen yet: does their in-server form plan?
+            await learn_server_forms(conn, per_row_statements(settings))
             # the ordinary inbox pages: for what express left, and on every full pass
             rest = await self.express.run(conn, settings, result, self.stopping) or full
             after_seq = 0
