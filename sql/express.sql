@@ -164,11 +164,11 @@ SELECT count(pg_notify({channel}, m.message))
          ORDER BY p.seq) AS m
 
 -- name: express_row_sink
--- A per-row target in its in-server form (migration 017): once per row, in
--- inbox order, each row as claimed.
-SELECT dlqd_replay_rows({statement},
-                        ARRAY(SELECT r::job_dlq FROM replayed r JOIN chosen p ON p.id = r.id
-                               ORDER BY p.seq))
+-- A per-row target in its in-server form (migration 017): {function} called
+-- once per row, in inbox order (after the sort: volatile), each row as claimed.
+SELECT count(*) AS n
+  FROM (SELECT {function}(r::job_dlq) FROM replayed r JOIN chosen p ON p.id = r.id
+         ORDER BY p.seq) AS calls
 
 -- name: express_sink_rows
 (SELECT count(*) FROM {name})

@@ -411,19 +411,26 @@ SELECT count(pg_notify(%(channel)s, m))
           JOIN job_dlq j ON j.id = u.id
          ORDER BY u.n) AS messages
 
+-- name: define_row_function
+-- A per-row target's in-server form as this session's function (migration 017).
+SELECT dlqd_define_row_function(%(name)s, %(statement)s)
+
 -- name: replay_rows
--- A per-row target in its in-server form (migration 017): run once per row,
--- in batch order, by one call; each row as claimed.
-SELECT dlqd_replay_rows(%(statement)s,
-                        ARRAY(SELECT j FROM unnest(%(ids)s::uuid[]) WITH ORDINALITY AS u(id, n)
-                                JOIN job_dlq j ON j.id = u.id
-                               ORDER BY u.n))
+-- A per-row target in its in-server form: {function} called once per row, in
+-- batch order (called after the sort: volatile), each row as claimed.
+SELECT count(*) AS n
+  FROM (SELECT {function}(j)
+          FROM unnest(%(ids)s::uuid[]) WITH ORDINALITY AS u(id, n)
+          JOIN job_dlq j ON j.id = u.id
+         ORDER BY u.n) AS calls
 
 -- name: replay_rows_allowed
--- Whether this role may run per-row targets in their in-server form.
-SELECT CASE WHEN f.fn IS NULL THEN false ELSE has_function_privilege(f.fn, 'EXECUTE') END
-           AS allowed
-  FROM (SELECT to_regprocedure('dlqd_replay_rows(text, job_dlq[])') AS fn) f
+-- Whether this role may run per-row targets in their in-server form: the
+-- function that defines them, and a temporary schema to define them in.
+SELECT CASE WHEN f.fn IS NULL THEN false
+            ELSE has_function_privilege(f.fn, 'EXECUTE')
+                 AND has_database_privilege(current_database(), 'TEMPORARY') END AS allowed
+  FROM (SELECT to_regprocedure('dlqd_define_row_function(text, text)') AS fn) f
 
 -- name: status_groups
 -- Index-only over job_dlq_pending_group_idx. Keys as labels (dlqd_label: a

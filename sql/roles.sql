@@ -113,8 +113,8 @@ BEGIN
     IF to_regprocedure('dlqd_finish_replayed(uuid[], text[], boolean, text, text)') IS NOT NULL THEN
         GRANT EXECUTE ON FUNCTION dlqd_finish_replayed(uuid[], text[], boolean, text, text) TO dlqd;
     END IF;
-    IF to_regprocedure('dlqd_replay_rows(text, job_dlq[])') IS NOT NULL THEN
-        GRANT EXECUTE ON FUNCTION dlqd_replay_rows(text, job_dlq[]) TO dlqd;
+    IF to_regprocedure('dlqd_define_row_function(text, text)') IS NOT NULL THEN
+        GRANT EXECUTE ON FUNCTION dlqd_define_row_function(text, text) TO dlqd;
     END IF;
     -- lock slots are locked FOR UPDATE (which needs UPDATE); the leader's lease is one row
     IF to_regclass('dlqd_lock_slots') IS NOT NULL THEN

@@ -1002,7 +1002,7 @@ async def test_a_per_row_target_runs_in_the_server_on_express_pages(
     db_url: str, pool: AsyncConnectionPool[Any]
 ) -> None:
     """A per-row statement whose in-server form plans goes express: each page's
-    rows run through it by one dlqd_replay_rows call, once each, in inbox
+    rows run through its session function, called by one query, once each, in inbox
     order, with the row's own values (the payload never leaves Postgres)."""
     from dlqd.replay.targets import runs_in_server
 

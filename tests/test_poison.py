@@ -304,6 +304,14 @@ async def test_a_target_blocked_on_a_lock_times_out_and_retries(
         extra='[replay]\nstatement_timeout = "1s"\nlock_timeout = "300ms"\n',
     )
     daemon = await start(daemons, sink_db, cfg, tmp_path)
+
+    # ready means started, not that a pass has completed: on a loaded machine the
+    # first pass could still be running into the rows below (and retry them
+    # until its time is up), with no completed pass yet to compare against
+    async def a_pass_completed() -> bool:
+        return daemon.metric("dlqd_last_pass_success_timestamp_seconds") > 0
+
+    await wait_until(a_pass_completed, within=30)
     async with await psycopg.AsyncConnection.connect(sink_db) as locker:
         await locker.execute("LOCK TABLE sink IN ACCESS EXCLUSIVE MODE")
         await insert_rows(sink_db, [row_json(original_job_id=f"l{i}") for i in range(3)])

@@ -20,6 +20,7 @@ module returns, so what is checked is what runs.
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -98,7 +99,7 @@ def row_statement(
     return sql.Composed(parts), tuple(sorted(names))
 
 
-#: the row a per-row statement's in-server form reads: dlqd_replay_rows's
+#: the row a per-row statement's in-server form reads: its session function's
 #: parameter as run; a row of the same type (no value) when it is planned
 SERVER_ROW = "$1"
 PLANNED_ROW = "(NULL::job_dlq)"
@@ -109,7 +110,7 @@ def server_row_statement(statement: str, row: str = SERVER_ROW) -> str:
     """A per-row target's in-server form (migration 017): every placeholder read
     from ``row``, the row as claimed (``%(payload)s`` as ``($1)."payload"``,
     typed as job_dlq's column), a literal ``%%`` as ``%``. Text, not a
-    statement: dlqd_replay_rows runs it, with ``EXECUTE ... USING``."""
+    statement: the body of the session's function (:func:`row_function_name`)."""
     body = statement_body(statement)
     parts: list[sql.Composable] = []
     at = 0
@@ -123,6 +124,26 @@ def server_row_statement(statement: str, row: str = SERVER_ROW) -> str:
             parts.append(sql.SQL("({}).{}").format(sql.SQL(row), sql.Identifier(name)))
     parts.append(_operator_text(body[at:]))
     return sql.Composed(parts).as_string(None)
+
+
+@functools.lru_cache(maxsize=256)
+def row_function_name(statement: str) -> str:
+    """The name of the session function that runs ``statement``'s in-server
+    form (``pg_temp.dlqd_row_<md5 of that form>``): a changed statement is
+    another function."""
+    digest = hashlib.md5(server_row_statement(statement).encode(), usedforsecurity=False)
+    return f"dlqd_row_{digest.hexdigest()}"
+
+
+def row_function(statement: str) -> sql.Identifier:
+    """That function, qualified: only the session's own temporary schema."""
+    return sql.Identifier("pg_temp", row_function_name(statement))
+
+
+def replay_rows(statement: str) -> sql.Composed:
+    """The ordinary path's call of ``statement``'s session function, once per
+    row of ``ids`` in order."""
+    return sql.SQL(q("replay_rows")).format(function=row_function(statement))
 
 
 def planned_server_statement(statement: str) -> sql.Composed:
@@ -215,7 +236,7 @@ class ExpressSink:
 
     indexes: tuple[int, ...]
     statement: str | None = None  # sql
-    per_row: bool = False  # the statement's in-server form, once per row (017)
+    per_row: bool = False  # the statement's session function, once per row (017)
     channel: str | None = None  # notify
     only_id: bool = False
     reads: bool = True
@@ -247,10 +268,7 @@ def express_page(
             )
         elif sink.per_row:
             assert sink.statement is not None  # noqa: S101 - a sink is one or the other
-            params[f"statement_{number}"] = server_row_statement(sink.statement)
-            body = sql.SQL(q("express_row_sink")).format(
-                statement=sql.Placeholder(f"statement_{number}")
-            )
+            body = sql.SQL(q("express_row_sink")).format(function=row_function(sink.statement))
         else:
             assert sink.statement is not None  # noqa: S101 - a sink is one or the other
             body = _operator_text(statement_body(sink.statement))

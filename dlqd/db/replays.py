@@ -12,7 +12,13 @@ from uuid import UUID
 import psycopg
 from psycopg.pq import TransactionStatus
 
-from dlqd.db.compose import Statement, explained
+from dlqd.db.compose import (
+    Statement,
+    explained,
+    replay_rows,
+    row_function_name,
+    server_row_statement,
+)
 from dlqd.db.connector import Connection, transaction, translate, translated
 from dlqd.db.queries import q
 
@@ -55,13 +61,23 @@ async def run_statement_per_row(
 
 @translated
 async def run_rows_in_server(conn: Connection, statement: str, ids: Sequence[UUID]) -> None:
-    """A per-row target's in-server form for many rows: one call (migration 017)."""
-    await conn.execute(q("replay_rows"), {"statement": statement, "ids": list(ids)})
+    """A per-row target's in-server form for many rows (migration 017): its
+    session function defined if this session has not yet, then called once
+    per row by one query; pipelined, one round trip."""
+    async with conn.pipeline():
+        await conn.execute(q("define_row_function"), row_definition(statement))
+        await conn.execute(replay_rows(statement), {"ids": list(ids)})
+
+
+def row_definition(statement: str) -> dict[str, str]:
+    """What defines ``statement``'s session function (``define_row_function``)."""
+    return {"name": row_function_name(statement), "statement": server_row_statement(statement)}
 
 
 @translated
 async def replay_rows_allowed(conn: Connection) -> bool:
-    """Whether this role may run dlqd_replay_rows (migration 017 applied)."""
+    """Whether this role may define per-row session functions (migration 017
+    applied, EXECUTE on dlqd_define_row_function, TEMPORARY on the database)."""
     cur = await conn.execute(q("replay_rows_allowed"))
     row = await cur.fetchone()
     return row is not None and bool(row["allowed"])
@@ -252,6 +268,7 @@ async def express_page(
     statement_timeout: timedelta,
     lock_timeout: timedelta,
     custom_plan: bool,
+    row_statements: Sequence[str] = (),
 ) -> Row:
     """One express page in its own transaction, its statements pipelined: one
     round trip for BEGIN, the timeouts, the statement and COMMIT.
@@ -269,6 +286,9 @@ async def express_page(
     a few small pages: planned for nothing in particular, a full page took 5x
     longer with it (724 ms against 134 ms for 5000 rows). Worth its planning
     time (under a millisecond) for a full page, not for a trickle's one row.
+
+    ``row_statements``: the per-row statements whose session functions the
+    page calls, defined first where this session has not yet (migration 017).
     """
     try:
         async with conn.pipeline():
@@ -279,6 +299,8 @@ async def express_page(
             )
             if custom_plan:
                 await conn.execute(q("custom_plans"))
+            for text in row_statements:
+                await conn.execute(q("define_row_function"), row_definition(text))
             cur = await conn.execute(statement, params)
             await conn.execute(q("commit"))
         row = await cur.fetchone()

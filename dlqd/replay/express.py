@@ -13,7 +13,8 @@ first policy that matches it can be applied without Python:
   bucket's tokens are left to the ordinary path, which schedules them for
   the next token), and its target runs over a set (a ``sql`` statement over
   ``replayed``, a per-row ``sql`` statement whose in-server form plans, run
-  once per row by ``dlqd_replay_rows``, or a ``notify`` channel). With ``max_replays``, the job's
+  once per row as the session's function ``pg_temp.dlqd_row_<hash>``, or a
+  ``notify`` channel). With ``max_replays``, the job's
   replays within the log's retention are counted in the statement: a job at
   its limit is parked (``max_replays``), one below it replays under its lock
   slot, and one whose slot another replica holds, or whose slot a
@@ -131,6 +132,8 @@ class ExpressPlan:
     params: dict[str, Any]
     # policies whose due rows an express page replays, by index in settings.policies
     policies: dict[int, Policy]
+    # per-row statements the page calls as session functions (defined first)
+    row_statements: tuple[str, ...] = ()
 
     def bind(
         self, after_seq: int, limit: int, replayable: Iterable[int], max_bytes: int
@@ -205,7 +208,8 @@ def plan(
         for p, kind in zip(settings.policies, kinds, strict=True)
     )
     text = express_page(settings.policies, last, sinks, params, gated=gated)
-    return ExpressPlan(text, params, replaying)
+    row_statements = tuple(s.statement for s in sinks if s.per_row and s.statement is not None)
+    return ExpressPlan(text, params, replaying, row_statements)
 
 
 def _micros(delay: timedelta) -> int:
@@ -284,6 +288,7 @@ class ExpressPages:
                     statement_timeout=settings.replay.statement_timeout,
                     lock_timeout=settings.replay.lock_timeout,
                     custom_plan=self._backlog,
+                    row_statements=express.row_statements,
                 )
             except DatabaseError as exc:
                 if exc.broken:

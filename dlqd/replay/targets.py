@@ -19,14 +19,16 @@ timestamps, ...) are read by the statement itself, inside Postgres: a
 %(id)s)``. No payload ever crosses into the process.
 
 A per-row statement runs for a group of rows *inside Postgres* when its
-in-server form plans (``dlqd_replay_rows``, migration 017: every placeholder
-read from the row as claimed, typed as job_dlq's column, the statement run
-once per row by ``EXECUTE ... USING``): one call per group instead of a
-statement per row, and the bisection on failure calls it again on each half.
+in-server form plans (migration 017: every placeholder read from the row as
+claimed, typed as job_dlq's column, the body of a SQL function of the
+session's temporary schema, defined on first use): one query calls it once
+per row of the group, planned once per query, and the bisection on failure
+calls it again on each half.
 Whether it plans is learned once per statement (:func:`learn_server_forms`);
 a statement whose placeholders need the client's untyped binding (a text
 value into an enum column, say), or a role that may not run the function,
-keeps the pipelined statements. A lone row runs as the statement itself.
+(or a database without TEMPORARY for it) keeps the pipelined statements. A
+lone row runs as the statement itself.
 """
 
 from __future__ import annotations
@@ -46,7 +48,6 @@ from dlqd.db.compose import (
     PLACEHOLDER,
     planned_server_statement,
     row_statement,
-    server_row_statement,
     set_statement,
 )
 from dlqd.db.connector import Connection, savepoint
@@ -105,9 +106,7 @@ async def _run_sql(
         )
         return
     if len(rows) > 1 and runs_in_server(conn, target.statement):
-        await replays.run_rows_in_server(
-            conn, server_row_statement(target.statement), [r.id for r in rows]
-        )
+        await replays.run_rows_in_server(conn, target.statement, [r.id for r in rows])
         return
     text, names = row_statement(target.statement, all_in_db=all_in_db)
     if len(rows) == 1:  # no pipeline to open and sync for one statement
@@ -123,7 +122,7 @@ async def _run_notify(
 
 
 #: per-row statements, by database, role and text: whether their in-server
-#: form runs (it plans, and the role may run dlqd_replay_rows). Learned once.
+#: form runs (it plans, and the role may define it: migration 017). Learned once.
 _SERVER_FORMS: dict[tuple[str, str, str, str], bool] = {}
 #: how long learning a statement's form waits for a lock, and plans (it runs
 #: at the start of a pass: a table locked by someone else costs the pass at
