@@ -21,49 +21,70 @@ UPDATE job_dlq SET replayed_at = now()
  WHERE id = %(id)s AND replayed_at IS NULL
 RETURNING replayed_at
 
--- fragment: pending_selected
--- The pending rows a filter selects, with the state the daemon recorded, in
--- keyset order on (dlq_at, id) (job_dlq_pending_dlq_at_id_idx), never by
--- OFFSET: after the cursor, dead-lettered up to `until` (a redrive's
--- creation), globs as regexes (OR within a field, AND across fields), the
--- recorded state and policy, a document the payload contains
--- (job_dlq_pending_payload_idx), text the last error contains (the job
--- system's last entry in error_history, or the last failed replay's).
-SELECT j.id, j.dlq_at, j.original_job_id, j.app_id, j.type, j.error_reason, j.attempts,
+-- fragment: pending_columns
+-- What a listed row shows: the row's keys and the state the daemon recorded.
+j.id, j.dlq_at, j.original_job_id, j.app_id, j.type, j.error_reason, j.attempts,
        CASE WHEN s.state IS NULL THEN 'new'
             WHEN s.state IN ('parked', 'parked_policy') THEN 'parked'
             ELSE s.state END AS state,
        s.policy, s.due_at, coalesce(s.failures, 0) AS failures, s.last_error,
        CASE WHEN s.state = 'parked_policy' THEN 'policy' ELSE s.parked_reason END
            AS parked_reason
+
+-- fragment: pending_filters
+-- A filter's conditions on a pending row j and its schedule row s, but the
+-- state: dead-lettered up to `until` (a redrive's creation), globs as
+-- regexes (OR within a field, AND across fields), the recorded policy, a
+-- document the payload contains (job_dlq_pending_payload_idx), text the last
+-- error contains (the job system's last entry in error_history, or the last
+-- failed replay's).
+(%(until)s::timestamptz IS NULL OR j.dlq_at <= %(until)s::timestamptz)
+   AND (%(app_ids)s::text[] IS NULL OR j.app_id ~ ANY (%(app_ids)s::text[]))
+   AND (%(types)s::text[] IS NULL OR j.type ~ ANY (%(types)s::text[]))
+   AND (%(error_reasons)s::text[] IS NULL OR j.error_reason ~ ANY (%(error_reasons)s::text[]))
+   AND (%(policies)s::text[] IS NULL OR s.policy = ANY (%(policies)s::text[]))
+   AND (%(payload)s::jsonb IS NULL OR j.payload @> %(payload)s::jsonb)
+   AND (%(error)s::text IS NULL
+        OR strpos(lower(coalesce(j.error_history -> -1 #>> '{}', '')), lower(%(error)s::text)) > 0
+        OR strpos(lower(coalesce(s.last_error, '')), lower(%(error)s::text)) > 0)
+
+-- fragment: pending_selected
+-- The pending rows a filter selects, in keyset order on (dlq_at, id)
+-- (job_dlq_pending_dlq_at_id_idx), never by OFFSET: after the cursor.
+SELECT {{pending_columns}}
   FROM job_dlq j
   LEFT JOIN dlqd_entry_state s ON s.dlq_id = j.id
  WHERE j.replayed_at IS NULL
    AND (%(after_dlq_at)s::timestamptz IS NULL
         OR (j.dlq_at, j.id) > (%(after_dlq_at)s::timestamptz, %(after_id)s::uuid))
-   AND (%(until)s::timestamptz IS NULL OR j.dlq_at <= %(until)s::timestamptz)
-   AND (%(app_ids)s::text[] IS NULL OR j.app_id ~ ANY (%(app_ids)s::text[]))
-   AND (%(types)s::text[] IS NULL OR j.type ~ ANY (%(types)s::text[]))
-   AND (%(error_reasons)s::text[] IS NULL OR j.error_reason ~ ANY (%(error_reasons)s::text[]))
-   AND (%(policies)s::text[] IS NULL OR s.policy = ANY (%(policies)s::text[]))
    AND (%(states)s::text[] IS NULL
         OR CASE WHEN s.state IS NULL THEN 'new'
                 WHEN s.state IN ('parked', 'parked_policy') THEN 'parked'
                 ELSE s.state END = ANY (%(states)s::text[]))
-   AND (%(payload)s::jsonb IS NULL OR j.payload @> %(payload)s::jsonb)
-   AND (%(error)s::text IS NULL
-        OR strpos(lower(coalesce(j.error_history -> -1 #>> '{}', '')), lower(%(error)s::text)) > 0
-        OR strpos(lower(coalesce(s.last_error, '')), lower(%(error)s::text)) > 0)
+   AND {{pending_filters}}
  ORDER BY j.dlq_at, j.id
 
--- name: list_pending
--- A page of `dlqd list` and of the console. `document` (the row as JSON
--- text, payload included, with the keys `redact` names masked by Postgres)
--- only when asked for: a table of rows needs no payload. Keys as text, cut.
-WITH listed AS (
-    {{pending_selected}}
-     LIMIT %(limit)s
-)
+-- fragment: parked_selected
+-- The same for a filter of parked rows alone (`--state parked`, so no state
+-- condition but the index's own, which the planner estimates well): a range scan
+-- of the parked schedule rows in the same (dlq_at, id) order
+-- (dlqd_entry_state_parked_at_idx, migration 018), each row by its key,
+-- instead of a walk of every pending row.
+SELECT {{pending_columns}}
+  FROM dlqd_entry_state s
+  JOIN job_dlq j ON j.id = s.dlq_id
+ WHERE s.state IN ('parked', 'parked_policy')
+   AND j.replayed_at IS NULL
+   AND (%(after_dlq_at)s::timestamptz IS NULL
+        OR (s.parked_dlq_at, s.dlq_id) > (%(after_dlq_at)s::timestamptz, %(after_id)s::uuid))
+   AND {{pending_filters}}
+ ORDER BY s.parked_dlq_at, s.dlq_id
+
+-- fragment: listed_rows
+-- A page's rows as `dlqd list` and the console show them. `document` (the
+-- row as JSON text, payload included, with the keys `redact` names masked by
+-- Postgres) only when asked for: a table of rows needs no payload. Keys as
+-- text, cut.
 SELECT l.id, left(l.original_job_id, 200) AS original_job_id, left(l.app_id, 200) AS app_id,
        left(l.type, 200) AS type, left(l.error_reason, 200) AS error_reason, l.attempts,
        to_json(l.dlq_at) #>> '{}' AS dlq_at, l.state, l.policy,
@@ -80,9 +101,29 @@ SELECT l.id, left(l.original_job_id, 200) AS original_job_id, left(l.app_id, 200
   JOIN job_dlq j ON j.id = l.id
  ORDER BY l.dlq_at, l.id
 
+-- name: list_pending
+-- A page of `dlqd list` and of the console.
+WITH listed AS (
+    {{pending_selected}}
+     LIMIT %(limit)s
+)
+{{listed_rows}}
+
+-- name: list_parked
+-- The same page when the filter asks for parked rows alone.
+WITH listed AS (
+    {{parked_selected}}
+     LIMIT %(limit)s
+)
+{{listed_rows}}
+
 -- name: count_pending
 -- The pending rows a filter selects, counted up to `cap` (NULL: all of them).
 SELECT count(*) AS n FROM ({{pending_selected}} LIMIT %(cap)s) AS selected
+
+-- name: count_parked
+-- The same for a filter of parked rows alone.
+SELECT count(*) AS n FROM ({{parked_selected}} LIMIT %(cap)s) AS selected
 
 -- name: migrations_try_lock
 -- Serialises `dlqd migrate` runs (a session lock: the table it would guard

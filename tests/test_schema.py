@@ -269,7 +269,7 @@ async def test_dlqd_state_tables(conn: Conn) -> None:
         ),
         "dlqd_entry_state": (
             "dlq_id,state,policy,fingerprint,due_at,failures,last_error,last_failure_at,"
-            "parked_reason,updated_at"
+            "parked_reason,updated_at,parked_dlq_at"
         ),
         "dlqd_inbox": "seq,dlq_id",
     }
@@ -290,6 +290,10 @@ async def test_dlqd_state_tables(conn: Conn) -> None:
         "dlqd_entry_state_due_idx": "btree (fingerprint, due_at) WHERE (state = 'waiting'::text)",
         "dlqd_entry_state_parked_idx": "btree (dlq_id) WHERE (state = 'parked'::text)",
         "dlqd_entry_state_held_idx": "btree (dlq_id) WHERE (state <> 'waiting'::text)",
+        "dlqd_entry_state_parked_at_idx": (
+            "btree (parked_dlq_at, dlq_id) WHERE (state = ANY (ARRAY['parked'::text, "
+            "'parked_policy'::text]))"
+        ),
         "dlqd_entry_state_fingerprint_idx": (
             "btree (fingerprint, dlq_id) WHERE (state <> 'parked'::text)"
         ),

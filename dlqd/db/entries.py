@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 from psycopg.types.json import Jsonb
@@ -74,7 +74,7 @@ class Repository:
         # one extra row tells whether another page exists
         params = list_params(where, after, limit + 1, documents=documents, redact=redact)
         try:
-            rows = await _all(self.conn, "list_pending", params)
+            rows = await _all(self.conn, _selected("list", where), params)
         except DatabaseError as exc:
             if exc.sqlstate is not None and exc.sqlstate.startswith("22"):
                 # a cursor that decodes but whose timestamp Postgres does not accept
@@ -87,6 +87,13 @@ class Repository:
         if len(rows) > limit:
             next_cursor = encode_cursor(page[-1]["dlq_at"], page[-1]["id"])
         return Page(rows=page, next_cursor=next_cursor)
+
+
+def _selected(verb: Literal["list", "count"], where: PendingFilter | None) -> str:
+    """The query for ``where``'s rows: a filter of parked rows alone reads the
+    parked schedule rows in order (migration 018), any other the pending rows."""
+    parked = where is not None and set(where.state) == {"parked"}
+    return f"{verb}_{'parked' if parked else 'pending'}"
 
 
 def list_params(
@@ -159,7 +166,7 @@ async def pending_ids(
 ) -> list[Row]:
     """A keyset page of the pending rows a filter selects (``until``: dead-lettered
     by then): each with its ``id`` and ``dlq_at`` (text), no document."""
-    return await _all(conn, "list_pending", list_params(where, after, limit, until=until))
+    return await _all(conn, _selected("list", where), list_params(where, after, limit, until=until))
 
 
 async def count_pending(
@@ -167,7 +174,7 @@ async def count_pending(
 ) -> int:
     """The pending rows a filter selects, counted up to ``cap`` (None: all)."""
     params = list_params(where, (None, None), 0, until=until)
-    row = await _one(conn, "count_pending", {**params, "cap": cap})
+    row = await _one(conn, _selected("count", where), {**params, "cap": cap})
     return int(row["n"]) if row else 0
 
 

@@ -3,7 +3,8 @@ migrations from ``sql/NNN_*.sql``; each adapter's from ``sql/adapters/<name>.sql
 
 Each query starts with a ``-- name: <name>`` line. A ``-- fragment: <name>``
 block is a piece of text that queries include as ``{{name}}`` (the narrow
-row's columns, say, written once), substituted when the file is loaded. Values
+row's columns, say, written once; a fragment may include those defined before
+it), substituted when the file is loaded. Values
 are always bound parameters; what is composed at run time (an operator's
 target statement, compiled policy matches) is composed in ``dlqd.db.compose``
 alone, with ``psycopg.sql``.
@@ -55,6 +56,9 @@ def _load(*paths: Path) -> dict[str, str]:
             raise RuntimeError(f"no SQL fragment named {match.group(1)!r}")
         return fragments[match.group(1)]
 
+    # a fragment may include fragments defined before it
+    for name in list(fragments):
+        fragments[name] = _INCLUDE.sub(include, fragments[name])
     return {name: _INCLUDE.sub(include, body) for name, body in queries.items()}
 
 
