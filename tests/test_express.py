@@ -1112,3 +1112,26 @@ async def test_a_locked_table_puts_off_learning_the_form_without_deciding_it(
         targets._LEARN_AFTER[key] = 0.0  # the retry's time has come
         await targets.learn_server_forms(conn, [statement])
         assert targets.runs_in_server(conn, statement)
+
+
+async def test_a_pass_out_of_time_leaves_the_rest_to_the_next_express_pages(
+    db_url: str, pool: AsyncConnectionPool[Any], sink: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backlog outlasts a pass's time budget: the pass ends after its express
+    page, and the next pass goes on with express pages. The ordinary pages,
+    which would take express's own rows the slow way, are not run for them."""
+    from dlqd.replay import worker
+
+    monkeypatch.setattr(worker, "PASS_BUDGET", 0.0)  # every pass is out of time at once
+    replayer = replayer_for(pool, _settings(db_url, [NOW_ONCE], replay={"batch_size": 4}))
+    await insert(db_url, [row_json(original_job_id=f"b{i}") for i in range(10)])
+    with capture_logs() as logs:
+        passes = 0
+        with anyio.fail_after(30):
+            while (await fetch(db_url, "SELECT count(*) FROM sink")) != [(10,)]:
+                result = await replayer.run_once(full=False)
+                passes += 1
+                assert result.replayed == 4 or passes == 3
+    batches = [e for e in logs if e["event"] == "batch"]
+    assert [e.get("express") for e in batches] == [True, True, True]
+    assert [e["replayed"] for e in batches] == [4, 4, 2]
