@@ -1135,3 +1135,13 @@ async def test_a_pass_out_of_time_leaves_the_rest_to_the_next_express_pages(
     batches = [e for e in logs if e["event"] == "batch"]
     assert [e.get("express") for e in batches] == [True, True, True]
     assert [e["replayed"] for e in batches] == [4, 4, 2]
+
+
+def test_the_express_statement_is_rendered_once_with_numbered_placeholders() -> None:
+    """A name used twice is one parameter (as psycopg binds it); a literal %
+    stays one; the values come in the placeholders' order."""
+    from dlqd.db.compose import positional
+
+    rendered = positional(sql.SQL("SELECT %(b)s, %(a)s, %(b)s, '100%%'").format(), None)
+    assert rendered.text == b"SELECT $1, $2, $1, '100%'"
+    assert rendered.values({"a": 1, "b": 2, "unused": 3}) == [2, 1]

@@ -10,9 +10,11 @@ from typing import Any, Protocol
 from uuid import UUID
 
 import psycopg
+from psycopg import AsyncRawCursor
 from psycopg.pq import TransactionStatus
 
 from dlqd.db.compose import (
+    Positional,
     Statement,
     explained,
     replay_rows,
@@ -262,7 +264,7 @@ async def http_body(conn: Connection, row_id: UUID) -> bytes | None:
 
 async def express_page(
     conn: Connection,
-    statement: Statement,
+    statement: Positional,
     params: dict[str, Any],
     *,
     statement_timeout: timedelta,
@@ -301,7 +303,8 @@ async def express_page(
                 await conn.execute(q("custom_plans"))
             for text in row_statements:
                 await conn.execute(q("define_row_function"), row_definition(text))
-            cur = await conn.execute(statement, params)
+            cur = AsyncRawCursor(conn)
+            await cur.execute(statement.text, statement.values(params))
             await conn.execute(q("commit"))
         row = await cur.fetchone()
     except psycopg.Error as exc:

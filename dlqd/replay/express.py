@@ -46,7 +46,7 @@ import anyio
 
 from dlqd.config import NotifyTarget, Policy, Settings, SqlTarget
 from dlqd.db import replays
-from dlqd.db.compose import ExpressSink, Statement, express_page
+from dlqd.db.compose import ExpressSink, Positional, Statement, express_page, positional
 from dlqd.db.connector import Connection
 from dlqd.errors import DatabaseError
 from dlqd.logs import get_logger
@@ -251,8 +251,15 @@ class ExpressPages:
         # the express plan of the settings object (and the per-row statements
         # known to run in the server) it was made for
         self._plan: tuple[Settings, frozenset[str], ExpressPlan | None] | None = None
+        self._positional: tuple[ExpressPlan, Positional] | None = None
         # the last page was full: a backlog, the next one will be too
         self._backlog = False
+
+    def _rendered(self, conn: Connection, express: ExpressPlan) -> Positional:
+        """The plan's statement with $n placeholders, rendered once per plan."""
+        if self._positional is None or self._positional[0] is not express:
+            self._positional = (express, positional(express.text, conn))
+        return self._positional[1]
 
     def plan_for(self, conn: Connection, settings: Settings) -> ExpressPlan | None:
         """The express plan for ``settings``, made once per settings object
@@ -283,7 +290,7 @@ class ExpressPages:
             try:
                 row = await replays.express_page(
                     conn,
-                    express.text,
+                    self._rendered(conn, express),
                     params,
                     statement_timeout=settings.replay.statement_timeout,
                     lock_timeout=settings.replay.lock_timeout,
