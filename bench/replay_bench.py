@@ -445,14 +445,28 @@ def batched_limit(url: str, connections: int, statement: str) -> float:
 MIX_TYPES = 20  # t00 .. t19: 18 replayed at once, t18 delayed, t19 parked
 
 
-def mix_config() -> str:
+def _gates(i: int) -> str:
+    """The issue's mix: jitter on half the policies, max_replays on a quarter,
+    a rate limit high enough not to bind on one."""
+    lines = []
+    if i % 2 == 0:
+        lines.append("jitter = 0.1")
+    if i % 4 == 1:
+        lines.append("max_replays = 5")
+    if i == 3:
+        lines.append('rate_limit = "100000/s"')
+    return "".join(f"{line}\n" for line in lines)
+
+
+def mix_config(gates: bool = False) -> str:
     """20 policies with globs: 18 replay at once (each its own type glob and
-    an error_reason glob), one delays (5% of the rows), one parks (5%)."""
+    an error_reason glob), one delays (5% of the rows), one parks (5%).
+    ``gates``: with the jitter, max_replays and rate limit of :func:`_gates`."""
     policies = [
         f"""[[policies]]
 name = "p{i:02d}"
 match = {{ type = ["t{i:02d}.*"], error_reason = ["time*", "net*"] }}
-target = {{ kind = "sql", statement = "{SINK_SET_STATEMENT}" }}
+{_gates(i) if gates else ""}target = {{ kind = "sql", statement = "{SINK_SET_STATEMENT}" }}
 """
         for i in range(MIX_TYPES - 2)
     ]
@@ -480,14 +494,16 @@ batch_size = {BATCH}
 """ + "\n".join(policies)
 
 
-def policy_mix(admin: str, backlog: int, workdir: Path, stack: ExitStack) -> None:
+def policy_mix(
+    admin: str, backlog: int, workdir: Path, stack: ExitStack, *, gates: bool = False
+) -> None:
     """The backlog over 20 policies: time until every row is decided (replayed,
     scheduled or parked), beside the 1-connection limit of the same rows."""
     url = seeded(admin, stack, backlog, MIX_TYPES)
     limit = backlog / batched_limit(url, 1, BATCH_STATEMENT)
     print(f"policy mix, {backlog} rows: plain SQL batches of {BATCH} (limit): {limit:,.0f} rows/s")
     url = seeded(admin, stack, backlog, MIX_TYPES)
-    process, _ = start_daemon(url, mix_config(), workdir)
+    process, _ = start_daemon(url, mix_config(gates), workdir)
     replayed = backlog * (MIX_TYPES - 2) // MIX_TYPES
     wait_drained(url)
     with psycopg.connect(url, autocommit=True) as conn:
@@ -519,6 +535,11 @@ def main() -> None:
     parser.add_argument("--latency-only", action="store_true", help="skip the drain runs")
     parser.add_argument("--mix", action="store_true", help="also drain over 20 policies")
     parser.add_argument(
+        "--mix-gates",
+        action="store_true",
+        help="the mix with jitter on half the policies, max_replays on a quarter, a rate limit",
+    )
+    parser.add_argument(
         "--jitter", type=float, default=0.0, help="the delayed policy's jitter (0 to 1)"
     )
     parser.add_argument(
@@ -545,7 +566,7 @@ def main() -> None:
             forms = args.forms.split(",")
             drain(admin, args.backlog, Path(tmp), stack, forms, max_replays=args.max_replays)
             if args.mix:
-                policy_mix(admin, args.backlog, Path(tmp), stack)
+                policy_mix(admin, args.backlog, Path(tmp), stack, gates=args.mix_gates)
 
 
 def _version(url: str) -> str:
