@@ -11,6 +11,7 @@ Prints its figures; asserts nothing about speed.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -535,6 +536,11 @@ def main() -> None:
     parser.add_argument("--latency-only", action="store_true", help="skip the drain runs")
     parser.add_argument("--mix", action="store_true", help="also drain over 20 policies")
     parser.add_argument(
+        "--rate-limit", type=int, default=0, help="only: a rate limit of N/s held by replicas"
+    )
+    parser.add_argument("--rate-seconds", type=int, default=60)
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument(
         "--mix-gates",
         action="store_true",
         help="the mix with jitter on half the policies, max_replays on a quarter, a rate limit",
@@ -557,6 +563,16 @@ def main() -> None:
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         admin = server_url(stack, system=args.system_server)
         print(f"dlqd bench: {os.cpu_count()} cpus, PostgreSQL {_version(admin)}")
+        if args.rate_limit:
+            rate_limited(
+                admin,
+                args.rate_limit,
+                seconds=args.rate_seconds,
+                replicas=args.replicas,
+                workdir=Path(tmp),
+                stack=stack,
+            )
+            return
         if not args.drain_only:
             latency(admin, args.latency_rows, Path(tmp), stack)
             latency_with_waiting(
@@ -567,6 +583,57 @@ def main() -> None:
             drain(admin, args.backlog, Path(tmp), stack, forms, max_replays=args.max_replays)
             if args.mix:
                 policy_mix(admin, args.backlog, Path(tmp), stack, gates=args.mix_gates)
+
+
+def rate_limited(
+    admin: str, rate: int, *, seconds: int, replicas: int, workdir: Path, stack: ExitStack
+) -> None:
+    """A backlog under one policy with ``rate_limit = "<rate>/s"`` on
+    ``replicas`` daemons: replays per second over ``seconds``, from the rows'
+    own replayed_at (the first 5 s left out: the bucket starts full), and
+    how many of them express pages replayed (the daemons' batch lines)."""
+    backlog = rate * (seconds + 10) * 2
+    url = seeded(admin, stack, backlog)
+    config = f"""
+[listen]
+poll_interval = "1h"
+[[policies]]
+name = "limited"
+rate_limit = "{rate}/s"
+target = {{ kind = "sql", statement = "{SINK_SET_STATEMENT}" }}
+"""
+    processes = [start_daemon(url, config, workdir) for _ in range(replicas)]
+    for _, port in processes:
+        wait_ready(port)
+    with psycopg.connect(url, autocommit=True) as conn:
+        while conn.execute("SELECT EXISTS (SELECT FROM sink)").fetchone() != (True,):
+            time.sleep(0.1)
+        time.sleep(seconds + 6)
+        row = conn.execute(
+            """SELECT count(*) FROM job_dlq, (SELECT min(replayed_at) AS t0 FROM job_dlq) f
+                WHERE replayed_at >= f.t0 + interval '5 seconds'
+                  AND replayed_at < f.t0 + interval '5 seconds' + %s * interval '1 second'""",
+            [seconds],
+        ).fetchone()
+    for process, _ in processes:
+        stop(process)
+    express = ordinary = 0
+    for log in workdir.glob("dlqd-*.log"):
+        for line in log.read_text().splitlines():
+            if '"event": "batch"' in line and '"policies": {"limited"' in line:
+                replayed = json.loads(line).get("replayed", 0)
+                if '"express": true' in line:
+                    express += replayed
+                else:
+                    ordinary += replayed
+        log.unlink()
+    assert row is not None
+    got = int(row[0]) / seconds
+    print(
+        f"rate limit {rate}/s, {replicas} replicas, {seconds} s: {got:,.1f} replays/s "
+        f"= {got / rate - 1:+.2%} off the limit; replayed by express pages {express:,}, "
+        f"by the ordinary path {ordinary:,}"
+    )
 
 
 def _version(url: str) -> str:
