@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -76,28 +76,36 @@ def row_statement(
     row, whose key columns the daemon holds only shortened).
     """
     bound = ("id",) if all_in_db else BOUND_COLUMNS
+    names: set[str] = set()
+
+    def value(name: str) -> sql.Composable:
+        if name in bound:
+            names.add(name)
+            return sql.Placeholder(name)
+        names.add("id")
+        return sql.SQL("(SELECT {} FROM job_dlq WHERE id = {})").format(
+            sql.Identifier(name), sql.Placeholder("id")
+        )
+
+    composed = _with_placeholders(statement, value, sql.SQL("%%"))
+    return composed, tuple(sorted(names))
+
+
+def _with_placeholders(
+    statement: str, value: Callable[[str], sql.Composable], percent: sql.Composable
+) -> sql.Composed:
+    """``statement``'s body with each ``%(name)s`` as ``value(name)`` and each
+    literal ``%%`` as ``percent``: the one walk of an operator's placeholders."""
     body = statement_body(statement)
     parts: list[sql.Composable] = []
-    names: set[str] = set()
     at = 0
     for match in PLACEHOLDER.finditer(body):
         parts.append(_operator_text(body[at : match.start()]))
         at = match.end()
         name = match.group(1)
-        if name is None:
-            parts.append(sql.SQL("%%"))
-        elif name in bound:
-            parts.append(sql.Placeholder(name))
-            names.add(name)
-        else:
-            parts.append(
-                sql.SQL("(SELECT {} FROM job_dlq WHERE id = {})").format(
-                    sql.Identifier(name), sql.Placeholder("id")
-                )
-            )
-            names.add("id")
+        parts.append(percent if name is None else value(name))
     parts.append(_operator_text(body[at:]))
-    return sql.Composed(parts), tuple(sorted(names))
+    return sql.Composed(parts)
 
 
 #: the row a per-row statement's in-server form reads: its session function's
@@ -112,19 +120,11 @@ def server_row_statement(statement: str, row: str = SERVER_ROW) -> str:
     from ``row``, the row as claimed (``%(payload)s`` as ``($1)."payload"``,
     typed as job_dlq's column), a literal ``%%`` as ``%``. Text, not a
     statement: the body of the session's function (:func:`row_function_name`)."""
-    body = statement_body(statement)
-    parts: list[sql.Composable] = []
-    at = 0
-    for match in PLACEHOLDER.finditer(body):
-        parts.append(_operator_text(body[at : match.start()]))
-        at = match.end()
-        name = match.group(1)
-        if name is None:
-            parts.append(sql.SQL("%"))
-        else:
-            parts.append(sql.SQL("({}).{}").format(sql.SQL(row), sql.Identifier(name)))
-    parts.append(_operator_text(body[at:]))
-    return sql.Composed(parts).as_string(None)
+
+    def value(name: str) -> sql.Composable:
+        return sql.SQL("({}).{}").format(sql.SQL(row), sql.Identifier(name))
+
+    return _with_placeholders(statement, value, sql.SQL("%")).as_string(None)
 
 
 @functools.lru_cache(maxsize=256)
