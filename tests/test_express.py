@@ -333,7 +333,63 @@ async def test_a_failing_express_page_falls_back_and_isolates_the_bad_row(
     await insert(db_url, [row_json(original_job_id="g9")])
     with capture_logs() as logs:
         assert (await replayer.run_once(full=False)).replayed == 1
-    assert [e["replayed"] for e in express_batches(logs)] == [1]
+    assert [e["replayed"] for e in express_batches(logs)] == [1], logs
+
+
+async def _page_statements(conn: psycopg.AsyncConnection[Any]) -> list[str]:
+    cur = await conn.execute(
+        "SELECT name FROM pg_prepared_statements WHERE name LIKE 'dlqd_page_%%'"
+    )
+    return [row["name"] for row in await cur.fetchall()]
+
+
+async def test_the_page_statement_is_prepared_once_per_session_and_again_when_gone(
+    db_url: str, sink: None
+) -> None:
+    """On a connection of its own, the express page is one simple query that
+    EXECUTEs the page statement, prepared once per session. psycopg
+    deallocates every prepared statement of the session when one of its
+    transactions rolls back: the next page prepares it again and still goes
+    express. A reloaded plan's statement replaces the old one."""
+    async with AsyncConnectionPool(
+        db_url,
+        min_size=1,
+        max_size=1,  # one session: the replayer's and this test's
+        kwargs={"autocommit": True, "row_factory": dict_row, "prepare_threshold": 0},
+    ) as one:
+        current = _settings(db_url, [NOW_ONCE])
+        replayer = replayer_for(one, current)
+        await insert(db_url, [row_json(original_job_id=f"p{i}") for i in range(2)])
+        with capture_logs() as logs:
+            assert (await replayer.run_once(full=False)).replayed == 2
+        assert [e["replayed"] for e in express_batches(logs)] == [2]
+        async with one.connection() as conn:
+            (first,) = await _page_statements(conn)
+            # a transaction of the connection rolls back: psycopg says DEALLOCATE ALL
+            async with conn.transaction(force_rollback=True):
+                await conn.execute("SELECT 1", prepare=True)
+            assert await _page_statements(conn) == []
+
+        await insert(db_url, [row_json(original_job_id="p2")])
+        with capture_logs() as logs:
+            assert (await replayer.run_once(full=False)).replayed == 1
+        assert [e["replayed"] for e in express_batches(logs)] == [1], logs
+        assert not [e for e in logs if e["log_level"] == "warning"]
+        async with one.connection() as conn:
+            assert await _page_statements(conn) == [first]
+
+        # settings reloaded: another page statement, and only it
+        parked = {"name": "hold", "match": {"type": ["hold.*"]}, "action": "park"}
+        reloaded = _settings(db_url, [parked, NOW_ONCE])
+        replayer.settings = lambda: reloaded
+        await insert(db_url, [row_json(original_job_id="p3")])
+        with capture_logs() as logs:
+            assert (await replayer.run_once(full=False)).replayed == 1
+        assert [e["replayed"] for e in express_batches(logs)] == [1]
+        async with one.connection() as conn:
+            (second,) = await _page_statements(conn)
+        assert second != first
+    assert await fetch(db_url, "SELECT count(*) FROM sink") == [(4,)]
 
 
 async def test_a_constraint_failing_at_commit_falls_back(
@@ -384,7 +440,7 @@ async def test_a_blocked_target_times_out_and_the_ordinary_path_records_it(
     await insert(db_url, [row_json(original_job_id="free")])
     with capture_logs() as logs:
         assert (await replayer.run_once(full=False)).replayed == 1
-    assert [e["replayed"] for e in express_batches(logs)] == [1]
+    assert [e["replayed"] for e in express_batches(logs)] == [1], logs
 
 
 async def test_an_open_circuit_keeps_its_rows_off_the_express_path(

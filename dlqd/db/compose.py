@@ -316,6 +316,72 @@ def positional(statement: sql.Composed, conn: AdaptContext) -> Positional:
     return Positional(text.encode(), tuple(names))
 
 
+# the types a prepared statement's per-run parameters may have, and how a value
+# of each is written as a literal (integers only: int() leaves nothing to quote)
+_RUN_LITERALS: dict[str, Callable[[Any], str]] = {
+    "bigint": lambda value: str(int(value)),
+    "int[]": lambda values: "'{" + ",".join(str(int(v)) for v in values) + "}'",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A statement prepared by name in the session (SQL ``PREPARE``): what
+    stays the same from run to run written into it as literals, what changes
+    as ``$n`` of declared types (integers, or arrays of them), so that a run
+    is ``EXECUTE`` with a few numbers, one statement of a simple query that
+    holds its whole transaction (``dlqd.db.replays.express_page`` says why)."""
+
+    name: str
+    prepare: bytes  # PREPARE name (types) AS ...
+    names: tuple[str, ...]  # the parameter of $1, $2, ...
+    types: tuple[str, ...]  # their types, keys of _RUN_LITERALS
+
+    def execute(self, params: dict[str, Any]) -> bytes:
+        """``EXECUTE`` of this statement with ``params`` written in (a page runs
+        one: written directly, not composed, for a trickle's sake)."""
+        pairs = zip(self.names, self.types, strict=True)
+        values = ", ".join(_RUN_LITERALS[kind](params[name]) for name, kind in pairs)
+        return f'EXECUTE "{self.name}"({values})'.encode()
+
+
+def prepared(
+    statement: sql.Composed,
+    params: dict[str, Any],
+    per_run: dict[str, str],
+    conn: AdaptContext,
+) -> Prepared:
+    """``statement`` as :class:`Prepared`: the parameters named in ``per_run``
+    (name to type: ``bigint`` or ``int[]``) stay parameters, every other one
+    of ``params`` becomes a literal. Named after its text
+    (``dlqd_page_<md5>``): another text is another statement."""
+    names: dict[str, int] = {}
+
+    def render(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name is None:
+            return "%"
+        if name in per_run:
+            return f"${names.setdefault(name, len(names) + 1)}"
+        return sql.Literal(params[name]).as_string(conn)
+
+    text = PLACEHOLDER.sub(render, statement.as_string(conn))
+    digest = hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()
+    name = f"dlqd_page_{digest}"
+    types = tuple(per_run[n] for n in names)
+    unknown = set(types) - _RUN_LITERALS.keys()
+    if unknown:
+        raise ValueError(f"per-run parameters of types {sorted(unknown)}: integers only")
+    declared = sql.SQL(", ").join(sql.SQL(t) for t in types)
+    prepare = sql.SQL("PREPARE {} ({}) AS ").format(sql.Identifier(name), declared)
+    return Prepared(name, prepare.as_bytes(conn) + text.encode(), tuple(names), types)
+
+
+def deallocate(name: str) -> sql.Composed:
+    """``DEALLOCATE`` of a statement prepared by name (:class:`Prepared`)."""
+    return sql.SQL("DEALLOCATE {}").format(sql.Identifier(name))
+
+
 def listen_statement(channel: str) -> sql.Composed:
     """``LISTEN`` on a channel, quoted as an identifier."""
     return sql.SQL("LISTEN {}").format(sql.Identifier(channel))

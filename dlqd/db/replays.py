@@ -4,18 +4,23 @@ replay log, lock slots, and the express page.
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 from uuid import UUID
 
 import psycopg
-from psycopg import AsyncRawCursor
+from psycopg import AsyncClientCursor, AsyncRawCursor
 from psycopg.pq import TransactionStatus
 
 from dlqd.db.compose import (
     Positional,
+    Prepared,
     Statement,
+    deallocate,
     explained,
     replay_rows,
     row_function_name,
@@ -262,9 +267,44 @@ async def http_body(conn: Connection, row_id: UUID) -> bytes | None:
     return None if row is None else bytes(row["body"])
 
 
+@dataclass
+class _Session:
+    """What dlqd knows of one connection's server session."""
+
+    direct: bool  # no pooler between: the session is this connection's alone
+    prepared: set[str] = field(default_factory=set)  # its express page statements
+    rendered: dict[Any, bytes] = field(default_factory=dict)  # statements with their literals
+
+
+_SESSIONS: weakref.WeakKeyDictionary[Connection, _Session] = weakref.WeakKeyDictionary()
+
+
+async def _session(conn: Connection) -> _Session:
+    """The connection's session, asked once: a pooler answers with a backend
+    pid of its own, and may hand each transaction another server session."""
+    session = _SESSIONS.get(conn)
+    if session is None:
+        cur = await conn.execute(q("backend_pid"))
+        row = await cur.fetchone()
+        session = _Session(direct=row is not None and row["pid"] == conn.info.backend_pid)
+        _SESSIONS[conn] = session
+    return session
+
+
+def _rendered(conn: Connection, session: _Session, name: str, params: dict[str, Any]) -> bytes:
+    """Named query ``name`` with ``params`` written in as literals (once per session)."""
+    key = (name, tuple(params.items()))
+    text = session.rendered.get(key)
+    if text is None:
+        text = AsyncClientCursor(conn).mogrify(q(name), params).encode()
+        session.rendered[key] = text
+    return text
+
+
 async def express_page(
     conn: Connection,
     statement: Positional,
+    prepared: Prepared,
     params: dict[str, Any],
     *,
     statement_timeout: timedelta,
@@ -272,16 +312,22 @@ async def express_page(
     custom_plan: bool,
     row_statements: Sequence[str] = (),
 ) -> Row:
-    """One express page in its own transaction, its statements pipelined: one
-    round trip for BEGIN, the timeouts, the statement and COMMIT.
+    """One express page in its own transaction, in one round trip.
 
-    BEGIN and COMMIT are sent as statements: psycopg's ``transaction()`` syncs
-    the pipeline on entry and exit, three round trips more. When a statement
-    fails, the server skips the rest up to the sync and the transaction is
-    left aborted: it is rolled back here, and the error raised. (An implicit
-    transaction, no BEGIN and COMMIT, is cheaper still, but a deferred
-    constraint then fails at the Sync itself, which psycopg reports as a
-    broken pipeline rather than as the constraint's error.)
+    On a connection of its own (no pooler between), the page is one simple
+    query: ``BEGIN``, the timeouts, ``EXECUTE`` of the page statement (``PREPARE``d
+    once per session, its constants written in as literals) and ``COMMIT``.
+    A trickle runs a page per row, and this is its cost: the same four
+    statements pipelined cost psycopg twice the CPU (one wait on the socket
+    per statement). Behind a pooler, which may hand the next transaction
+    another server session, the statements are pipelined, with ``statement``
+    prepared by psycopg where the pooler keeps prepared statements.
+
+    Either way, when a statement fails the server skips the rest and the
+    transaction is left aborted: it is rolled back here, and the error
+    raised. (An implicit transaction, no BEGIN and COMMIT, is cheaper still,
+    but a deferred constraint then fails at the Sync itself, which psycopg
+    reports as a broken pipeline rather than as the constraint's error.)
 
     ``custom_plan``: plan the statement for these parameters rather than take
     the prepared statement's generic plan, which Postgres may settle on after
@@ -292,13 +338,22 @@ async def express_page(
     ``row_statements``: the per-row statements whose session functions the
     page calls, defined first where this session has not yet (migration 017).
     """
+    timeouts = {"statement_timeout": _ms(statement_timeout), "lock_timeout": _ms(lock_timeout)}
     try:
+        session = await _session(conn)
+        if session.direct:
+            return await _express_script(
+                conn,
+                session,
+                prepared.execute(params),
+                prepared=prepared,
+                timeouts=timeouts,
+                custom_plan=custom_plan,
+                row_statements=row_statements,
+            )
         async with conn.pipeline():
             await conn.execute(q("begin"))
-            await conn.execute(
-                q("replay_timeouts"),
-                {"statement_timeout": _ms(statement_timeout), "lock_timeout": _ms(lock_timeout)},
-            )
+            await conn.execute(q("replay_timeouts"), timeouts)
             if custom_plan:
                 await conn.execute(q("custom_plans"))
             for text in row_statements:
@@ -317,3 +372,76 @@ async def express_page(
         raise translate(exc, conn) from exc
     assert row is not None  # noqa: S101 - an aggregate row always comes back
     return row
+
+
+async def _express_script(
+    conn: Connection,
+    session: _Session,
+    execute: bytes,
+    *,
+    prepared: Prepared,
+    timeouts: dict[str, str],
+    custom_plan: bool,
+    row_statements: Sequence[str],
+) -> Row:
+    """The express page as one simple query (see ``express_page``): its
+    statement ``PREPARE``d first where this session has not yet.
+
+    psycopg deallocates every prepared statement of the session, ours too,
+    when a transaction of the connection rolls back (a failed page of the
+    ordinary path, say): the page that then finds its statement gone has
+    done nothing yet, and is run again once, prepared again."""
+    # the session functions the page calls (defined before it is prepared)
+    defined = [
+        _rendered(conn, session, "define_row_function", row_definition(text))
+        for text in row_statements
+    ]
+    bounded = _rendered(conn, session, "replay_timeouts", timeouts)
+    script = [q("begin").encode(), bounded]
+    if custom_plan:
+        script.append(q("custom_plans").encode())
+    script.extend(defined)
+    script.append(execute)
+    script.append(q("commit").encode())
+    query = b";\n".join(script)
+    for retry in (True, False):
+        await _prepare(conn, session, prepared, [bounded, *defined])
+        cur = conn.cursor()
+        try:
+            await cur.execute(query, prepare=False)
+        except psycopg.errors.InvalidSqlStatementName:
+            if not retry:
+                raise
+            await conn.rollback()
+            session.prepared.clear()
+            continue
+        for _ in range(len(script) - 2):
+            cur.nextset()  # to the EXECUTE's result
+        row = await cur.fetchone()
+        assert row is not None  # noqa: S101 - an aggregate row always comes back
+        return row
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _prepare(
+    conn: Connection, session: _Session, page: Prepared, first: Sequence[bytes]
+) -> None:
+    """``page`` prepared in the session, alone there (a plan of settings since
+    reloaded is deallocated), after the statements ``first`` (the page's
+    timeouts, its session functions defined). ``PREPARE`` locks the tables the
+    statement names, under those timeouts, in a transaction of its own: a
+    prepared statement outlives the transaction that prepared it."""
+    if page.name in session.prepared:
+        return
+    for old in session.prepared:
+        with contextlib.suppress(psycopg.errors.InvalidSqlStatementName):
+            await conn.execute(deallocate(old), prepare=False)
+    session.prepared.clear()
+    query = b";\n".join([q("begin").encode(), *first, page.prepare, q("commit").encode()])
+    try:
+        await conn.execute(query, prepare=False)
+    except psycopg.errors.DuplicatePreparedStatement:
+        # prepared already (by a page whose outcome was lost); if the
+        # rollback deallocates it, the page finds out and prepares again
+        await conn.rollback()
+    session.prepared.add(page.name)

@@ -46,7 +46,15 @@ import anyio
 
 from dlqd.config import NotifyTarget, Policy, Settings, SqlTarget
 from dlqd.db import replays
-from dlqd.db.compose import ExpressSink, Positional, Statement, express_page, positional
+from dlqd.db.compose import (
+    ExpressSink,
+    Positional,
+    Prepared,
+    Statement,
+    express_page,
+    positional,
+    prepared,
+)
 from dlqd.db.connector import Connection
 from dlqd.errors import DatabaseError
 from dlqd.logs import get_logger
@@ -65,6 +73,8 @@ ExpressTarget = SqlTarget | NotifyTarget
 log = get_logger("dlqd.replayer")
 
 _KEY_COLUMNS = ("app_id", "type", "error_reason")
+# the parameters that change from page to page (ExpressPlan.bind), and their types
+PER_PAGE = {"after_seq": "bigint", "limit": "bigint", "replayable": "int[]", "max_bytes": "bigint"}
 
 
 def sink_kind(statement: str) -> Literal["dml", "select"] | None:
@@ -251,15 +261,21 @@ class ExpressPages:
         # the express plan of the settings object (and the per-row statements
         # known to run in the server) it was made for
         self._plan: tuple[Settings, frozenset[str], ExpressPlan | None] | None = None
-        self._positional: tuple[ExpressPlan, Positional] | None = None
+        self._rendered_plan: tuple[ExpressPlan, Positional, Prepared] | None = None
         # the last page was full: a backlog, the next one will be too
         self._backlog = False
 
-    def _rendered(self, conn: Connection, express: ExpressPlan) -> Positional:
-        """The plan's statement with $n placeholders, rendered once per plan."""
-        if self._positional is None or self._positional[0] is not express:
-            self._positional = (express, positional(express.text, conn))
-        return self._positional[1]
+    def _rendered(self, conn: Connection, express: ExpressPlan) -> tuple[Positional, Prepared]:
+        """The plan's statement rendered once per plan: with $n placeholders
+        for all its parameters, and as a statement to prepare, with only the
+        page's own as parameters."""
+        if self._rendered_plan is None or self._rendered_plan[0] is not express:
+            self._rendered_plan = (
+                express,
+                positional(express.text, conn),
+                prepared(express.text, express.params, PER_PAGE, conn),
+            )
+        return self._rendered_plan[1:]
 
     def plan_for(self, conn: Connection, settings: Settings) -> ExpressPlan | None:
         """The express plan for ``settings``, made once per settings object
@@ -290,7 +306,7 @@ class ExpressPages:
             try:
                 row = await replays.express_page(
                     conn,
-                    self._rendered(conn, express),
+                    *self._rendered(conn, express),
                     params,
                     statement_timeout=settings.replay.statement_timeout,
                     lock_timeout=settings.replay.lock_timeout,
