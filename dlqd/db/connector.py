@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, ParamSpec, TypeVar
 
+import anyio
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
@@ -240,6 +241,77 @@ async def pooled(pool: Pool, wait: float | None = None) -> AsyncIterator[Connect
                 raise translate(exc, conn) from exc
     except (psycopg.Error, PoolTimeout) as exc:
         raise translate(exc) from exc
+
+
+class HeldConnection:
+    """One connection of ``pool`` kept by its one user (a replay worker) from
+    one use to the next, rather than taken from the pool and given back each
+    time: a trickle runs a pass per row, and the pool's checkout and return
+    were a tenth of its CPU.
+
+    The pool's own care is kept: a connection unused for ``check_after``
+    seconds is checked as the pool checks it (``SELECT 1``) before it is used
+    again, one that broke, or that a use left in a transaction, goes back to
+    the pool (which discards or rolls it back), and so does one kept for
+    ``keep_for`` seconds (the pool then replaces it once it is past its
+    lifetime). Held, it counts against the pool's size as in use, as it is
+    during each use.
+    """
+
+    def __init__(self, pool: Pool, *, check_after: float = 1.0, keep_for: float = 300.0) -> None:
+        self.pool = pool
+        self.check_after = check_after
+        self.keep_for = keep_for
+        self._conn: Connection | None = None
+        self._taken = 0.0  # when it was taken from the pool
+        self._used = 0.0  # when its last use ended
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Connection]:
+        """The held connection (taken from the pool first when none is);
+        errors as dlqd's. A use that fails gives the connection back."""
+        conn = await self._take()
+        try:
+            yield conn
+        except BaseException as exc:
+            await self._give_back(conn)
+            if isinstance(exc, psycopg.Error):
+                raise translate(exc, conn) from exc
+            raise
+        if conn.broken or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            await self._give_back(conn)
+        else:
+            self._conn, self._used = conn, time.monotonic()
+
+    async def release(self) -> None:
+        """Give the held connection back to the pool (the user stops)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await self._give_back(conn)
+
+    async def _give_back(self, conn: Connection) -> None:
+        with anyio.CancelScope(shield=True):  # a cancelled pass gives it back too
+            await self.pool.putconn(conn)
+
+    async def _take(self) -> Connection:
+        conn, self._conn = self._conn, None
+        now = time.monotonic()
+        if conn is not None and now - self._taken >= self.keep_for:
+            await self._give_back(conn)
+            conn = None
+        if conn is not None and now - self._used >= self.check_after:
+            try:
+                await AsyncConnectionPool.check_connection(conn)
+            except psycopg.Error:
+                await self._give_back(conn)  # broken: the pool discards it
+                conn = None
+        if conn is None:
+            try:
+                conn = await self.pool.getconn()
+            except (psycopg.Error, PoolTimeout) as exc:
+                raise translate(exc) from exc
+            self._taken = now
+        return conn
 
 
 def required(row: dict[str, Any] | None, what: str) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from anyio.abc import TaskStatus
 from dlqd.backoff import Backoff
 from dlqd.config import Settings
 from dlqd.db import claims
-from dlqd.db.connector import Connection, Pool, pooled
+from dlqd.db.connector import Connection, HeldConnection, Pool, pooled
 from dlqd.errors import ConnectionLost, DatabaseError, DatabaseUnavailable, error_line
 from dlqd.logs import get_logger
 from dlqd.metrics import Metrics
@@ -104,6 +104,8 @@ class Replayer:
             self.reporter, self.lane, dry_runs if dry_runs is not None else DryRunLedger()
         )
         self.express = ExpressPages(self.reporter)
+        # the loop's connection, kept from one pass to the next (see run)
+        self.held: HeldConnection | None = None
         # the next due time (monotonic) as last read, for the fingerprint it was read for
         self._next_due_at: tuple[str, float | None] | None = None
         self._flag: WakeFlag | None = None
@@ -140,7 +142,8 @@ class Replayer:
         # in passes, never in front of the rows inserted meanwhile
         result.deadline = anyio.current_time() + PASS_BUDGET
         # one connection for the whole pass: each page is its own transaction
-        async with pooled(self.pool) as conn:
+        connection = pooled(self.pool) if self.held is None else self.held.connection()
+        async with connection as conn:
             # per-row statements not seen yet: does their in-server form plan?
             await learn_server_forms(conn, per_row_statements(settings))
             # the ordinary inbox pages: for what express left, and on every full pass
@@ -221,12 +224,17 @@ class Replayer:
         The http calls of a page run beside the passes, in a task group of
         their own, which the loop waits for when it stops."""
         self._flag = flag
+        # passes follow each other closely in a trickle (one per row): they
+        # keep their connection rather than take one from the pool each time
+        self.held = HeldConnection(self.pool)
         async with anyio.create_task_group() as tasks:
             self.lane.tasks = tasks
             try:
                 await self._loop(flag, task_status)
             finally:
                 self.lane.tasks = None
+                await self.held.release()
+                self.held = None
                 await self.presence.leave()
 
     async def _loop(self, flag: WakeFlag, task_status: TaskStatus[None]) -> None:
