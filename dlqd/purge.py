@@ -110,9 +110,16 @@ async def purge_rows(
     )
 
 
-async def trim_log(conn: Connection, settings: Settings) -> Batched:
+async def trim_log(
+    conn: Connection,
+    settings: Settings,
+    *,
+    observe: Callable[[int, float], None] | None = None,
+) -> Batched:
     """Replay-log rows older than purge.log_retention, through dlqd_trim_replay_log."""
-    return await batched(conn, settings, "log", {"older_than": settings.purge.log_retention})
+    return await batched(
+        conn, settings, "log", {"older_than": settings.purge.log_retention}, observe=observe
+    )
 
 
 async def count(conn: Connection, settings: Settings) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import anyio
 import psycopg
 import pytest
 from psycopg.pq import TransactionStatus
@@ -13,6 +12,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from dlqd.db.connector import HeldConnection
 from dlqd.errors import DatabaseError
+from tests.daemon_helpers import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -22,9 +22,12 @@ def _available(pool: AsyncConnectionPool[Any]) -> int:
 
 
 async def _until(condition: Any) -> None:
-    with anyio.fail_after(10):
-        while not condition():
-            await anyio.sleep(0.02)
+    """The pool replaces and returns connections in its own tasks: poll its stats."""
+
+    async def holds() -> bool:
+        return bool(condition())
+
+    await wait_until(holds, within=10)
 
 
 async def test_a_held_connection_is_kept_checked_and_given_back(db_url: str) -> None:
