@@ -302,18 +302,29 @@ class Positional:
         return [params[name] for name in self.names]
 
 
-def positional(statement: sql.Composed, conn: AdaptContext) -> Positional:
-    """``statement`` as :class:`Positional`, each name bound once (as psycopg
-    itself binds a name used twice); a literal ``%%`` becomes ``%``."""
+def _numbered(
+    statement: sql.Composed, conn: AdaptContext, literal: Callable[[str], str | None]
+) -> tuple[str, tuple[str, ...]]:
+    """``statement``'s text with its named placeholders numbered ($1, $2, ...,
+    each name once, as psycopg itself binds a name used twice), except those
+    ``literal`` writes in; a literal ``%%`` becomes ``%``. The text and the
+    names of $1, $2, ..."""
     names: dict[str, int] = {}
 
     def number(match: re.Match[str]) -> str:
-        if match.group(1) is None:
+        name = match.group(1)
+        if name is None:
             return "%"
-        return f"${names.setdefault(match.group(1), len(names) + 1)}"
+        written = literal(name)
+        return written if written is not None else f"${names.setdefault(name, len(names) + 1)}"
 
-    text = PLACEHOLDER.sub(number, statement.as_string(conn))
-    return Positional(text.encode(), tuple(names))
+    return PLACEHOLDER.sub(number, statement.as_string(conn)), tuple(names)
+
+
+def positional(statement: sql.Composed, conn: AdaptContext) -> Positional:
+    """``statement`` as :class:`Positional`, every parameter numbered."""
+    text, names = _numbered(statement, conn, lambda _: None)
+    return Positional(text.encode(), names)
 
 
 # the types a prepared statement's per-run parameters may have, and how a value
@@ -355,17 +366,11 @@ def prepared(
     (name to type: ``bigint`` or ``int[]``) stay parameters, every other one
     of ``params`` becomes a literal. Named after its text
     (``dlqd_page_<md5>``): another text is another statement."""
-    names: dict[str, int] = {}
 
-    def render(match: re.Match[str]) -> str:
-        name = match.group(1)
-        if name is None:
-            return "%"
-        if name in per_run:
-            return f"${names.setdefault(name, len(names) + 1)}"
-        return sql.Literal(params[name]).as_string(conn)
+    def literal(name: str) -> str | None:
+        return None if name in per_run else sql.Literal(params[name]).as_string(conn)
 
-    text = PLACEHOLDER.sub(render, statement.as_string(conn))
+    text, names = _numbered(statement, conn, literal)
     digest = hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()
     name = f"dlqd_page_{digest}"
     types = tuple(per_run[n] for n in names)
@@ -374,7 +379,7 @@ def prepared(
         raise ValueError(f"per-run parameters of types {sorted(unknown)}: integers only")
     declared = sql.SQL(", ").join(sql.SQL(t) for t in types)
     prepare = sql.SQL("PREPARE {} ({}) AS ").format(sql.Identifier(name), declared)
-    return Prepared(name, prepare.as_bytes(conn) + text.encode(), tuple(names), types)
+    return Prepared(name, prepare.as_bytes(conn) + text.encode(), names, types)
 
 
 def deallocate(name: str) -> sql.Composed:
