@@ -3,6 +3,7 @@ tenant scope by row-level security, CSRF, headers, redaction, actions."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
@@ -12,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import psycopg
 import pytest
@@ -212,6 +214,40 @@ async def test_a_viewer_cannot_act_whatever_it_posts(
     with console.client("ops-token") as operator:
         page = operator.get(f"/jobs/{target}", headers={"Accept": "text/html"}).text
         assert "Replay now" in page
+
+
+async def test_a_refused_post_is_answered_after_its_body_on_a_connection_that_lives_on(
+    sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    """hypercorn closes a connection whose request was answered before its body came
+    in, and closing a socket with bytes unread resets it: the answer can be lost on the
+    way (a viewer's forged POSTs failed under load with "Server disconnected without
+    sending a response"). A refusal waits for the body, and the connection serves on."""
+    console, shop, _ = await console_with_rows(sink_db, tmp_path, daemons)
+    body = b"via=sink"
+    head = (
+        f"POST /jobs/{shop[0]}/replay HTTP/1.1\r\nHost: console\r\n"
+        "Authorization: Bearer view-token\r\n"
+        "Content-Type: application/x-www-form-urlencoded\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    then = b"GET /login HTTP/1.1\r\nHost: console\r\n\r\n"
+    received = b""
+    with anyio.fail_after(15):
+        async with await anyio.connect_tcp("127.0.0.1", console.daemon.console_port) as stream:
+            await stream.send(head)
+            # the window in which the console used to answer (and hang up) before the body
+            with anyio.move_on_after(1):
+                received += await stream.receive()
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                await stream.send(body + then)
+            while received.count(b"HTTP/1.1 ") < 2:
+                try:
+                    received += await stream.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError, ConnectionError):
+                    break
+    statuses = re.findall(rb"HTTP/1.1 (\d{3})", received)
+    assert statuses == [b"403", b"200"], received[:300]
 
 
 async def test_actions_are_logged_with_the_token_and_the_reason(

@@ -12,6 +12,7 @@ and the session's token in the form). Pages render with JavaScript off;
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Awaitable, Callable, Mapping
@@ -27,7 +28,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.gzip import GZipMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -54,6 +55,7 @@ log = get_logger("dlqd.console")
 HERE = Path(__file__).resolve().parent
 #: a form or JSON body, at most
 MAX_BODY = 64 * 1024
+DRAIN_BYTES = 1024 * 1024  # read past an early answer, then let the connection go
 #: rows a page lists by default, and at most
 PAGE = 50
 MAX_PAGE = 500
@@ -235,6 +237,19 @@ def _duration(seconds: float | None) -> str:
     return f"{secs}s"
 
 
+async def _drain(request: Request) -> None:
+    """Read what is left of a request's body (at most ``DRAIN_BYTES``) before the answer
+    goes out. hypercorn closes a connection whose request was answered before its body
+    came in, and closing a socket with bytes unread resets it: the client can lose the
+    answer (a refusal, a 413) on the way. Read, the connection serves its next request."""
+    left = DRAIN_BYTES
+    with contextlib.suppress(RuntimeError, ClientDisconnect):  # RuntimeError: already read
+        async for chunk in request.stream():
+            left -= len(chunk)
+            if left < 0:
+                break
+
+
 class Console:
     """The console of one daemon replica: its own pool, the daemon's settings."""
 
@@ -375,6 +390,13 @@ class Console:
             handler: Callable[[Request, auth.Identity], Awaitable[Response]], *, act: bool = False
         ) -> Callable[[Request], Awaitable[Response]]:
             async def endpoint(request: Request) -> Response:
+                try:
+                    return await answer(request)
+                finally:
+                    if request.method != "GET":
+                        await _drain(request)
+
+            async def answer(request: Request) -> Response:
                 ident = self.who(request)
                 if ident is None:
                     if wants_json(request) or request.method != "GET":
