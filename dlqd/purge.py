@@ -1,10 +1,11 @@
 """Purging in small batches: old rows out of job_dlq, old entries out of the replay log.
 
-Each batch is one call of ``job_dlq_purge`` (or ``dlqd_trim_replay_log``) in
-its own transaction, under ``purge.lock_timeout`` and a statement timeout; a
-batch that times out halves the batch size instead of failing the run, and
-the size adapts as it goes: halved after a batch slower than 200 ms, doubled
-(up to ``purge.batch_size``) after one faster than 50 ms. The scheduled purge
+Each batch is one call of ``job_dlq_purge`` (or ``dlqd_trim_replay_log_after``,
+which goes on from the ``at`` the last batch reached) in its own transaction,
+under ``purge.lock_timeout`` and a statement timeout; a batch that times out
+halves the batch size instead of failing the run, and the size adapts as it
+goes: halved after a batch slower than 200 ms, doubled (up to
+``purge.batch_size``) after one faster than 50 ms. The scheduled purge
 (``dlqd.services.purger``, on the leader) and ``dlqd purge`` both run it.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import anyio
@@ -58,13 +59,14 @@ async def batched(
     # start small (the first statement of a run pays for cold caches), then grow
     size = min(settings.purge.batch_size, FIRST_BATCH)
     total = batches = 0
+    after: datetime | None = None  # the log's batches go on from where the last one ended
     while True:
         started = anyio.current_time()
         try:
-            deleted = await maintenance.delete_batch(
+            deleted, reached = await maintenance.delete_batch(
                 conn,
                 what,
-                params,
+                {**params, "after": after} if what == "log" else params,
                 size,
                 lock_timeout=lock_timeout,
                 statement_timeout=statement_timeout,
@@ -81,6 +83,7 @@ async def batched(
             observe(deleted, took)
         total += deleted
         batches += 1
+        after = reached
         if deleted < size:
             return Batched(total, batches, size)
         if took > SLOW_BATCH_SECONDS:

@@ -638,7 +638,9 @@ SELECT set_config('lock_timeout', %(lock_timeout)s, true),
        set_config('statement_timeout', %(statement_timeout)s, true)
 
 -- name: trim_replay_log
-SELECT dlqd_trim_replay_log(%(older_than)s, %(batch_size)s) AS deleted
+-- A batch of the replay log past retention, from the `at` the last batch
+-- reached (null: the first batch); migration 020 says why.
+SELECT deleted, reached FROM dlqd_trim_replay_log_after(%(older_than)s, %(batch_size)s, %(after)s)
 
 -- name: http_body_size
 -- The size of a request body before it is fetched: bodies held at once are

@@ -110,6 +110,10 @@ BEGIN
     IF to_regprocedure('dlqd_trim_replay_log(interval, integer)') IS NOT NULL THEN
         GRANT EXECUTE ON FUNCTION dlqd_trim_replay_log(interval, integer) TO dlqd;
     END IF;
+    IF to_regprocedure('dlqd_trim_replay_log_after(interval, integer, timestamptz)') IS NOT NULL THEN
+        GRANT EXECUTE ON FUNCTION dlqd_trim_replay_log_after(interval, integer, timestamptz)
+            TO dlqd;
+    END IF;
     IF to_regprocedure('dlqd_finish_replayed(uuid[], text[], boolean, text, text)') IS NOT NULL THEN
         GRANT EXECUTE ON FUNCTION dlqd_finish_replayed(uuid[], text[], boolean, text, text) TO dlqd;
     END IF;

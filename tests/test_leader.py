@@ -276,3 +276,40 @@ async def test_log_retention_trims_only_old_rows(
     assert trimmed.deleted == 6  # days 5 (just past 5d) to 10
     cur = await owner_conn.execute("SELECT count(*) AS n FROM dlqd_replay_log")
     assert await cur.fetchone() == {"n": 4}
+
+
+async def test_the_log_trim_goes_on_from_where_its_last_batch_ended(
+    dlqd_url: str, owner_conn: psycopg.AsyncConnection[dict[str, Any]]
+) -> None:
+    """Batches start at the `at` the last one reached (a batch from the oldest end
+    walks every entry the earlier ones deleted); entries of one transaction share
+    their `at`, and a batch that stops among them leaves none behind."""
+    await owner_conn.execute(
+        """INSERT INTO dlqd_replay_log (dlq_id, original_job_id, app_id, outcome, at)
+           SELECT gen_random_uuid(), 'j' || d || '-' || k, 'a', 'replayed',
+                  date_trunc('second', now()) - make_interval(days => d)
+             FROM generate_series(1, 10) d, generate_series(1, 5) k"""
+    )
+    settings = load_settings(database_url=dlqd_url, purge={"log_retention": "5d", "batch_size": 3})
+    sizes: list[int] = []
+    async with await psycopg.AsyncConnection.connect(
+        dlqd_url, autocommit=True, row_factory=dict_row
+    ) as conn:
+        trimmed = await trim_log(conn, settings, observe=lambda n, _: sizes.append(n))
+        # from a bound on, what lies before it is not this batch's
+        cur = await conn.execute(
+            """SELECT deleted, reached FROM dlqd_trim_replay_log_after('1 day 1 hour', 100,
+                   date_trunc('second', now()) - interval '3 days')"""
+        )
+        onwards = await cur.fetchone()
+    assert trimmed.deleted == 30  # days 5 to 10, five entries each
+    assert sum(sizes) == 30
+    assert max(sizes) <= 3
+    assert trimmed.batches == len(sizes) >= 10
+    assert onwards is not None
+    assert onwards["deleted"] == 10  # days 3 and 2, not 4
+    cur = await owner_conn.execute(
+        """SELECT extract(day FROM date_trunc('second', now()) - at)::int AS d, count(*) AS n
+             FROM dlqd_replay_log GROUP BY 1 ORDER BY 1"""
+    )
+    assert await cur.fetchall() == [{"d": 1, "n": 5}, {"d": 4, "n": 5}]

@@ -208,6 +208,7 @@ def test_every_security_definer_function_pins_its_search_path(owned_db: str) -> 
         "job_dlq_notify_insert()",
         "job_dlq_purge(interval,interval,integer)",
         "dlqd_trim_replay_log(interval,integer)",
+        "dlqd_trim_replay_log_after(interval,integer,timestamp with time zone)",
         "dlqd_count_outcomes()",
         "dlqd_count_deleted()",
         "dlqd_count_truncated()",
@@ -249,9 +250,18 @@ def test_the_daemon_role_cannot_shadow_what_the_purge_functions_use(owned_db: st
         shadow_everything(conn, owned_db)
         purged = conn.execute("SELECT job_dlq_purge('7 days')").fetchone()
         trimmed = conn.execute("SELECT dlqd_trim_replay_log('30 days')").fetchone()
+        conn.execute(
+            """INSERT INTO public.dlqd_replay_log (dlq_id, original_job_id, app_id, outcome, at)
+               VALUES (gen_random_uuid(), 'old', 'victim', 'replayed',
+                       now() - interval '60 days')"""
+        )
+        onwards = conn.execute(
+            "SELECT deleted FROM dlqd_trim_replay_log_after('30 days', 10, NULL)"
+        ).fetchone()
         assert loot(conn) == []
         assert purged == (1,)  # the victim's old replayed row, the real one
         assert trimmed == (1,)
+        assert onwards == (1,)
         # the shadows were not touched
         assert conn.execute("SELECT count(*) FROM pg_temp.job_dlq").fetchone() == (1,)
         assert conn.execute("SELECT count(*) FROM pg_temp.dlqd_replay_log").fetchone() == (1,)
@@ -287,6 +297,7 @@ def test_tenants_cannot_call_maintenance_functions_or_create_in_dlqds_schema(
         for statement in (
             "SELECT job_dlq_purge('0s')",
             "SELECT dlqd_trim_replay_log('0s')",
+            "SELECT * FROM dlqd_trim_replay_log_after('0s', 10, NULL)",
             "CREATE TABLE public.mine (x int)",
             "CREATE FUNCTION public.now() RETURNS timestamptz LANGUAGE sql AS 'SELECT 1'",
         ):

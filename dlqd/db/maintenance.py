@@ -4,7 +4,7 @@ listener's channels, server gauges."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import psycopg
@@ -29,9 +29,10 @@ async def delete_batch(
     *,
     lock_timeout: timedelta,
     statement_timeout: timedelta,
-) -> int:
-    """One batch of ``job_dlq_purge`` (rows) or ``dlqd_trim_replay_log`` (log),
-    in a transaction of its own under the given timeouts; rows deleted."""
+) -> tuple[int, datetime | None]:
+    """One batch of ``job_dlq_purge`` (rows) or ``dlqd_trim_replay_log_after``
+    (log), in a transaction of its own under the given timeouts: rows deleted,
+    and for the log the ``at`` the batch reached (the next batch's ``after``)."""
     query = q("purge_batch") if what == "rows" else q("trim_replay_log")
     async with transaction(conn):
         await conn.execute(
@@ -40,7 +41,8 @@ async def delete_batch(
         )
         cur = await conn.execute(query, {**params, "batch_size": size})
         row = await cur.fetchone()
-    return int(row["deleted"]) if row else 0
+    done = required(row, f"{what} batch")
+    return int(done["deleted"]), done.get("reached")
 
 
 @translated
