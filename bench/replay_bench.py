@@ -292,9 +292,36 @@ target = {{ kind = "notify", channel = "replayed" }}
     print(f"insert->replay with {waiting} rows waiting:  {percentiles(samples)}")
 
 
+_SEEDS: dict[tuple[int, int], str] = {}  # (backlog, types) -> a template database
+_COPIES: list[str] = []  # the copy the last run used
+
+
 def seeded(admin: str, stack: ExitStack, backlog: int, types: int = 1) -> str:
     """A fresh database with a sink and ``backlog`` pending rows, vacuumed. One
-    type (``email.send``), or ``types`` of them in turn (``t00.event``, …)."""
+    type (``email.send``), or ``types`` of them in turn (``t00.event``, …).
+    Seeded once per (backlog, types) into a template, then copied: 10,000,000
+    rows take minutes to insert and vacuum, and seconds to copy."""
+    template = _SEEDS.get((backlog, types))
+    if template is None:
+        template = make_seed(admin, stack, backlog, types)
+        _SEEDS[(backlog, types)] = template
+    name = f"dlqd_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        for previous in _COPIES:  # runs go one after another: the last one's copy is done
+            conn.execute(f"DROP DATABASE IF EXISTS {previous} WITH (FORCE)".encode())
+        _COPIES[:] = [name]
+        copy = " STRATEGY FILE_COPY" if conn.info.server_version >= 150000 else ""
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE {template}{copy}".encode())
+
+    def drop() -> None:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)".encode())
+
+    stack.callback(drop)
+    return make_conninfo(admin, dbname=name)
+
+
+def make_seed(admin: str, stack: ExitStack, backlog: int, types: int) -> str:
     url = fresh_db(admin, stack)
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(SINK.encode())
@@ -310,7 +337,8 @@ def seeded(admin: str, stack: ExitStack, backlog: int, types: int = 1) -> str:
             {"types": types, "backlog": backlog},
         )
         conn.execute("VACUUM ANALYZE job_dlq")
-    return url
+        name = conn.info.dbname
+    return name
 
 
 def drain(
@@ -321,6 +349,7 @@ def drain(
     forms: list[str],
     *,
     max_replays: int | None = None,
+    daemon_counts: list[int] | None = None,
 ) -> None:
 
     # plain-SQL limits: everything in one statement; then batches of BATCH rows
@@ -367,6 +396,9 @@ def drain(
         ("set-based", SINK_SET_STATEMENT, 1, 2),
         ("set-based", SINK_SET_STATEMENT, 1, 4),
     ]
+    if daemon_counts:  # replicas of one worker each, for each form
+        statements = {"per-row": SINK_STATEMENT, "set-based": SINK_SET_STATEMENT}
+        runs = [(form, statements[form], 1, n) for form in forms for n in daemon_counts]
     for form, statement, concurrency, daemons in (r for r in runs if r[0] in forms):
         capped = "" if max_replays is None else f"max_replays = {max_replays}\n"
         config = f"""
@@ -559,6 +591,10 @@ def main() -> None:
     parser.add_argument(
         "--max-replays", type=int, help="the drain's policy counts replays (max_replays = N)"
     )
+    parser.add_argument(
+        "--daemons",
+        help="the drain's runs: these numbers of replicas (e.g. 1,2,4), one worker each",
+    )
     args = parser.parse_args()
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         admin = server_url(stack, system=args.system_server)
@@ -580,7 +616,16 @@ def main() -> None:
             )
         if not args.latency_only:
             forms = args.forms.split(",")
-            drain(admin, args.backlog, Path(tmp), stack, forms, max_replays=args.max_replays)
+            counts = [int(n) for n in args.daemons.split(",")] if args.daemons else None
+            drain(
+                admin,
+                args.backlog,
+                Path(tmp),
+                stack,
+                forms,
+                max_replays=args.max_replays,
+                daemon_counts=counts,
+            )
             if args.mix:
                 policy_mix(admin, args.backlog, Path(tmp), stack, gates=args.mix_gates)
 
