@@ -250,6 +250,30 @@ async def test_a_refused_post_is_answered_after_its_body_on_a_connection_that_li
     assert statuses == [b"403", b"200"], received[:300]
 
 
+async def test_a_refused_post_whose_body_never_comes_is_answered_all_the_same(
+    sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    """Waiting for the body of a request it refuses is bounded: a client without a
+    token that announces a body and never sends it gets its 401 (and its connection
+    closed) in seconds, never holds a request slot until the server's read timeout."""
+    console, shop, _ = await console_with_rows(sink_db, tmp_path, daemons)
+    head = (
+        f"POST /jobs/{shop[0]}/replay HTTP/1.1\r\nHost: console\r\n"
+        "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\n"
+    ).encode()
+    received = b""
+    # under the server's read timeout (10 s), after which no answer would come
+    with anyio.fail_after(8):
+        async with await anyio.connect_tcp("127.0.0.1", console.daemon.console_port) as stream:
+            await stream.send(head)
+            while True:
+                try:
+                    received += await stream.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError, ConnectionError):
+                    break
+    assert re.findall(rb"HTTP/1.1 (\d{3})", received) == [b"401"], received[:300]
+
+
 async def test_actions_are_logged_with_the_token_and_the_reason(
     sink_db: str, tmp_path: Path, daemons: list[DaemonProcess]
 ) -> None:

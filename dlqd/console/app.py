@@ -56,6 +56,7 @@ HERE = Path(__file__).resolve().parent
 #: a form or JSON body, at most
 MAX_BODY = 64 * 1024
 DRAIN_BYTES = 1024 * 1024  # read past an early answer, then let the connection go
+DRAIN_SECONDS = 2.0
 #: rows a page lists by default, and at most
 PAGE = 50
 MAX_PAGE = 500
@@ -241,9 +242,14 @@ async def _drain(request: Request) -> None:
     """Read what is left of a request's body (at most ``DRAIN_BYTES``) before the answer
     goes out. hypercorn closes a connection whose request was answered before its body
     came in, and closing a socket with bytes unread resets it: the client can lose the
-    answer (a refusal, a 413) on the way. Read, the connection serves its next request."""
+    answer (a refusal, a 413) on the way. Read, the connection serves its next request.
+    Bounded in time too: a client that sends its body slowly (or never) holds no
+    request slot for longer than ``DRAIN_SECONDS``; its connection is then closed."""
     left = DRAIN_BYTES
-    with contextlib.suppress(RuntimeError, ClientDisconnect):  # RuntimeError: already read
+    with (
+        anyio.move_on_after(DRAIN_SECONDS),
+        contextlib.suppress(RuntimeError, ClientDisconnect),  # RuntimeError: already read
+    ):
         async for chunk in request.stream():
             left -= len(chunk)
             if left < 0:
