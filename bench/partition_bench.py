@@ -103,6 +103,18 @@ async def one(
     return row
 
 
+async def same_rows(conn: psycopg.AsyncConnection[dict[str, Any]], rows: int) -> dict[str, Any]:
+    """Both layouts hold ``rows`` rows; how many of them are pending."""
+    counts = await one(
+        conn,
+        """SELECT (SELECT count(*) FROM job_dlq) AS one,
+                  (SELECT count(*) FROM job_dlq_by_day) AS by_day,
+                  (SELECT count(*) FROM job_dlq WHERE replayed_at IS NULL) AS pending""",
+    )
+    assert counts["one"] == counts["by_day"] == rows, counts
+    return counts
+
+
 async def wal_bytes(conn: psycopg.AsyncConnection[dict[str, Any]], since: str) -> int:
     row = await one(conn, "SELECT pg_current_wal_lsn() - %s::pg_lsn AS n", [since])
     return int(row["n"])
@@ -181,13 +193,7 @@ async def main(rows: int, days: int, retention_days: int, samples: int) -> None:
                     )
                 )["n"]
             )
-            both = await one(
-                conn,
-                """SELECT (SELECT count(*) FROM job_dlq) AS one,
-                          (SELECT count(*) FROM job_dlq_by_day) AS by_day,
-                          (SELECT count(*) FROM job_dlq WHERE replayed_at IS NULL) AS pending""",
-            )
-            assert both["one"] == both["by_day"] == rows, both
+            both = await same_rows(conn, rows)
             print(
                 f"{rows:,} rows over {days} days ({both['pending']:,} pending), "
                 f"{old:,} of them in the {days - retention_days} days past retention; "
@@ -301,12 +307,7 @@ async def main(rows: int, days: int, retention_days: int, samples: int) -> None:
                 f"ratio: the drop {purge_seconds / drop_seconds:,.0f}x as fast as dlqd's batches "
                 f"({(purge_seconds + vacuum_seconds) / drop_seconds:,.0f}x with the vacuum)"
             )
-            left = await one(
-                conn,
-                """SELECT (SELECT count(*) FROM job_dlq) AS one,
-                          (SELECT count(*) FROM job_dlq_by_day) AS by_day""",
-            )
-            assert left["one"] == left["by_day"] == rows - old, left
+            await same_rows(conn, rows - old)
         finally:
             await conn.close()
         await inserts(url, days, 20_000)

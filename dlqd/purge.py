@@ -59,15 +59,16 @@ async def batched(
     # start small (the first statement of a run pays for cold caches), then grow
     size = min(settings.purge.batch_size, FIRST_BATCH)
     total = batches = 0
-    after: datetime | None = None  # the log's batches go on from where the last one ended
+    after: datetime | None = None  # where the last batch ended (the log's; rows: none)
     while True:
         started = anyio.current_time()
         try:
             deleted, reached = await maintenance.delete_batch(
                 conn,
                 what,
-                {**params, "after": after} if what == "log" else params,
+                params,
                 size,
+                after=after,
                 lock_timeout=lock_timeout,
                 statement_timeout=statement_timeout,
             )

@@ -27,19 +27,21 @@ async def delete_batch(
     params: dict[str, Any],
     size: int,
     *,
+    after: datetime | None = None,
     lock_timeout: timedelta,
     statement_timeout: timedelta,
 ) -> tuple[int, datetime | None]:
     """One batch of ``job_dlq_purge`` (rows) or ``dlqd_trim_replay_log_after``
     (log), in a transaction of its own under the given timeouts: rows deleted,
-    and for the log the ``at`` the batch reached (the next batch's ``after``)."""
+    and for the log the ``at`` the batch reached (the next batch's ``after``;
+    the rows' purge takes none and reaches none)."""
     query = q("purge_batch") if what == "rows" else q("trim_replay_log")
     async with transaction(conn):
         await conn.execute(
             q("purge_timeouts"),
             {"lock_timeout": _ms(lock_timeout), "statement_timeout": _ms(statement_timeout)},
         )
-        cur = await conn.execute(query, {**params, "batch_size": size})
+        cur = await conn.execute(query, {**params, "batch_size": size, "after": after})
         row = await cur.fetchone()
     done = required(row, f"{what} batch")
     return int(done["deleted"]), done.get("reached")
