@@ -234,6 +234,56 @@ async def test_what_no_trigger_saw_is_corrected_and_reported(
     assert {(g.type, g.pending) for g in status.groups} == {("a.x", 2), ("r.s", 5)}
 
 
+async def test_the_inbox_follows_its_rows_without_a_foreign_key(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    """No key checks the inbox against job_dlq on the insert path (022): each
+    way a row goes takes its entry with it all the same, and the one no
+    trigger sees (marked replayed by someone else, then deleted) is removed
+    by the reconciliation. The inbox holds exactly the pending rows' entries
+    after each."""
+
+    async def entries_are_the_pending_rows() -> int:
+        async with pool.connection() as conn:
+            cur = await conn.execute(
+                """SELECT (SELECT array_agg(dlq_id ORDER BY dlq_id) FROM dlqd_inbox) AS inbox,
+                          (SELECT array_agg(id ORDER BY id) FROM job_dlq
+                            WHERE replayed_at IS NULL) AS pending"""
+            )
+            row = await cur.fetchone()
+        assert row is not None
+        assert row["inbox"] == row["pending"]
+        return len(row["inbox"] or [])
+
+    await baseline(pool)
+    await insert(pool, rows("in", 6, type="a.x"))
+    assert await entries_are_the_pending_rows() == 6
+    async with pool.connection() as conn:
+        # another role deletes a pending row
+        await conn.execute(
+            "DELETE FROM job_dlq WHERE id = (SELECT min(id::text)::uuid FROM job_dlq)"
+        )
+    assert await entries_are_the_pending_rows() == 5
+    async with pool.connection() as conn:
+        # marks one replayed by hand, then deletes it: no trigger sees its entry go
+        await conn.execute(
+            "UPDATE job_dlq SET replayed_at = now() WHERE id = (SELECT min(id::text)::uuid"
+            " FROM job_dlq)"
+        )
+        await conn.execute("DELETE FROM job_dlq WHERE replayed_at IS NOT NULL")
+        cur = await conn.execute("SELECT count(*) AS n FROM dlqd_inbox")
+        assert await cur.fetchone() == {"n": 5}  # the orphan, until the reconciliation
+        await counts.fold(conn)
+        await counts.reconcile(conn)
+    assert await entries_are_the_pending_rows() == 4
+    async with pool.connection() as conn:
+        await conn.execute("TRUNCATE job_dlq CASCADE")
+    assert await entries_are_the_pending_rows() == 0
+    await insert(pool, rows("again", 2, type="a.x"))
+    assert await entries_are_the_pending_rows() == 2
+    await assert_exact(pool)
+
+
 async def _status(pool: AsyncConnectionPool[Any]) -> status_module.Status:
     async with pool.connection() as conn:
         return await collect_status(conn)

@@ -305,10 +305,10 @@ async def test_dlqd_state_tables(conn: Conn) -> None:
         """SELECT conrelid::regclass::text AS child, confdeltype FROM pg_constraint
             WHERE contype = 'f' AND confrelid = 'job_dlq'::regclass ORDER BY 1""",
     )
-    # purging a row takes its schedule, inbox entry and adapter details with
-    # it; the log stays
+    # purging a row takes its schedule and adapter details with it; the log
+    # stays. The inbox has no key (022: its check cost every insert), its
+    # entries go by trigger (test_counts)
     assert cascades == [
         {"child": "dlqd_adapter_jobs", "confdeltype": "c"},
         {"child": "dlqd_entry_state", "confdeltype": "c"},
-        {"child": "dlqd_inbox", "confdeltype": "c"},
     ]
