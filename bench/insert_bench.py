@@ -8,8 +8,9 @@ system dead-letters one job at a time), in these setups, interleaved round by
 round:
 
 - ``no triggers``: the table without dlqd's triggers: the plain-SQL limit;
-- ``installed, no worker listening``: the inbox entry and the count delta of
-  every insert, no NOTIFY (no daemon, or every worker draining a backlog);
+- ``installed, no worker listening``: the inbox entry of every insert (which
+  counts its row: migration 023), no NOTIFY (no daemon, or every worker
+  draining a backlog);
 - ``installed, a worker listening``: the same plus one NOTIFY per insert (a
   worker's fresh row in ``dlqd_wake``, as an idle daemon has);
 - ``installed, dlqd run replaying``: a real daemon replaying every row into a

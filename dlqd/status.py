@@ -1,8 +1,9 @@
 """What is pending, parked and unmatched, by group: for ``dlqd status`` and the metrics.
 
-Counts come from ``dlqd_counts`` and the deltas not folded yet (kept by
+Counts come from ``dlqd_counts``, the deltas not folded yet (kept by
 triggers in the transactions that change the rows, folded and reconciled by
-the leader: ``dlqd.services.counter``), parked and unmatched as the daemon
+the leader: ``dlqd.services.counter``) and the inbox entries that count their
+row themselves (a single-row insert's, migration 023), parked and unmatched as the daemon
 recorded them in ``dlqd_entry_state`` (read commands tell the state in
 Postgres, whatever config the operator passes).
 """

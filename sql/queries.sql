@@ -955,12 +955,18 @@ SELECT e.n, r.value ->> coalesce(
 SELECT id FROM job_dlq WHERE id = ANY (%(ids)s::uuid[])
 
 -- fragment: counted
--- What is pending and held, per group and kind: the folded counts and the
--- deltas not folded yet (migration 012). O(groups + unfolded deltas).
+-- What is pending and held, per group and kind: the folded counts, the
+-- deltas not folded yet (migration 012) and the inbox entries that count
+-- their row themselves (023: a single-row insert's, until it is claimed or
+-- the leader's fold adopts it). O(groups + unfolded deltas + uncounted entries).
 SELECT c.app_id, c.type, c.error_reason, c.kind, sum(c.n) AS n
   FROM (SELECT app_id, type, error_reason, kind, n FROM dlqd_counts
         UNION ALL
-        SELECT app_id, type, error_reason, kind, n FROM dlqd_count_deltas) c
+        SELECT app_id, type, error_reason, kind, n FROM dlqd_count_deltas
+        UNION ALL
+        SELECT j.app_id, j.type, j.error_reason, 'pending', 1
+          FROM dlqd_inbox i JOIN job_dlq j ON j.id = i.dlq_id
+         WHERE NOT i.counted) c
  GROUP BY 1, 2, 3, 4
 
 -- name: counts_ready

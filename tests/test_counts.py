@@ -9,7 +9,7 @@ to correct.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -87,9 +87,22 @@ def rows(prefix: str, n: int, **kw: Any) -> list[dict[str, Any]]:
     return [row_json(original_job_id=f"{prefix}{i}", **kw) for i in range(n)]
 
 
+#: whether insert() files each row by a statement of its own, as job systems
+#: do (its inbox entry then counts it: migration 023), or all in one
+MODE = {"row_by_row": False}
+
+
+@pytest.fixture(params=["one statement", "a statement per row"])
+def inserts(request: pytest.FixtureRequest) -> Iterator[str]:
+    MODE["row_by_row"] = request.param == "a statement per row"
+    yield str(request.param)
+    MODE["row_by_row"] = False
+
+
 async def insert(pool: AsyncConnectionPool[Any], batch: list[dict[str, Any]]) -> None:
     async with pool.connection() as conn:
-        await conn.execute(INSERT_MANY, {"rows": Jsonb(batch)})
+        for part in [[r] for r in batch] if MODE["row_by_row"] else [batch]:
+            await conn.execute(INSERT_MANY, {"rows": Jsonb(part)})
 
 
 def shape(groups: list[status_module.Group]) -> list[tuple[Any, ...]]:
@@ -134,7 +147,7 @@ async def one_pass(pool: AsyncConnectionPool[Any], db_url: str) -> None:
 
 
 async def test_counts_follow_inserts_and_every_kind_of_replay(
-    pool: AsyncConnectionPool[Any], db_url: str
+    pool: AsyncConnectionPool[Any], db_url: str, inserts: str
 ) -> None:
     old = datetime.now(UTC) - timedelta(days=2)
     await insert(pool, rows("before", 3, type="a.x", dlq_at=old))  # there before the counts
@@ -157,7 +170,7 @@ async def test_counts_follow_inserts_and_every_kind_of_replay(
 
 
 async def test_counts_follow_manual_replays_parks_purges_and_deletes_by_others(
-    pool: AsyncConnectionPool[Any], db_url: str, tmp_path: Path
+    pool: AsyncConnectionPool[Any], db_url: str, tmp_path: Path, inserts: str
 ) -> None:
     await baseline(pool)
     await insert(pool, rows("e", 6, type="e.v") + rows("c", 5, type="c.z"))
@@ -235,7 +248,7 @@ async def test_what_no_trigger_saw_is_corrected_and_reported(
 
 
 async def test_the_inbox_follows_its_rows_without_a_foreign_key(
-    pool: AsyncConnectionPool[Any],
+    pool: AsyncConnectionPool[Any], inserts: str
 ) -> None:
     """No key checks the inbox against job_dlq on the insert path (022): each
     way a row goes takes its entry with it all the same, and the one no
@@ -282,6 +295,58 @@ async def test_the_inbox_follows_its_rows_without_a_foreign_key(
     await insert(pool, rows("again", 2, type="a.x"))
     assert await entries_are_the_pending_rows() == 2
     await assert_exact(pool)
+
+
+async def test_entries_left_in_the_inbox_are_adopted_and_the_ones_a_claim_holds_are_not(
+    pool: AsyncConnectionPool[Any], db_url: str
+) -> None:
+    """A single-row insert's inbox entry counts its row (023) until a claim
+    takes it or the leader's fold adopts it: the fold after the one that saw
+    it marks it counted and writes its delta, except an entry a claim holds
+    (skipped: the claim's delete counts it). Exact at every step."""
+    await baseline(pool)
+    MODE["row_by_row"] = True
+    try:
+        await insert(pool, rows("s", 5, type="a.x") + rows("t", 3, type="c.z"))
+    finally:
+        MODE["row_by_row"] = False
+
+    async def uncounted() -> int:
+        async with pool.connection() as conn:
+            cur = await conn.execute("SELECT count(*) AS n FROM dlqd_inbox WHERE NOT counted")
+            row = await cur.fetchone()
+        assert row is not None
+        return int(row["n"])
+
+    assert await uncounted() == 8
+    await assert_exact(pool)  # folds once: sees the entries, adopts none
+    assert await uncounted() == 8
+    async with pool.connection() as claim, claim.transaction():
+        # a claim holds one a.x entry while the fold runs
+        cur = await claim.execute(
+            """SELECT i.seq FROM dlqd_inbox i JOIN job_dlq j ON j.id = i.dlq_id
+                WHERE j.type = 'a.x' ORDER BY i.seq LIMIT 1 FOR UPDATE OF i"""
+        )
+        held = await cur.fetchone()
+        assert held is not None
+        async with pool.connection() as conn:
+            await counts.fold(conn)
+        assert await uncounted() == 1  # the held one
+        await claim.execute("DELETE FROM dlqd_inbox WHERE seq = %s", [held["seq"]])
+    assert await uncounted() == 0
+    await assert_exact(pool)
+    # the adopted entries are claimed as any others: counted once
+    await one_pass(pool, db_url)
+    assert await assert_exact(pool) == {"parked:policy": 3}
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            """SELECT (SELECT count(*) FROM sink) AS sunk,
+                      (SELECT count(DISTINCT dlq_id) FROM sink) AS distinct_rows,
+                      (SELECT count(*) FROM job_dlq WHERE type = 'a.x'
+                          AND replayed_at IS NULL) AS pending"""
+        )
+        # the row whose entry went by hand waits for the leader's sweep, counted
+        assert await cur.fetchone() == {"sunk": 4, "distinct_rows": 4, "pending": 1}
 
 
 async def _status(pool: AsyncConnectionPool[Any]) -> status_module.Status:

@@ -271,7 +271,7 @@ async def test_dlqd_state_tables(conn: Conn) -> None:
             "dlq_id,state,policy,fingerprint,due_at,failures,last_error,last_failure_at,"
             "parked_reason,updated_at,parked_dlq_at"
         ),
-        "dlqd_inbox": "seq,dlq_id",
+        "dlqd_inbox": "seq,dlq_id,counted",
     }
     indexes = await _rows(
         conn,
@@ -299,6 +299,7 @@ async def test_dlqd_state_tables(conn: Conn) -> None:
         ),
         "dlqd_inbox_pkey": "btree (seq)",
         "dlqd_inbox_dlq_id_key": "btree (dlq_id)",
+        "dlqd_inbox_uncounted_idx": "btree (seq) WHERE (NOT counted)",
     }
     cascades = await _rows(
         conn,

@@ -212,6 +212,7 @@ def test_every_security_definer_function_pins_its_search_path(owned_db: str) -> 
         "dlqd_count_outcomes()",
         "dlqd_count_deleted()",
         "dlqd_count_truncated()",
+        "dlqd_count_taken_entries()",
         "dlqd_count_states()",
         "dlqd_fold_counts()",
         "dlqd_reconcile_counts()",

@@ -1,8 +1,10 @@
 """The counter (leader only): keeps the counts of what is pending and held.
 
 Triggers append every change as a delta, in the transaction that makes it
-(migration 012). Every ``metrics.refresh_interval`` the counter folds the
-deltas into ``dlqd_counts``, so that a read sums few rows. Every
+(migration 012); a single-row insert's inbox entry counts its row itself
+until it is taken (023). Every ``metrics.refresh_interval`` the counter folds
+the deltas into ``dlqd_counts``, so that a read sums few rows, after adopting
+the uncounted entries that the last interval left in the inbox. Every
 ``metrics.reconcile_interval`` (and at least a hundred times its own last
 duration apart, so that it costs at most 1% of a database core however large
 the table grows) it reconciles the counts with the table in one snapshot:
