@@ -21,6 +21,11 @@
 --     the adoption.
 --   Other writers of the inbox (the sweep, an unpark) file counted entries:
 --   their rows are counted already (or reconciled), as before.
+--   Without the foreign key (022), TRUNCATE takes every entry
+--   (dlqd_count_truncated) and the reconciliation removes the entries of rows
+--   that someone else marked replayed and then deleted, the one case no
+--   trigger sees.
+-- The search paths are pinned again (CREATE OR REPLACE resets them).
 
 ALTER TABLE dlqd_inbox ADD COLUMN counted boolean NOT NULL DEFAULT true;
 CREATE INDEX dlqd_inbox_uncounted_idx ON dlqd_inbox (seq) WHERE NOT counted;
@@ -137,8 +142,10 @@ BEGIN
     SELECT j.app_id, j.type, j.error_reason, 'pending', count(*)
       FROM adopted a JOIN job_dlq j ON j.id = a.dlq_id
      GROUP BY 1, 2, 3;
-    UPDATE dlqd_counts_reconciled
-       SET inbox_seen = coalesce((SELECT max(i.seq) FROM dlqd_inbox i), inbox_seen);
+    UPDATE dlqd_counts_reconciled r
+       SET inbox_seen = s.seq
+      FROM (SELECT max(i.seq) AS seq FROM dlqd_inbox i) s
+     WHERE s.seq > r.inbox_seen;  -- no write on a fold that saw nothing new
     PERFORM set_config('dlqd.maintenance', coalesce(previous, ''), true);
 
     WITH moved AS (

@@ -156,7 +156,11 @@ def shadow_everything(conn: psycopg.Connection[Any], url: str) -> None:
                RETURN NULL;
            END $$;"""
     )
-    names = [*tables, ("new_rows", "id uuid, replayed_at timestamptz, dlq_at timestamptz")]
+    names = [
+        *tables,
+        ("new_rows", "id uuid, replayed_at timestamptz, dlq_at timestamptz"),
+        ("taken", "seq bigint, dlq_id uuid, counted boolean"),  # the inbox's delete trigger
+    ]
     for name, columns in names:
         table = sql.Identifier(name)
         conn.execute(sql.SQL("CREATE TEMP TABLE {} ({})").format(table, sql.SQL(columns)))
@@ -278,10 +282,18 @@ def test_the_daemon_role_cannot_shadow_what_the_purge_functions_use(owned_db: st
             """INSERT INTO public.dlqd_entry_state (dlq_id, state, fingerprint)
                SELECT id, 'unmatched', 'f' FROM public.job_dlq WHERE replayed_at IS NULL"""
         )
+        # the inbox's delete trigger: the victim's single-row insert left an
+        # entry that counts its row; taking it writes the real delta
+        conn.execute("DELETE FROM public.dlqd_inbox")
+        assert loot(conn) == []
+        assert conn.execute(
+            """SELECT sum(n) FROM public.dlqd_count_deltas
+                WHERE app_id = 'victim' AND kind = 'pending'"""
+        ).fetchone() == (1,)
         conn.execute("SELECT dlqd_fold_counts()")
         conn.execute("SELECT * FROM dlqd_reconcile_counts()")
         assert loot(conn) == []
-        for shadow in ("dlqd_count_deltas", "dlqd_counts", "dlqd_counts_reconciled"):
+        for shadow in ("dlqd_count_deltas", "dlqd_counts", "dlqd_counts_reconciled", "taken"):
             assert conn.execute(f"SELECT count(*) FROM pg_temp.{shadow}").fetchone() == (0,)
     with psycopg.connect(owned_db) as admin:
         assert admin.execute(
