@@ -1201,3 +1201,30 @@ def test_the_express_statement_is_rendered_once_with_numbered_placeholders() -> 
     rendered = positional(sql.SQL("SELECT %(b)s, %(a)s, %(b)s, '100%%'").format(), None)
     assert rendered.text == b"SELECT $1, $2, $1, '100%'"
     assert rendered.values({"a": 1, "b": 2, "unused": 3}) == [2, 1]
+
+
+async def test_a_page_after_a_full_one_is_planned_for_its_rows_and_compiled_by_no_jit(
+    db_url: str, pool: AsyncConnectionPool[Any], sink: None
+) -> None:
+    """A backlog's pages (those after a full page) run with custom plans and
+    JIT off, in their own transaction only: the target sees the settings; a
+    trickle's page (the first, not after a full one) keeps the session's."""
+    seen = (
+        "INSERT INTO sink (dlq_id, type, payload) SELECT id, current_setting('jit'),"
+        " to_jsonb(current_setting('plan_cache_mode')) FROM replayed"
+    )
+    policy = {"name": "now", "target": {"kind": "sql", "statement": seen}}
+    replayer = replayer_for(pool, _settings(db_url, [policy], replay={"batch_size": 4}))
+    await insert(db_url, [row_json(original_job_id=f"b{i}") for i in range(10)])
+    with anyio.fail_after(30):
+        while (await fetch(db_url, "SELECT count(*) FROM sink")) != [(10,)]:
+            await replayer.run_once(full=False)
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT current_setting('jit') AS jit")
+        session = await cur.fetchone()
+    assert session is not None
+    rows = await fetch(
+        db_url, "SELECT type, payload #>> '{}', count(*) FROM sink GROUP BY 1, 2 ORDER BY 3"
+    )
+    # the first page (4 rows) as the session has it; the next two after a full one
+    assert rows == [(session["jit"], "auto", 4), ("off", "force_custom_plan", 6)]

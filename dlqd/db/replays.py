@@ -334,6 +334,9 @@ async def express_page(
     a few small pages: planned for nothing in particular, a full page took 5x
     longer with it (724 ms against 134 ms for 5000 rows). Worth its planning
     time (under a millisecond) for a full page, not for a trickle's one row.
+    A full page also runs without JIT: its estimated cost passes the
+    default ``jit_above_cost``, and compiling its expressions took 140 ms of
+    a 5,000-row page (``EXPLAIN ANALYZE``), more than they then saved.
 
     ``row_statements``: the per-row statements whose session functions the
     page calls, defined first where this session has not yet (migration 017).
