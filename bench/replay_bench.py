@@ -75,7 +75,9 @@ def fresh_db(admin: str, stack: ExitStack) -> str:
 
     stack.callback(drop)
     url = make_conninfo(admin, dbname=name)
-    env = {**os.environ, "DLQD_DATABASE_URL": url}
+    # not DLQD_BENCH_DATABASE_URL: dlqd refuses a DLQD_ variable it does not know
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("DLQD_")}}
+    env["DLQD_DATABASE_URL"] = url
     subprocess.run(
         [sys.executable, "-m", "dlqd", "migrate"],
         env=env,
