@@ -373,9 +373,16 @@ SELECT j.id, now() AS db_now
                                    WHERE s.dlq_id = j.id AND s.state = 'parked'))
    FOR UPDATE OF j SKIP LOCKED
 
--- name: replay_timeouts
+-- name: transaction_settings
+-- Every replay transaction (and the console's reads): its statements bounded,
+-- and none of them compiled by JIT. An express page is planned for a page of
+-- replay.batch_size rows whatever it then finds, and its estimated cost
+-- passes jit_above_cost: compiling its expressions took 140 ms of a
+-- 5,000-row page (EXPLAIN ANALYZE), more than they then saved, and a page
+-- planned for its parameters (a session's first five, a backlog's) paid it.
 SELECT set_config('statement_timeout', %(statement_timeout)s, true),
-       set_config('lock_timeout', %(lock_timeout)s, true)
+       set_config('lock_timeout', %(lock_timeout)s, true),
+       set_config('jit', 'off', true)
 
 -- name: replayed_relation
 -- What a set-based target statement reads as `replayed`: the group's rows
@@ -401,11 +408,8 @@ COMMIT
 
 -- name: custom_plans
 -- For this transaction: plan each statement for its parameters (an express
--- page expected to be full; dlqd/db/replays.py says why), and compile none of
--- its expressions (a full page's estimated cost passes jit_above_cost:
--- compiling took 140 ms of a 5,000-row page, more than it then saved).
-SELECT set_config('plan_cache_mode', 'force_custom_plan', true),
-       set_config('jit', 'off', true)
+-- page expected to be full; dlqd/replay/express.py says why).
+SELECT set_config('plan_cache_mode', 'force_custom_plan', true)
 
 -- name: constraints_immediate
 SET CONSTRAINTS ALL IMMEDIATE

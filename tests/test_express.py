@@ -1203,12 +1203,12 @@ def test_the_express_statement_is_rendered_once_with_numbered_placeholders() -> 
     assert rendered.values({"a": 1, "b": 2, "unused": 3}) == [2, 1]
 
 
-async def test_a_page_after_a_full_one_is_planned_for_its_rows_and_compiled_by_no_jit(
+async def test_every_page_runs_without_jit_and_a_backlog_s_on_custom_plans(
     db_url: str, pool: AsyncConnectionPool[Any], sink: None
 ) -> None:
-    """A backlog's pages (those after a full page) run with custom plans and
-    JIT off, in their own transaction only: the target sees the settings; a
-    trickle's page (the first, not after a full one) keeps the session's."""
+    """Every express page runs with JIT off, and a backlog's pages (those
+    after a full page) with custom plans, in their own transaction only: the
+    target sees the settings, and the session keeps its own afterwards."""
     seen = (
         "INSERT INTO sink (dlq_id, type, payload) SELECT id, current_setting('jit'),"
         " to_jsonb(current_setting('plan_cache_mode')) FROM replayed"
@@ -1219,12 +1219,14 @@ async def test_a_page_after_a_full_one_is_planned_for_its_rows_and_compiled_by_n
     with anyio.fail_after(30):
         while (await fetch(db_url, "SELECT count(*) FROM sink")) != [(10,)]:
             await replayer.run_once(full=False)
-    async with pool.connection() as conn:
-        cur = await conn.execute("SELECT current_setting('jit') AS jit")
-        session = await cur.fetchone()
-    assert session is not None
     rows = await fetch(
         db_url, "SELECT type, payload #>> '{}', count(*) FROM sink GROUP BY 1, 2 ORDER BY 3"
     )
-    # the first page (4 rows) as the session has it; the next two after a full one
-    assert rows == [(session["jit"], "auto", 4), ("off", "force_custom_plan", 6)]
+    # the first page (4 rows) planned as the session plans; the next two after a full one
+    assert rows == [("off", "auto", 4), ("off", "force_custom_plan", 6)]
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT current_setting('jit') = reset_val AS jit,"
+            " current_setting('plan_cache_mode') AS mode FROM pg_settings WHERE name = 'jit'"
+        )
+        assert await cur.fetchone() == {"jit": True, "mode": "auto"}

@@ -215,10 +215,11 @@ async def test_check_plans_a_set_based_target_and_refuses_a_broken_one(db_url: s
         assert 'column "nope" does not exist' in problems[0][0]
 
 
-async def test_replay_timeouts_stay_inside_each_transaction(
+async def test_replay_settings_stay_inside_each_transaction(
     db_url: str, pool: AsyncConnectionPool[Any]
 ) -> None:
-    """SET LOCAL, never a session setting: behind a transaction pooler a session
+    """The timeouts and JIT off (sql/queries.sql: transaction_settings) are SET
+    LOCAL, never a session setting: behind a transaction pooler a session
     setting would stay on the server connection for other clients, and be
     missing from the next transaction of ours."""
     current = load_settings(database_url=db_url, policies=NOTIFY_ALL)
@@ -232,9 +233,10 @@ async def test_replay_timeouts_stay_inside_each_transaction(
         for conn in conns:
             cur = await conn.execute(
                 "SELECT current_setting('statement_timeout') AS s, "
-                "current_setting('lock_timeout') AS l"
+                "current_setting('lock_timeout') AS l, current_setting('jit') = reset_val"
+                " AS jit FROM pg_settings WHERE name = 'jit'"
             )
-            assert await cur.fetchone() == {"s": "0", "l": "0"}
+            assert await cur.fetchone() == {"s": "0", "l": "0", "jit": True}
 
 
 async def test_wake_cooldown_makes_wake_ups_share_a_pass(

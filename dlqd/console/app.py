@@ -470,7 +470,7 @@ class Console:
     async def read(self, ident: auth.Identity, work: Callable[[Connection], Awaitable[Any]]) -> Any:
         """``work`` on a console connection, in one bounded transaction."""
         async with pooled(self.pool, wait=5) as conn, transaction(conn):
-            await replays.set_timeouts(conn, READ_TIMEOUT, READ_LOCK_TIMEOUT)
+            await replays.bound_transaction(conn, READ_TIMEOUT, READ_LOCK_TIMEOUT)
             return await work(conn)
 
     async def scoped(

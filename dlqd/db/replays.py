@@ -37,11 +37,11 @@ def _ms(value: timedelta) -> str:
 
 
 @translated
-async def set_timeouts(conn: Connection, statement: timedelta, lock: timedelta) -> None:
-    """Bound every statement of this transaction (SET LOCAL: a session setting
-    would stay on a pooler's server connection)."""
+async def bound_transaction(conn: Connection, statement: timedelta, lock: timedelta) -> None:
+    """Bound every statement of this transaction, and compile none by JIT
+    (SET LOCAL: a session setting would stay on a pooler's server connection)."""
     await conn.execute(
-        q("replay_timeouts"), {"statement_timeout": _ms(statement), "lock_timeout": _ms(lock)}
+        q("transaction_settings"), {"statement_timeout": _ms(statement), "lock_timeout": _ms(lock)}
     )
 
 
@@ -334,9 +334,6 @@ async def express_page(
     a few small pages: planned for nothing in particular, a full page took 5x
     longer with it (724 ms against 134 ms for 5000 rows). Worth its planning
     time (under a millisecond) for a full page, not for a trickle's one row.
-    A full page also runs without JIT: its estimated cost passes the
-    default ``jit_above_cost``, and compiling its expressions took 140 ms of
-    a 5,000-row page (``EXPLAIN ANALYZE``), more than they then saved.
 
     ``row_statements``: the per-row statements whose session functions the
     page calls, defined first where this session has not yet (migration 017).
@@ -356,7 +353,7 @@ async def express_page(
             )
         async with conn.pipeline():
             await conn.execute(q("begin"))
-            await conn.execute(q("replay_timeouts"), timeouts)
+            await conn.execute(q("transaction_settings"), timeouts)
             if custom_plan:
                 await conn.execute(q("custom_plans"))
             for text in row_statements:
@@ -399,7 +396,7 @@ async def _express_script(
         _rendered(conn, session, "define_row_function", row_definition(text))
         for text in row_statements
     ]
-    bounded = _rendered(conn, session, "replay_timeouts", timeouts)
+    bounded = _rendered(conn, session, "transaction_settings", timeouts)
     script = [q("begin").encode(), bounded]
     if custom_plan:
         script.append(q("custom_plans").encode())

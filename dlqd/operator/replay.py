@@ -27,7 +27,7 @@ from dlqd.db.tenancy import tenant_scope
 from dlqd.errors import DatabaseError, UsageError
 from dlqd.filters import PendingFilter
 from dlqd.policy import matches
-from dlqd.replay.batch import Batch, Item, Progress, apply, set_replay_timeouts, settle_split
+from dlqd.replay.batch import Batch, Item, Progress, apply, set_replay_settings, settle_split
 from dlqd.replay.http import HttpDeliverer, deliver_all
 from dlqd.replay.report import report
 from dlqd.replay.rows import Candidate
@@ -220,7 +220,7 @@ async def _chunk(
     batch: Batch | None = None
     try:
         async with transaction(conn):
-            await set_replay_timeouts(conn, settings)
+            await set_replay_settings(conn, settings)
             rows = await claims.lock_entries(conn, chunk, app_id)
             found = {row["id"] for row in rows}
             missing = [i for i in chunk if i not in found]

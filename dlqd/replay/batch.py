@@ -248,9 +248,10 @@ class Outcome:
             self.target_seconds[label] = (before[0] + seconds, before[1] + rows)
 
 
-async def set_replay_timeouts(conn: Connection, settings: Settings) -> None:
-    """Bound every statement of this transaction (targets blocked on a lock included)."""
-    await replays.set_timeouts(
+async def set_replay_settings(conn: Connection, settings: Settings) -> None:
+    """Bound every statement of this transaction (targets blocked on a lock
+    included), and compile none by JIT (sql/queries.sql says why)."""
+    await replays.bound_transaction(
         conn, settings.replay.statement_timeout, settings.replay.lock_timeout
     )
 
@@ -417,7 +418,7 @@ async def settle_split(
         part = batch.only({i.row.id for i in failed}, with_rest=True)
         part.replay = []
         async with transaction(conn):
-            await set_replay_timeouts(conn, settings)
+            await set_replay_settings(conn, settings)
             locked = await claims.relock(
                 conn, part.ids() | {i.row.id for i in failed}, batch.manual
             )
@@ -449,7 +450,7 @@ async def settle_split(
     for half in halves:
         try:
             async with transaction(conn):
-                await set_replay_timeouts(conn, settings)
+                await set_replay_settings(conn, settings)
                 locked = await claims.relock(conn, half.ids(), batch.manual)
                 still = [i for i in half.replay if i.row.id in locked]
                 half.carried_skips += len(half.replay) - len(still)  # replayed meanwhile

@@ -20,7 +20,7 @@ from dlqd.db import claims
 from dlqd.db.connector import Connection, Pool, pooled, transaction
 from dlqd.errors import DatabaseError, error_line
 from dlqd.logs import get_logger
-from dlqd.replay.batch import Batch, Item, apply, set_replay_timeouts, settle_split
+from dlqd.replay.batch import Batch, Item, apply, set_replay_settings, settle_split
 from dlqd.replay.http import HttpDeliverer, deliver_all
 from dlqd.replay.report import Reporter
 from dlqd.replay.result import PassResult
@@ -87,7 +87,7 @@ class HttpLane:
         batch = Batch(leased.fingerprint, leased.db_now, deliveries=deliveries)
         try:
             async with transaction(conn):
-                await set_replay_timeouts(conn, settings)
+                await set_replay_settings(conn, settings)
                 locked = await claims.relock(conn, [i.row.id for i in items], manual=False)
                 if not locked:
                     return  # another replica took them over (an expired lease)

@@ -29,7 +29,7 @@ from dlqd.replay.batch import (
     Item,
     StateRow,
     apply,
-    set_replay_timeouts,
+    set_replay_settings,
     settle_split,
 )
 from dlqd.replay.evaluate import DryRunLedger, evaluate, needs_replay_count
@@ -79,7 +79,7 @@ class Pages:
             async with transaction(conn):
                 # per transaction (SET LOCAL): a session setting would stay on
                 # a pooler's server connection, not follow this one
-                await set_replay_timeouts(conn, settings)
+                await set_replay_settings(conn, settings)
                 rows = await claim(conn)
                 if not rows:
                     return rows
