@@ -211,7 +211,9 @@ class SqlTarget(_Frozen):
     statement: str = Field(min_length=1)
     """One SELECT, INSERT, UPDATE, DELETE or MERGE: per row with `%(column)s` placeholders of
     job_dlq columns, or once per batch over the relation `replayed` (no placeholder). A literal
-    `%` is `%%`.
+    `%` is `%%`. It runs under `replay.statement_timeout` and `replay.lock_timeout`, with
+    `jit = off` (as every replay transaction: a page of thousands of rows passes the default
+    `jit_above_cost`, and compiling cost it more than it saved).
     """
 
     @field_validator("statement")
