@@ -64,6 +64,14 @@ def server_url(stack: ExitStack, *, system: bool = False) -> str:
     return url
 
 
+def dlqd_env(url: str, **settings: str) -> dict[str, str]:
+    """The environment of a dlqd process of the benchmark's: ours without its
+    DLQD_ variables (dlqd refuses one it does not know, such as
+    DLQD_BENCH_DATABASE_URL), then ``url`` and ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DLQD_")}
+    return {**env, "DLQD_DATABASE_URL": url, **settings}
+
+
 def fresh_db(admin: str, stack: ExitStack) -> str:
     name = f"dlqd_bench_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(admin, autocommit=True) as conn:
@@ -75,12 +83,9 @@ def fresh_db(admin: str, stack: ExitStack) -> str:
 
     stack.callback(drop)
     url = make_conninfo(admin, dbname=name)
-    # not DLQD_BENCH_DATABASE_URL: dlqd refuses a DLQD_ variable it does not know
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("DLQD_")}}
-    env["DLQD_DATABASE_URL"] = url
     subprocess.run(
         [sys.executable, "-m", "dlqd", "migrate"],
-        env=env,
+        env=dlqd_env(url),
         check=True,
         capture_output=True,
         cwd=ROOT,
@@ -94,13 +99,12 @@ def start_daemon(
     path = workdir / f"dlqd-{uuid.uuid4().hex[:6]}.toml"
     path.write_text(config)
     port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("DLQD_")},
-        "DLQD_DATABASE_URL": url,
-        "DLQD_METRICS_HOST": "127.0.0.1",
-        "DLQD_METRICS_PORT": str(port),
-        "DLQD_REPLAY__CONCURRENCY": str(concurrency),
-    }
+    env = dlqd_env(
+        url,
+        DLQD_METRICS_HOST="127.0.0.1",
+        DLQD_METRICS_PORT=str(port),
+        DLQD_REPLAY__CONCURRENCY=str(concurrency),
+    )
     log = (workdir / f"{path.stem}.log").open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "dlqd", "run", "--config", str(path)],
