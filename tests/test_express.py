@@ -1017,18 +1017,20 @@ async def test_express_takes_a_rate_limits_tokens_in_the_statement(
         with capture_logs() as logs:
             await replayer.run_once(full=False)
         await holder.rollback()
+    # the buckets refill at 5/s from the moment they were filled (on the
+    # database's clock): by the time the pass ran, b may have had a token more,
+    # and the ordinary path after it one, or as many as the time since gave
+    [(since,)] = await fetch(db_url, "SELECT now()")
+    refilled = max(1, int((since - filled).total_seconds() * 5))
     express_replayed = sum(e["replayed"] for e in express_batches(logs))
-    assert express_replayed == 8  # 5 of a, 3 of b, none of held
+    # 5 of a (its bucket is full: no more), 3 of b and what it refilled, none of held
+    assert 8 <= express_replayed <= 8 + min(2, refilled)
     by_app = dict(
         await fetch(
             db_url,
             "SELECT app_id, count(*) FROM job_dlq WHERE replayed_at IS NOT NULL GROUP BY 1",
         )
     )
-    # the ordinary path may have had tokens refilled meanwhile: one, or as
-    # many as 5/s gave since the buckets were filled (on the database's clock)
-    [(since,)] = await fetch(db_url, "SELECT now()")
-    refilled = max(1, int((since - filled).total_seconds() * 5))
     assert 5 <= by_app.get("a", 0) <= 5 + refilled
     assert 3 <= by_app.get("b", 0) <= 3 + refilled
     assert by_app.get("held", 0) <= refilled
