@@ -104,7 +104,7 @@ class DaemonProcess:
             return 0, ""
         try:
             with urllib.request.urlopen(
-                f"http://127.0.0.1:{self.port}{path}", timeout=2
+                f"http://127.0.0.1:{self.port}{path}", timeout=10
             ) as response:
                 return response.status, response.read().decode()
         except urllib.error.HTTPError as exc:

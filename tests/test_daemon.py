@@ -414,7 +414,9 @@ target = { kind = "notify", channel = "replayed" }
             await writer.execute(
                 INSERT_MANY, {"rows": Jsonb([row_json(original_job_id=f"b2b-{i}")])}
             )
-            with anyio.fail_after(5):
+            # the poll is an hour: a lost wake-up would wait that long, a
+            # loaded machine's pass never 30 s
+            with anyio.fail_after(30):
                 got = [n async for n in listener.notifies(stop_after=1)]
             assert json.loads(got[0].payload)["original_job_id"] == f"b2b-{i}"
     assert await pending_count(db_url) == 0
@@ -683,7 +685,7 @@ async def test_a_row_whose_notify_was_skipped_in_a_long_transaction_is_still_fou
     finally:
         await late.close()
     # at once, not at the listening worker's next look of its own (every 10 s)
-    await wait_until(lambda: replayed("late"), within=3)
+    await wait_until(lambda: replayed("late"), within=6)
     await assert_sink_matches_replayed(sink_db, expected=602)
 
 
@@ -725,25 +727,47 @@ async def test_a_trickle_after_a_burst_is_heard_by_notify_again(
     """A burst makes the worker drain; a trickle that follows (a row every
     60 ms, one per look) is no backlog: the worker listens again while it
     goes on, instead of polling for each row."""
+    # every change of the worker's row, as it happens: a drain of a fraction
+    # of a second is seen however slowly this test polls
+    async with await psycopg.AsyncConnection.connect(sink_db, autocommit=True) as conn:
+        await conn.execute(
+            """CREATE TABLE wake_changes (n bigserial, op text);
+               CREATE FUNCTION note_wake_change() RETURNS trigger LANGUAGE plpgsql
+                   SECURITY DEFINER AS $$
+               BEGIN INSERT INTO wake_changes (op) VALUES (TG_OP); RETURN NULL; END $$;
+               CREATE TRIGGER note_wake_change AFTER INSERT OR UPDATE OR DELETE ON dlqd_wake
+                   FOR EACH ROW EXECUTE FUNCTION note_wake_change()"""
+        )
     daemon = spawn(daemons, sink_db, sink_config(tmp_path), tmp_path)
     await daemon.wait_ready()
 
     async def listening() -> bool:
         return int(await scalar(sink_db, FRESH_WORKERS)) > 0
 
+    halfway, trickled = anyio.Event(), anyio.Event()
+
     async def trickle() -> None:
         for i in range(200):
             await insert_rows(sink_db, [row_json(original_job_id=f"t{i}")])
+            if i == 50:
+                halfway.set()
             await anyio.sleep(0.06)  # the trickle's pace, not a wait for a condition
+        trickled.set()
 
     await wait_until(listening, within=30)
+    start = await scalar(sink_db, "SELECT coalesce(max(n), 0) FROM wake_changes")
     await insert_rows(sink_db, [row_json(original_job_id=f"b{i}") for i in range(50)])
 
     async def drained_burst() -> bool:
-        return int(await scalar(sink_db, FRESH_WORKERS)) == 0
+        query = "SELECT count(*) FROM wake_changes WHERE n > %s AND op = 'DELETE'"
+        return int(await scalar(sink_db, query, [start])) > 0
 
     await wait_until(drained_burst, within=30)  # the burst: it drains
     async with anyio.create_task_group() as tg:
         tg.start_soon(trickle)
-        await wait_until(listening, within=5)  # while the trickle goes on
+        with anyio.fail_after(60):
+            await halfway.wait()
+        # well into the trickle, the worker listens (it is not draining row by row)
+        await wait_until(listening, within=60)
+        assert not trickled.is_set()
         tg.cancel_scope.cancel()

@@ -217,7 +217,9 @@ async def test_a_crash_between_the_call_and_the_mark_resends_the_same_key(
         return (200, {})
 
     server = receiver(answer_after_the_crash, (200, {}))
-    cfg = config(tmp_path, server.url, timeout="500ms")
+    # the kill must come while the call waits for its answer: a timeout a
+    # loaded machine cannot run out before it (the lease is 5 s longer)
+    cfg = config(tmp_path, server.url, timeout="5s")
     first = await start(daemons, db_url, cfg, tmp_path)
     await insert(db_url, "once")
     await wait_until(lambda: _received(server), within=30)
