@@ -584,17 +584,17 @@ async def test_express_schedules_in_sql_what_python_would(
     policies = [
         {"name": "fixed-jitter", "match": {"type": ["fj.*"]}, "delay": "90m",
          "backoff": "fixed", "jitter": 0.3, "target": {"kind": "sql", "statement": SINK}},
-        {"name": "exp-jitter", "match": {"type": ["ej.*"]}, "delay": "7s", "factor": 3.0,
+        {"name": "exp-jitter", "match": {"type": ["ej.*"]}, "delay": "70s", "factor": 3.0,
          "jitter": 0.1, "target": {"kind": "sql", "statement": SINK}},
         {"name": "fixed", "match": {"type": ["f.*"]}, "delay": "90m", "backoff": "fixed",
          "target": {"kind": "sql", "statement": SINK}},
-        {"name": "exp", "match": {"type": ["e.*"]}, "delay": "7s", "factor": 3.0,
+        {"name": "exp", "match": {"type": ["e.*"]}, "delay": "70s", "factor": 3.0,
          "target": {"kind": "sql", "statement": SINK}},
         {"name": "now", "target": {"kind": "sql", "statement": SINK}},
     ]  # fmt: skip
     current = _settings(db_url, policies)
     replayer = replayer_for(pool, current)
-    # a job replayed once already: its next return waits 7s x 3
+    # a job replayed once already: its next return waits 70s x 3
     await insert(db_url, [row_json(original_job_id="back", type="x")])
     assert (await replayer.run_once(full=False)).replayed == 1
     future = datetime.now(UTC) + timedelta(hours=2)
