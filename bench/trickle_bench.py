@@ -10,7 +10,10 @@ take, or per-row, which the ordinary path takes). Prints the daemon's CPU (from
 the idle CPU over the same span before the stream starts. Next to it, the
 CPU of the PostgreSQL backend that inserted the rows: the job system's own
 cost for the same stream. Uses the server of replay_bench.py (by default a
-cluster of its own, autovacuum on). Asserts nothing.
+cluster of its own, autovacuum on). ``--unix-socket``: the daemon connects
+through the server's Unix socket instead of TCP to 127.0.0.1 (on loopback
+TCP, the sender's system call also runs the receiving side's network stack).
+Asserts nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -56,13 +60,25 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def main(rate: float, seconds: float, idle: float, form: str, cooldown: str) -> None:
+def main(
+    rate: float, seconds: float, idle: float, form: str, cooldown: str, *, unix_socket: bool
+) -> None:
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         url = fresh_db(server_url(stack), stack)
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(SINK.encode())
+            row = conn.execute("SHOW unix_socket_directories").fetchone()
+        daemon_url = url
+        if unix_socket:
+            assert row is not None
+            daemon_url = make_conninfo(url, host=str(row[0]).split(",")[0].strip())
         statement = SINK_SET_STATEMENT if form == "set-based" else SINK_STATEMENT
-        print(f"target: {form} sql statement; replay.wake_cooldown = {cooldown}", flush=True)
+        link = "the Unix socket" if unix_socket else "TCP"
+        print(
+            f"target: {form} sql statement; replay.wake_cooldown = {cooldown}; "
+            f"the daemon over {link}",
+            flush=True,
+        )
         config = f"""
 [listen]
 poll_interval = "30s"
@@ -72,7 +88,7 @@ target = {{ kind = "sql", statement = "{statement}" }}
 [replay]
 wake_cooldown = "{cooldown}"
 """
-        process, port = start_daemon(url, config, Path(tmp))
+        process, port = start_daemon(daemon_url, config, Path(tmp))
         try:
             wait_ready(port)
             before = cpu_seconds(process.pid)
@@ -133,5 +149,8 @@ if __name__ == "__main__":
         help="set-based: a statement over `replayed` (express pages); per-row: placeholders",
     )
     parser.add_argument("--cooldown", default="0s", help="replay.wake_cooldown")
+    parser.add_argument(
+        "--unix-socket", action="store_true", help="the daemon connects through the Unix socket"
+    )
     args = parser.parse_args()
-    main(args.rate, args.seconds, args.idle, args.form, args.cooldown)
+    main(args.rate, args.seconds, args.idle, args.form, args.cooldown, unix_socket=args.unix_socket)
