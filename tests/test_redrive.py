@@ -95,7 +95,8 @@ async def test_progress_cancel_half_way_and_exactly_the_rows_it_reports(
     seed(sink_db, rows_of("shop", 200))
     console = await start_console(sink_db, tmp_path, daemons)
     with console.client("ops-token") as client:
-        started = client.post("/redrives", json={"via": "sink", "rate": 40, "reason": "r"})
+        # 200 rows at 20/s: 7 s between the 60th row and the last for the cancel to land
+        started = client.post("/redrives", json={"via": "sink", "rate": 20, "reason": "r"})
         redrive = started.json()
         assert redrive["matched"] == 200
         seen: list[int] = []
@@ -142,7 +143,8 @@ async def test_a_crashed_replica_is_resumed_by_another_exactly_once(
     config = console_config(tmp_path)
     first = await start_console(sink_db, tmp_path, daemons, config)
     with first.client("ops-token") as client:
-        redrive = client.post("/redrives", json={"via": "sink", "rate": 30}).json()
+        # 120 rows at 15/s: the kill lands well before the last, on a loaded machine too
+        redrive = client.post("/redrives", json={"via": "sink", "rate": 15}).json()
 
     async def some() -> bool:
         return int(await scalar(sink_db, "SELECT replayed FROM dlqd_redrives")) >= 30
