@@ -65,13 +65,13 @@ def main(
 ) -> None:
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         url = fresh_db(server_url(stack), stack)
+        daemon_url = url
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(SINK.encode())
-            row = conn.execute("SHOW unix_socket_directories").fetchone()
-        daemon_url = url
-        if unix_socket:
-            assert row is not None
-            daemon_url = make_conninfo(url, host=str(row[0]).split(",")[0].strip())
+            if unix_socket:
+                row = conn.execute("SHOW unix_socket_directories").fetchone()
+                assert row is not None
+                daemon_url = make_conninfo(url, host=str(row[0]).split(",")[0].strip())
         statement = SINK_SET_STATEMENT if form == "set-based" else SINK_STATEMENT
         link = "the Unix socket" if unix_socket else "TCP"
         print(

@@ -731,12 +731,15 @@ async def test_a_trickle_after_a_burst_is_heard_by_notify_again(
     # of a second is seen however slowly this test polls
     async with await psycopg.AsyncConnection.connect(sink_db, autocommit=True) as conn:
         await conn.execute(
-            """CREATE TABLE wake_changes (n bigserial, op text);
-               CREATE FUNCTION note_wake_change() RETURNS trigger LANGUAGE plpgsql
-                   SECURITY DEFINER AS $$
-               BEGIN INSERT INTO wake_changes (op) VALUES (TG_OP); RETURN NULL; END $$;
+            # the daemon's own role writes the log (no SECURITY DEFINER code)
+            """CREATE TABLE public.wake_changes (n bigserial, op text);
+               GRANT INSERT ON public.wake_changes TO PUBLIC;
+               GRANT USAGE ON SEQUENCE public.wake_changes_n_seq TO PUBLIC;
+               CREATE FUNCTION public.note_wake_change() RETURNS trigger LANGUAGE plpgsql
+                   SET search_path = pg_catalog, pg_temp AS $$
+               BEGIN INSERT INTO public.wake_changes (op) VALUES (TG_OP); RETURN NULL; END $$;
                CREATE TRIGGER note_wake_change AFTER INSERT OR UPDATE OR DELETE ON dlqd_wake
-                   FOR EACH ROW EXECUTE FUNCTION note_wake_change()"""
+                   FOR EACH ROW EXECUTE FUNCTION public.note_wake_change()"""
         )
     daemon = spawn(daemons, sink_db, sink_config(tmp_path), tmp_path)
     await daemon.wait_ready()

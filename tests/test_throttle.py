@@ -62,12 +62,12 @@ async def test_a_bucket_holds_one_second_for_the_whole_deployment(
     assert wait is not None
     assert 0 < wait <= 0.2
     cur = await replicas[0].execute("SELECT updated_at FROM dlqd_rate_buckets")
-    [(taken,)] = [tuple(r.values()) for r in await cur.fetchall()]
+    [taken] = [r["updated_at"] for r in await cur.fetchall()]
     # the other replica finds the same bucket empty, but for the tokens 5/s
     # refilled since (none, unless the machine took 200 ms for the round trips)
     admitted, deferred, _ = await two.admit(replicas[1], items(policy, 3), 0.0, trial_lease=LEASE)
     cur = await replicas[0].execute("SELECT clock_timestamp() AS now")
-    [(now,)] = [tuple(r.values()) for r in await cur.fetchall()]
+    [now] = [r["now"] for r in await cur.fetchall()]
     refilled = int((now - taken).total_seconds() * 5)
     assert len(admitted) + len(deferred) == 3
     assert len(admitted) <= refilled
